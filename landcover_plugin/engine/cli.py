@@ -1,0 +1,154 @@
+"""The `landcover` command: one subcommand per pipeline stage.
+
+Every subcommand builds its stage's parameter dataclass from the arguments,
+runs the stage and reports through a Reporter (JSON lines with --json).
+SIGTERM/SIGINT raise Cancelled in the main thread; stages write outputs
+atomically, so a cancelled run leaves nothing half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import traceback
+from pathlib import Path
+from types import FrameType
+
+from .errors import Cancelled, EngineError
+from .events import Reporter
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="write one JSON event per line on stdout (for the QGIS plugin and scripts)")
+
+
+def _add_aoi(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--aoi", required=required,
+                   help="minx,miny,maxx,maxy (WGS84 unless --aoi-crs) or a vector file")
+    p.add_argument("--aoi-crs", default="EPSG:4326", help="CRS of a minx,miny,maxx,maxy AOI (default WGS84)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="landcover",
+        description="Land cover and tree maps from imagery: fetch, dataset, train, predict, run.",
+    )
+    _add_common(parser)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fetch", help="download imagery tiles for an AOI into a mosaic GeoTIFF")
+    _add_common(p)
+    _add_aoi(p, required=True)
+    p.add_argument("--source", required=True, help="XYZ URL template ({x},{y},{z}) or a raster file")
+    res = p.add_mutually_exclusive_group()
+    res.add_argument("--zoom", type=int, help="tile zoom level")
+    res.add_argument("--gsd", type=float, help="ground resolution in metres per pixel (picks the nearest zoom)")
+    p.add_argument("--cache", type=Path, help="tile cache folder (default: the user's cache folder)")
+    p.add_argument("--workers", type=int, default=4, help="concurrent downloads (default 4)")
+    p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
+                   help="extra HTTP header, e.g. Referer:https://example.org (repeatable)")
+    p.add_argument("--out", type=Path, required=True, help="mosaic GeoTIFF to write")
+
+    p = sub.add_parser("dataset", help="cut imagery and labels into training chips")
+    _add_common(p)
+    p.add_argument("--imagery", type=Path, required=True, help="raster file")
+    p.add_argument("--labels", type=Path, required=True,
+                   help="vector file (polygons with a class field) or DeepForest CSV of crown boxes")
+    p.add_argument("--class-field", help="attribute holding the class (land cover)")
+    p.add_argument("--task", choices=("trees", "landcover"), default="landcover")
+    p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
+    p.add_argument("--val-share", type=float, default=0.25, help="share of spatial blocks for validation")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+
+    p = sub.add_parser("train", help="train a model on a dataset and export it to ONNX")
+    _add_common(p)
+    p.add_argument("--dataset", type=Path, required=True, help="dataset folder from `landcover dataset`")
+    p.add_argument("--task", choices=("trees", "landcover", "buildings"), help="default: the dataset's task")
+    p.add_argument("--base", type=Path, help="model folder to fine-tune from")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+
+    p = sub.add_parser("predict", help="run a model over imagery and write styled vector layers")
+    _add_common(p)
+    p.add_argument("--model", type=Path, required=True, help="model folder or .onnx file")
+    p.add_argument("--imagery", type=Path, required=True, help="raster file")
+    _add_aoi(p, required=False)
+    p.add_argument("--out", type=Path, required=True, help="GeoPackage to write")
+
+    p = sub.add_parser("run", help="run a whole pipeline described in a YAML file")
+    _add_common(p)
+    p.add_argument("pipeline", type=Path, help="PIPELINE.yaml")
+    return parser
+
+
+def _aoi(args: argparse.Namespace):
+    from .aoi import parse_aoi
+
+    return parse_aoi(args.aoi, args.aoi_crs) if args.aoi else None
+
+
+def dispatch(args: argparse.Namespace, reporter: Reporter):
+    """Run the subcommand; return its StageResult."""
+    if args.command == "fetch":
+        from .fetch import FetchParams, fetch
+
+        headers = dict(h.split(":", 1) for h in args.header)
+        return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,
+                                 gsd=args.gsd, cache_dir=args.cache, workers=args.workers,
+                                 headers={k.strip(): v.strip() for k, v in headers.items()}), reporter)
+    if args.command == "dataset":
+        from .dataset import DatasetParams, build_dataset
+
+        return build_dataset(DatasetParams(imagery=args.imagery, labels=args.labels, task=args.task,
+                                           out=args.out, class_field=args.class_field,
+                                           chip_size=args.chip_size, val_share=args.val_share), reporter)
+    if args.command == "train":
+        from .train import TrainParams, train
+
+        return train(TrainParams(dataset=args.dataset, out=args.out, task=args.task, base=args.base,
+                                 epochs=args.epochs, batch_size=args.batch_size, seed=args.seed), reporter)
+    if args.command == "predict":
+        from .predict import PredictParams, predict
+
+        return predict(PredictParams(model=args.model, imagery=args.imagery, out=args.out,
+                                     aoi=_aoi(args)), reporter)
+    if args.command == "run":
+        from .pipeline import load_pipeline, run_pipeline
+
+        return run_pipeline(load_pipeline(args.pipeline), reporter)
+    raise AssertionError(args.command)
+
+
+def _raise_cancelled(signum: int, frame: FrameType | None) -> None:
+    raise Cancelled(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    reporter = Reporter(json_mode=getattr(args, "json", False))
+    signal.signal(signal.SIGTERM, _raise_cancelled)
+    signal.signal(signal.SIGINT, _raise_cancelled)
+    try:
+        result = dispatch(args, reporter)
+    except EngineError as exc:
+        reporter.error(exc.code, exc.message, exc.hint)
+        return EXIT_BAD_INPUT
+    except Cancelled:
+        reporter.error("CANCELLED", "Cancelled; no partial output was kept.", "Run the command again to redo it.")
+        return EXIT_CANCELLED
+    except Exception as exc:  # a bug: report it whole, for the log panel
+        reporter.log(traceback.format_exc(), level="debug")
+        reporter.error("INTERNAL", f"{type(exc).__name__}: {exc}",
+                       "This is a bug in landcover; please report it with the log.")
+        return EXIT_FAILED
+    reporter.result(args.command, result.outputs, result.summary)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The model package: a folder with `model.onnx` (+ `model.keras`, `MODEL_CARD.md`).
+
+Everything inference needs travels in the ONNX file's `metadata_props`, under
+the keys the Deepness QGIS plugin and GeoDeep read (so our models run in those
+tools and theirs in ours) plus our own `landcover.*` keys.
+
+Tensor layout (Deepness's): input float32 NCHW [batch, bands, tile, tile],
+already normalised as ((raw / input_scale) - mean) / std; output float32 NCHW.
+- landcover: C = len(class_names), softmax class probabilities.
+- trees: C = 2, channel 0 crown probability, channel 1 tree-centre heatmap
+  (both sigmoid; the heatmap peaks at tree centres).
+No TensorFlow here: predict reads packages in a process without it.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import EngineError
+
+TASKS = ("trees", "landcover")
+ONNX_NAME = "model.onnx"
+KERAS_NAME = "model.keras"
+
+
+@dataclass
+class ModelInfo:
+    task: str  # one of TASKS
+    class_names: list[str]  # landcover: one per output channel; trees: ["crown"]
+    class_colors: list[str]  # "#rrggbb", one per class name
+    band_count: int  # imagery bands the model reads, in order 1..band_count
+    resolution_m: float  # ground resolution it was trained at, metres per pixel
+    tile_size: int  # pixels, square
+    tile_overlap: int  # pixels on each side discarded when merging tiles
+    input_scale: float = 255.0  # raw values are divided by this first
+    mean: list[float] = field(default_factory=list)  # per band, after scaling
+    std: list[float] = field(default_factory=list)
+    dataset: str = ""  # dataset folder name / id it was trained on
+    metrics: dict = field(default_factory=dict)  # validation metrics
+    threshold: float = 0.5  # crown probability threshold (trees)
+
+    def metadata_props(self) -> dict[str, str]:
+        """The ONNX metadata: Deepness keys plus ours (all strings)."""
+        deepness = {
+            "model_type": "segmentation",
+            "class_names": json.dumps({str(i): n for i, n in enumerate(self.class_names)}),
+            "resolution": str(self.resolution_m * 100.0),  # Deepness: cm/px
+            "tiles_size": str(self.tile_size),
+            "tiles_overlap": str(round(100 * self.tile_overlap / self.tile_size)),  # Deepness: percent
+            "standardization_mean": json.dumps(self.mean),
+            "standardization_std": json.dumps(self.std),
+            "seg_thresh": str(self.threshold),
+        }
+        ours = {f"landcover.{k}": json.dumps(v) for k, v in asdict(self).items()}
+        return {**deepness, **ours}
+
+    @classmethod
+    def from_metadata_props(cls, props: dict[str, str]) -> "ModelInfo":
+        ours = {k.split(".", 1)[1]: json.loads(v) for k, v in props.items() if k.startswith("landcover.")}
+        if ours:
+            known = {k: v for k, v in ours.items() if k in cls.__dataclass_fields__}
+            return cls(**known)
+        return _from_deepness(props)
+
+
+def _from_deepness(props: dict[str, str]) -> ModelInfo:
+    """A model that carries only Deepness keys (e.g. from its model zoo)."""
+    try:
+        names = json.loads(props["class_names"])
+        tile = int(props.get("tiles_size", 512))
+        mean = json.loads(props.get("standardization_mean", "[]"))
+    except (KeyError, ValueError) as exc:
+        raise EngineError("BAD_MODEL", f"The model's metadata lacks or garbles {exc}.",
+                          "Use a model made by `landcover train` or one with Deepness metadata.") from None
+    class_names = [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
+    return ModelInfo(
+        task="landcover", class_names=class_names, class_colors=[],
+        band_count=len(mean) or 3, resolution_m=float(props.get("resolution", 10)) / 100.0,
+        tile_size=tile, tile_overlap=int(tile * float(props.get("tiles_overlap", 0)) / 100),
+        mean=mean, std=json.loads(props.get("standardization_std", "[]")),
+        threshold=float(props.get("seg_thresh", 0.5)),
+    )
+
+
+def onnx_path(model: Path | str) -> Path:
+    """A model folder or an .onnx file -> the .onnx file."""
+    path = Path(model)
+    if path.is_dir():
+        path = path / ONNX_NAME
+    if not path.is_file():
+        raise EngineError("MODEL_NOT_FOUND", f"No model at {model}.",
+                          "Give a model folder made by `landcover train` or an .onnx file.")
+    return path
+
+
+def write_metadata(onnx_file: Path, info: ModelInfo) -> None:
+    import onnx
+
+    model = onnx.load(str(onnx_file))
+    del model.metadata_props[:]
+    for key, value in info.metadata_props().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(onnx_file))
+
+
+def read_info(model: Path | str) -> ModelInfo:
+    """Read the ModelInfo of a model folder or .onnx file (no TensorFlow)."""
+    import onnx
+
+    proto = onnx.load(str(onnx_path(model)), load_external_data=False)
+    return ModelInfo.from_metadata_props({p.key: p.value for p in proto.metadata_props})

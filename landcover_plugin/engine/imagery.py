@@ -1,0 +1,35 @@
+"""Small helpers on local rasters shared by the stages."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import rasterio
+
+from .atomic import atomic_output
+from .errors import EngineError
+
+
+def open_raster(path: Path | str):
+    """rasterio.open with a user-facing error for a missing or unreadable file."""
+    try:
+        return rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise EngineError("BAD_IMAGERY", f"Cannot read imagery {path}: {exc}",
+                          "Give a raster file GDAL can open (GeoTIFF, VRT, JPEG2000, ...).") from None
+
+
+def stack_bands(band_files: list[Path], out: Path) -> Path:
+    """Stack single-band rasters of one grid (e.g. Landsat bands) into one GeoTIFF,
+    in the first band's data type and nodata value."""
+    with rasterio.open(band_files[0]) as first:
+        profile = first.profile | {"count": len(band_files), "driver": "GTiff", "tiled": True,
+                                   "blockxsize": 256, "blockysize": 256, "compress": "deflate"}
+    with atomic_output(out) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        for i, path in enumerate(band_files, start=1):
+            with rasterio.open(path) as src:
+                if (src.width, src.height, src.transform) != (profile["width"], profile["height"], profile["transform"]):
+                    raise EngineError("BAD_IMAGERY", f"{path} is not on the grid of {band_files[0]}.",
+                                      "Stack only bands of the same size, resolution and extent.")
+                band = src.read(1, masked=True).astype(profile["dtype"])  # bands may differ in type and nodata
+                dst.write(band.filled(profile["nodata"]), i)
+    return out

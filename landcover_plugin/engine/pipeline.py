@@ -1,0 +1,229 @@
+"""`landcover run PIPELINE.yaml`: the stages chained for one job.
+
+imagery (fetch, or a local raster as is) -> dataset -> train -> predict.
+With a `model` instead of `labels`, dataset and train are skipped.
+
+Each stage's output lands in `workdir` and is recorded with a fingerprint of
+its inputs; a rerun (after a cancel or a failure) skips stages whose output
+is already there for the same inputs, so interrupted work resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from .aoi import AOI, parse_aoi
+from .errors import EngineError
+from .events import Reporter, StageResult, parse_event
+
+STAGES_TRAIN = ("fetch", "dataset", "train", "predict")
+STAGES_PREDICT = ("fetch", "predict")
+
+
+@dataclass(frozen=True)
+class Imagery:
+    source: str  # XYZ URL template or raster path
+    gsd: float | None = None
+    zoom: int | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_remote(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    task: str
+    imagery: Imagery
+    out: Path
+    workdir: Path
+    aoi: AOI | None = None
+    labels: Path | None = None
+    class_field: str | None = None
+    model: Path | None = None
+    epochs: int = 20
+    batch_size: int = 8
+    chip_size: int = 128
+    seed: int = 0
+
+
+def _path(base: Path, value: str | None) -> Path | None:
+    return None if value in (None, "") else (base / str(value)).resolve()
+
+
+def load_pipeline(path: Path) -> Pipeline:
+    """Read PIPELINE.yaml; relative paths are relative to the file's folder."""
+    try:
+        spec = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise EngineError("BAD_PIPELINE", f"Cannot read pipeline {path}: {exc}",
+                          "Give a YAML file like the one in the README.") from None
+    if not isinstance(spec, dict):
+        raise EngineError("BAD_PIPELINE", f"Pipeline {path} is not a mapping.", "See the example in the README.")
+    base = Path(path).resolve().parent
+    missing = [k for k in ("task", "imagery", "out") if k not in spec]
+    if missing:
+        raise EngineError("BAD_PIPELINE", f"Pipeline {path} lacks {', '.join(missing)}.", "See the example in the README.")
+    imagery = spec["imagery"] if isinstance(spec["imagery"], dict) else {"source": spec["imagery"]}
+    source = str(imagery["source"])
+    if not source.startswith(("http://", "https://")):
+        source = str(_path(base, source))
+    train = spec.get("train") or {}
+    out = _path(base, spec["out"])
+    labels, model = spec.get("labels") or {}, spec.get("model")
+    if isinstance(labels, str):
+        labels = {"path": labels}
+    if not labels.get("path") and not model:
+        raise EngineError("BAD_PIPELINE", "The pipeline has neither labels nor a model.",
+                          "Give labels (to train a model) or a model (to predict with it).")
+    if spec["task"] not in ("trees", "landcover"):
+        raise EngineError("BAD_PIPELINE", f"Unknown task '{spec['task']}'.", "Use task: trees or task: landcover.")
+    return Pipeline(
+        task=spec["task"],
+        imagery=Imagery(source=source, gsd=imagery.get("gsd"), zoom=imagery.get("zoom"),
+                        headers=dict(imagery.get("headers") or {})),
+        out=out,
+        workdir=_path(base, spec.get("workdir")) or out.with_name(out.stem + "-work"),
+        aoi=parse_aoi(str(spec["aoi"]), spec.get("aoi_crs", "EPSG:4326")) if spec.get("aoi") else None,
+        labels=_path(base, labels.get("path")),
+        class_field=labels.get("class_field"),
+        model=_path(base, model),
+        epochs=int(train.get("epochs", 20)),
+        batch_size=int(train.get("batch_size", 8)),
+        chip_size=int(train.get("chip_size", 128)),
+        seed=int(train.get("seed", 0)),
+    )
+
+
+def _fingerprint(params: Any) -> str:
+    """Hash of a stage's parameters and of the files they name (size, mtime)."""
+    def describe(value: Any) -> Any:
+        if isinstance(value, Path) and value.exists():
+            stat = value.stat()
+            return [str(value), stat.st_size, stat.st_mtime_ns]
+        if isinstance(value, AOI):
+            return [value.geometry.wkt, value.crs]
+        return str(value)
+    items = {k: describe(v) for k, v in vars(params).items()}
+    return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
+
+
+def _run_stage(name: str, params: Any, output: Path, run: Callable[[], StageResult],
+               workdir: Path, reporter: Reporter) -> StageResult:
+    """Run a stage unless its output exists for the same inputs (resume)."""
+    record = workdir / f".{name}.done.json"
+    fingerprint = _fingerprint(params)
+    if output.exists() and record.exists():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") == fingerprint:
+            reporter.log(f"{name}: reusing {output} from an earlier run")
+            return StageResult(saved["outputs"], saved["summary"])
+    result = run()
+    record.write_text(json.dumps({"fingerprint": fingerprint, "outputs": result.outputs,
+                                  "summary": result.summary}, default=str))
+    return result
+
+
+def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
+    from .dataset import DatasetParams, build_dataset
+    from .fetch import FetchParams, fetch
+    from .predict import PredictParams, predict
+
+    p.workdir.mkdir(parents=True, exist_ok=True)
+    stages = STAGES_PREDICT if p.model else STAGES_TRAIN
+    summary: dict[str, Any] = {}
+    outputs: dict[str, Any] = {}
+
+    def begin(name: str) -> None:
+        reporter.progress("pipeline", stages.index(name), len(stages), name)
+
+    begin("fetch")
+    imagery = Path(p.imagery.source)
+    if p.imagery.is_remote or p.aoi is not None:
+        if p.aoi is None:
+            raise EngineError("BAD_PIPELINE", "Tiles from a server need an area of interest.",
+                              "Add aoi: minx,miny,maxx,maxy (WGS84) to the pipeline.")
+        fp = FetchParams(aoi=p.aoi, source=p.imagery.source, out=p.workdir / "imagery.tif",
+                         zoom=p.imagery.zoom, gsd=p.imagery.gsd, headers=p.imagery.headers)
+        res = _run_stage("fetch", fp, fp.out, lambda: fetch(fp, reporter), p.workdir, reporter)
+        imagery = Path(res.outputs["mosaic"])
+        summary["fetch"] = res.summary
+    elif not imagery.exists():
+        raise EngineError("BAD_IMAGERY", f"Imagery {imagery} does not exist.", "Give a raster file or an XYZ URL.")
+    outputs["imagery"] = str(imagery)
+
+    model = p.model
+    if model is None:
+        begin("dataset")
+        dp = DatasetParams(imagery=imagery, labels=p.labels, task=p.task, out=p.workdir / "dataset",
+                           class_field=p.class_field, chip_size=p.chip_size)
+        res = _run_stage("dataset", dp, dp.out, lambda: build_dataset(dp, reporter), p.workdir, reporter)
+        summary["dataset"] = res.summary
+
+        begin("train")
+        from .train import TrainParams
+
+        tp = TrainParams(dataset=dp.out, out=p.workdir / "model", task=p.task, epochs=p.epochs,
+                         batch_size=p.batch_size, seed=p.seed)
+        args = ["train", "--dataset", str(tp.dataset), "--out", str(tp.out), "--task", p.task,
+                "--epochs", str(tp.epochs), "--batch-size", str(tp.batch_size), "--seed", str(tp.seed)]
+        res = _run_stage("train", tp, tp.out, lambda: run_in_child(args, reporter), p.workdir, reporter)
+        model = Path(res.outputs["model"])
+        summary["train"] = res.summary
+    outputs["model"] = str(model)
+
+    begin("predict")
+    pp = PredictParams(model=model, imagery=imagery, out=p.out, aoi=p.aoi)
+    res = predict(pp, reporter)  # always rerun: it is the user's final output
+    summary["predict"] = res.summary
+    outputs.update(res.outputs)
+    reporter.progress("pipeline", len(stages), len(stages), "done")
+    return StageResult(outputs, summary)
+
+
+def run_in_child(args: list[str], reporter: Reporter) -> StageResult:
+    """Run a stage as `landcover --json ARGS` in a child process, relaying its events.
+
+    Training runs apart so that TensorFlow never shares a process with
+    onnxruntime (thread contention halves inference speed, DESIGN.md).
+    """
+    command = [sys.executable, "-m", "landcover_plugin.engine", "--json", *args]
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    result: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    try:
+        for line in child.stdout:  # type: ignore[union-attr]
+            event = parse_event(line)
+            if event is None:
+                continue
+            kind = event["event"]
+            if kind == "progress":
+                reporter.progress(event["stage"], event["done"], event["total"], event.get("message", ""))
+            elif kind == "log":
+                reporter.log(event["message"], event.get("level", "info"))
+            elif kind == "result":
+                result = event
+            elif kind == "error":
+                error = event
+        child.wait()
+    except BaseException:  # Cancelled: stop the child too, it cleans up its partial output
+        child.terminate()
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        raise
+    if error is not None:
+        raise EngineError(error["code"], error["message"], error.get("hint", ""))
+    if result is None or child.returncode != 0:
+        raise EngineError("INTERNAL", f"`landcover {args[0]}` stopped with exit code {child.returncode}.",
+                          "See the log above for the cause.")
+    return StageResult(result["outputs"], result["summary"])

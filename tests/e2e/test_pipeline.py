@@ -1,0 +1,169 @@
+"""End to end: `landcover --json run` as a user's script or the plugin runs it.
+
+Loopback tile server -> fetch -> dataset -> train (child process) -> predict
+-> styled GeoPackage, on a crop of the real OSBS_029 orthophoto.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fiona
+import pytest
+import rasterio
+from rasterio.warp import transform_bounds
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tile_server import make_tiles, serve  # noqa: E402
+
+ENGINE = [sys.executable, "-m", "landcover_plugin.engine", "--json"]
+
+
+def run_engine(*args: str, timeout: float = 600) -> tuple[int, list[dict]]:
+    proc = subprocess.run([*ENGINE, *args], capture_output=True, text=True, timeout=timeout)
+    events = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return proc.returncode, events
+
+
+def last(events: list[dict], kind: str) -> dict:
+    return [e for e in events if e["event"] == kind][-1]
+
+
+def aoi_inside(raster: Path, inset_m: float) -> str:
+    with rasterio.open(raster) as src:
+        b = src.bounds
+        box = transform_bounds(src.crs, "EPSG:4326", b.left + inset_m, b.bottom + inset_m,
+                               b.right - inset_m, b.top - inset_m)
+    return ",".join(f"{v:.7f}" for v in box)
+
+
+@pytest.fixture(scope="module")
+def osbs_tiles(osbs_tif, tmp_path_factory) -> Path:
+    return make_tiles(osbs_tif, tmp_path_factory.mktemp("tiles"), "20")
+
+
+def write_pipeline(folder: Path, **spec) -> Path:
+    path = folder / "pipeline.yaml"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+@pytest.mark.slow
+def test_trees_pipeline_over_http_gives_styled_crowns(osbs_tif, osbs_csv, osbs_tiles, tmp_path):
+    out = tmp_path / "trees.gpkg"
+    with serve(osbs_tiles) as url:
+        pipeline = write_pipeline(
+            tmp_path, task="trees", aoi=aoi_inside(osbs_tif, 12.0), imagery={"source": url, "zoom": 20},
+            labels={"path": str(osbs_csv)}, train={"epochs": 2, "chip_size": 64, "batch_size": 4},
+            out=str(out))
+        code, events = run_engine("run", str(pipeline))
+    assert code == 0, [e for e in events if e["event"] in ("error", "log")]
+    stages = [e["message"] for e in events if e["event"] == "progress" and e["stage"] == "pipeline"]
+    assert stages == ["fetch", "dataset", "train", "predict", "done"]
+    result = last(events, "result")
+    assert result["outputs"]["gpkg"] == str(out)
+    with fiona.open(out, layer="crowns") as crowns:
+        assert crowns.crs.to_epsg() == 32617  # projected: areas in m²
+        assert set(crowns.schema["properties"]) >= {"area_m2"}
+    assert "trees" in fiona.listlayers(out)
+    with sqlite3.connect(out) as db:
+        styled = {row[0] for row in db.execute("SELECT f_table_name FROM layer_styles WHERE useAsDefault")}
+    assert {"crowns", "trees"} <= styled
+    assert not list(tmp_path.glob(".*partial*")), "no temporary output may remain"
+
+
+@pytest.mark.slow
+def test_rerun_resumes_from_finished_stages(osbs_tif, osbs_csv, osbs_tiles, tmp_path):
+    with serve(osbs_tiles) as url:
+        pipeline = write_pipeline(
+            tmp_path, task="trees", aoi=aoi_inside(osbs_tif, 12.0), imagery={"source": url, "zoom": 20},
+            labels={"path": str(osbs_csv)}, train={"epochs": 1, "chip_size": 64}, out=str(tmp_path / "t.gpkg"))
+        assert run_engine("run", str(pipeline))[0] == 0
+        code, events = run_engine("run", str(pipeline))
+    assert code == 0
+    reused = [e["message"] for e in events if e["event"] == "log" and "reusing" in e["message"]]
+    assert len(reused) == 3  # fetch, dataset and train; predict always reruns
+
+
+def test_sigterm_stops_the_run_and_leaves_no_output(osbs_tif, osbs_csv, tmp_path):
+    out = tmp_path / "trees.gpkg"
+    pipeline = write_pipeline(tmp_path, task="trees", imagery={"source": str(osbs_tif)},
+                              labels={"path": str(osbs_csv)}, train={"epochs": 50, "chip_size": 64},
+                              workdir=str(tmp_path / "work"), out=str(out))
+    proc = subprocess.Popen([*ENGINE, "run", str(pipeline)], stdout=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if '"stage": "train"' in line:
+            break
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    proc.wait(timeout=30)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 130
+    assert '"CANCELLED"' in rest
+    assert not out.exists()
+    assert not (tmp_path / "work" / "model").exists()
+    assert not [p for p in tmp_path.rglob("*") if "partial" in p.name]
+
+
+def test_tile_server_down_is_a_clear_error(osbs_tif, osbs_csv, tmp_path):
+    pipeline = write_pipeline(tmp_path, task="trees", aoi=aoi_inside(osbs_tif, 5.0),
+                              imagery={"source": "http://127.0.0.1:9/{z}/{x}/{y}.png", "zoom": 20},
+                              labels={"path": str(osbs_csv)}, out=str(tmp_path / "t.gpkg"))
+    code, events = run_engine("run", str(pipeline))
+    assert code == 2
+    error = last(events, "error")
+    assert "127.0.0.1" in error["message"] and error["hint"]
+    assert not (tmp_path / "t.gpkg").exists()
+
+
+def test_aoi_outside_the_imagery_is_a_clear_error(osbs_tif, osbs_csv, tmp_path):
+    pipeline = write_pipeline(tmp_path, task="trees", aoi="10.0,50.0,10.001,50.001",
+                              imagery={"source": str(osbs_tif)}, labels={"path": str(osbs_csv)},
+                              out=str(tmp_path / "t.gpkg"))
+    code, events = run_engine("run", str(pipeline))
+    assert code == 2
+    assert last(events, "error")["code"] == "AOI_OUTSIDE_IMAGERY"
+
+
+def test_empty_label_file_is_a_clear_error(osbs_tif, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("image_path,xmin,ymin,xmax,ymax,label\n")
+    pipeline = write_pipeline(tmp_path, task="trees", imagery={"source": str(osbs_tif)},
+                              labels={"path": str(empty)}, out=str(tmp_path / "t.gpkg"))
+    code, events = run_engine("run", str(pipeline))
+    assert code == 2
+    error = last(events, "error")
+    assert "empty" in error["message"].lower() or "no label" in error["message"].lower()
+    assert error["hint"]
+
+
+def test_pipeline_without_labels_or_model_is_refused(osbs_tif, tmp_path):
+    pipeline = write_pipeline(tmp_path, task="trees", imagery={"source": str(osbs_tif)}, out="t.gpkg")
+    code, events = run_engine("run", str(pipeline))
+    assert code == 2
+    assert last(events, "error")["code"] == "BAD_PIPELINE"
+
+
+@pytest.mark.slow
+def test_landcover_pipeline_with_labels_in_another_crs(landsat_stack, landsat_polygons, tmp_path):
+    out = tmp_path / "landcover.gpkg"
+    pipeline = write_pipeline(tmp_path, task="landcover", imagery={"source": str(landsat_stack)},
+                              labels={"path": str(landsat_polygons), "class_field": "label"},
+                              train={"epochs": 1, "chip_size": 64}, out=str(out))
+    code, events = run_engine("run", str(pipeline))
+    assert code == 0, [e for e in events if e["event"] in ("error", "log")]
+    with fiona.open(out, layer="landcover") as layer:
+        assert layer.crs.to_epsg() == 32119  # the imagery's CRS; labels were EPSG:3358
+        classes = {f["properties"]["class"] for f in layer}
+    assert classes <= {"shrubland", "forest", "water", "sediment", "herbaceous", "developed", "agriculture"}
+    with fiona.open(out, layer="class_stats") as stats:
+        hectares = sum(f["properties"]["hectares"] for f in stats)
+    with rasterio.open(landsat_stack) as src:
+        valid_ha = (src.read_masks(1) > 0).sum() * src.res[0] * src.res[1] / 1e4
+    assert hectares == pytest.approx(valid_ha, rel=0.05)  # every valid pixel gets a class

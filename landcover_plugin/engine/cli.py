@@ -128,8 +128,19 @@ def _raise_cancelled(signum: int, frame: FrameType | None) -> None:
     raise Cancelled(signal.Signals(signum).name)
 
 
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--aoi -82.1,29.6,...` would read as an option to argparse: make it `--aoi=-82.1,...`."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1] in ("--aoi", "--gsd") and arg[:1] == "-" and arg[1:2].isdigit():
+            joined[-1] = f"{joined[-1]}={arg}"
+        else:
+            joined.append(arg)
+    return joined
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
     reporter = Reporter(json_mode=getattr(args, "json", False))
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)

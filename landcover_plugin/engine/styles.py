@@ -1,0 +1,122 @@
+"""QGIS styles stored inside the GeoPackage, so QGIS applies them when a layer is opened.
+
+QGIS reads a layer's default style from the GeoPackage's `layer_styles` table
+(the table its own "Save style > In database" writes). We write the QML by hand
+(QGIS 3.22 format) with sqlite3: the engine never imports qgis.
+"""
+from __future__ import annotations
+
+import sqlite3
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from .model_package import ModelInfo
+
+QGIS_VERSION = "3.22.0"
+GEOMETRY_TYPES = {"point": 0, "line": 1, "polygon": 2}
+# Used when a model carries no colours (e.g. a Deepness model).
+FALLBACK_COLORS = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02", "#a6761d", "#666666"]
+
+LAYER_STYLES_SQL = """
+CREATE TABLE IF NOT EXISTS layer_styles (
+  id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
+  f_table_catalog TEXT(256), f_table_schema TEXT(256), f_table_name TEXT(256),
+  f_geometry_column TEXT(256), styleName TEXT(30), styleQML TEXT, styleSLD TEXT,
+  useAsDefault BOOLEAN, description TEXT, owner TEXT(30), ui TEXT(30),
+  update_time DATETIME DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ','now')))
+"""
+
+
+def rgba(color: str, alpha: int = 255, factor: float = 1.0) -> str:
+    """'#rrggbb' -> QGIS's 'r,g,b,a'; factor < 1 darkens (for outlines)."""
+    r, g, b = (min(255, round(int(color.lstrip("#")[i:i + 2], 16) * factor)) for i in (0, 2, 4))
+    return f"{r},{g},{b},{alpha}"
+
+
+def _symbol(name: str, kind: str, layer_class: str, props: dict[str, str]) -> ET.Element:
+    """A one-layer symbol; properties written both as <Option> (3.22) and <prop> (older readers)."""
+    symbol = ET.Element("symbol", {"type": kind, "name": name, "alpha": "1", "clip_to_extent": "1",
+                                   "force_rhr": "0"})
+    layer = ET.SubElement(symbol, "layer", {"class": layer_class, "enabled": "1", "locked": "0", "pass": "0"})
+    options = ET.SubElement(layer, "Option", {"type": "Map"})
+    for key, value in props.items():
+        ET.SubElement(options, "Option", {"name": key, "value": value, "type": "QString"})
+    for key, value in props.items():
+        ET.SubElement(layer, "prop", {"k": key, "v": value})
+    return symbol
+
+
+def _fill(name: str, fill: str, outline: str, width: str = "0.26") -> ET.Element:
+    return _symbol(name, "fill", "SimpleFill", {
+        "color": fill, "style": "solid", "outline_color": outline, "outline_style": "solid",
+        "outline_width": width, "outline_width_unit": "MM", "joinstyle": "bevel"})
+
+
+def _qml(renderer: ET.Element, geometry: str) -> str:
+    root = ET.Element("qgis", {"version": QGIS_VERSION, "styleCategories": "Symbology|Labeling",
+                               "labelsEnabled": "0"})
+    root.append(renderer)
+    ET.SubElement(root, "blendMode").text = "0"
+    ET.SubElement(root, "featureBlendMode").text = "0"
+    ET.SubElement(root, "layerGeometryType").text = str(GEOMETRY_TYPES[geometry])
+    ET.indent(root, " ")
+    return "<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n" + ET.tostring(root, encoding="unicode")
+
+
+def _single(symbol: ET.Element, geometry: str) -> str:
+    renderer = ET.Element("renderer-v2", {"type": "singleSymbol", "symbollevels": "0", "enableorderby": "0",
+                                          "forceraster": "0", "referencescale": "-1"})
+    ET.SubElement(renderer, "symbols").append(symbol)
+    return _qml(renderer, geometry)
+
+
+def landcover_qml(class_names: list[str], class_colors: list[str], field: str = "class") -> str:
+    """Polygons categorized on `field`, one category per class, in the model's colours."""
+    colors = class_colors if len(class_colors) >= len(class_names) else FALLBACK_COLORS
+    renderer = ET.Element("renderer-v2", {"type": "categorizedSymbol", "attr": field, "symbollevels": "0",
+                                          "enableorderby": "0", "forceraster": "0", "referencescale": "-1"})
+    categories = ET.SubElement(renderer, "categories")
+    symbols = ET.SubElement(renderer, "symbols")
+    for i, name in enumerate(class_names):
+        color = colors[i % len(colors)]
+        ET.SubElement(categories, "category", {"value": name, "symbol": str(i), "label": name, "render": "true"})
+        symbols.append(_fill(str(i), rgba(color), rgba(color, factor=0.7), width="0.1"))
+    return _qml(renderer, "polygon")
+
+
+def crowns_qml() -> str:
+    """Semi-transparent green crowns with a darker outline, no labels."""
+    return _single(_fill("0", "51,160,44,110", "0,90,20,255", width="0.4"), "polygon")
+
+
+def trees_qml() -> str:
+    """Small dark-green dots at tree centres."""
+    return _single(_symbol("0", "marker", "SimpleMarker", {
+        "name": "circle", "color": "0,100,0,255", "outline_color": "255,255,255,255", "outline_style": "solid",
+        "outline_width": "0.2", "outline_width_unit": "MM", "size": "1.6", "size_unit": "MM",
+        "angle": "0", "scale_method": "diameter"}), "point")
+
+
+def styles_for(info: ModelInfo) -> dict[str, str]:
+    """Layer name -> QML for the layers predict writes for this model's task."""
+    if info.task == "trees":
+        return {"crowns": crowns_qml(), "trees": trees_qml()}
+    return {"landcover": landcover_qml(info.class_names, info.class_colors)}
+
+
+def write_styles(gpkg: Path, styles: dict[str, str], style_name: str = "landcover") -> None:
+    """Store each layer's QML as its default style in `gpkg`'s layer_styles table."""
+    with sqlite3.connect(gpkg) as db:
+        db.execute(LAYER_STYLES_SQL)
+        # Registered like any attribute table, so the GeoPackage stays valid.
+        db.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier) "
+                   "VALUES ('layer_styles', 'attributes', 'layer_styles')")
+        geometry_columns = dict(db.execute("SELECT table_name, column_name FROM gpkg_geometry_columns"))
+        for layer, qml in styles.items():
+            db.execute("DELETE FROM layer_styles WHERE f_table_name = ?", (layer,))
+            # QGIS looks styles up with f_table_schema = '' and the layer's geometry column.
+            db.execute("INSERT INTO layer_styles (f_table_catalog, f_table_schema, f_table_name, "
+                       "f_geometry_column, styleName, styleQML, styleSLD, useAsDefault, description, owner) "
+                       "VALUES ('', '', ?, ?, ?, ?, '', 1, ?, '')",
+                       (layer, geometry_columns.get(layer), style_name, qml, f"{layer} style by landcover"))
+    db.close()

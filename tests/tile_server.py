@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -111,7 +112,8 @@ def serve(directory: Path, port: int = 0, fail: Fail | None = None) -> Iterator[
     requests: Counter = Counter()
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(directory, fail, requests, threading.Lock()))
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # A short poll interval: shutdown() waits for the next poll.
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     url = ServedURL(f"http://127.0.0.1:{server.server_address[1]}/{{z}}/{{x}}/{{y}}.png")
     url.requests = requests
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=8765, help="0 picks a free port")
     parser.add_argument("--tiles-dir", type=Path, help="where to write the tiles (default: a temporary folder)")
     args = parser.parse_args(argv)
+    # SIGTERM (the demo stopping us) unwinds like Ctrl-C, so the temporary tiles are removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     with tempfile.TemporaryDirectory(prefix="tiles-") as tmp:
         tiles = make_tiles(args.raster, args.tiles_dir or Path(tmp), args.zooms)
         with serve(tiles, args.port) as url:

@@ -56,16 +56,21 @@ def tile_range(bounds: tuple[float, float, float, float], z: int) -> tuple[int, 
     west, south, east, north = bounds
     if south >= MAX_LAT or north <= -MAX_LAT:
         return None
-    top_left = lnglat_to_tile(west, north, z)
-    bottom_right = lnglat_to_tile(east, south, z)
-    xmax, ymax = bottom_right.x, bottom_right.y
-    # A box ending exactly on a tile edge does not reach into the next tile.
-    e_minx, _, _, e_maxy = tile_bounds_lnglat(bottom_right)
-    if xmax > top_left.x and east <= e_minx:
+    xmin, ymin, _ = lnglat_to_tile(west, north, z)
+    xmax, ymax, _ = lnglat_to_tile(east, south, z)
+    # A box lying exactly on tile edges does not reach into the neighbours
+    # (compared with the edges as tile_bounds_lnglat computes them: no rounding gap).
+    _, first_south, first_east, _ = tile_bounds_lnglat(Tile(xmin, ymin, z))
+    last_west, _, _, last_north = tile_bounds_lnglat(Tile(xmax, ymax, z))
+    if xmax > xmin and west >= first_east:
+        xmin += 1
+    if ymax > ymin and north <= first_south:
+        ymin += 1
+    if xmax > xmin and east <= last_west:
         xmax -= 1
-    if ymax > top_left.y and south >= e_maxy:
+    if ymax > ymin and south >= last_north:
         ymax -= 1
-    return top_left.x, top_left.y, xmax, ymax
+    return xmin, ymin, xmax, ymax
 
 
 def tiles_covering(bounds: tuple[float, float, float, float], z: int) -> Iterator[Tile]:

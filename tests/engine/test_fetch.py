@@ -1,0 +1,349 @@
+"""The fetch stage: tile maths, XYZ over a loopback server, local rasters, bad input."""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import requests
+from rasterio.io import MemoryFile
+from rasterio.warp import transform, transform_bounds
+from rasterio.windows import from_bounds
+from shapely.geometry import box
+
+from landcover_plugin.engine.aoi import AOI
+from landcover_plugin.engine.errors import Cancelled, EngineError
+from landcover_plugin.engine.events import Reporter
+from landcover_plugin.engine.fetch import FetchParams, TileCache, decode_tile, fetch
+from landcover_plugin.engine.tiles import (MAX_LAT, Tile, count_tiles, ground_resolution, lnglat_to_tile,
+                                           nearest_zoom, tile_bounds_lnglat, tile_bounds_mercator, tiles_covering)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tile_server import Fail, make_tiles, serve  # noqa: E402
+
+OSBS_CRS = "EPSG:32617"
+# OSBS_029 covers x 404211.9..404251.9, y 3285102.9..3285142.9 (EPSG:32617); the AOI is its middle 30 m.
+AOI_UTM = (404216.9, 3285107.9, 404246.9, 3285137.9)
+
+
+def wgs84_aoi(utm_bounds: tuple[float, float, float, float]) -> AOI:
+    return AOI(box(*transform_bounds(OSBS_CRS, "EPSG:4326", *utm_bounds)), "EPSG:4326")
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(osbs_tif, tmp_path_factory) -> Path:
+    return make_tiles(osbs_tif, tmp_path_factory.mktemp("xyz") / "tiles", "19-21")
+
+
+@pytest.fixture(scope="module")
+def aoi() -> AOI:
+    return wgs84_aoi(AOI_UTM)
+
+
+def run(source: str, tmp_path: Path, aoi: AOI, name: str = "mosaic.tif", reporter: Reporter | None = None, **kw):
+    params = FetchParams(aoi=aoi, source=source, out=tmp_path / "out" / name,
+                         cache_dir=kw.pop("cache_dir", tmp_path / "cache"), **kw)
+    return fetch(params, reporter or Reporter(json_mode=True, out=open("/dev/null", "w")))
+
+
+def out_files(tmp_path: Path) -> list[str]:
+    folder = tmp_path / "out"
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --- tile maths ---------------------------------------------------------------------------------
+
+
+def test_tile_math_known_values():
+    assert lnglat_to_tile(-105.0, 40.0, 1) == Tile(0, 0, 1)
+    assert lnglat_to_tile(0.0, 0.0, 0) == Tile(0, 0, 0)
+    half = 20037508.342789244  # half the side of the EPSG:3857 square
+    assert tile_bounds_mercator(Tile(0, 0, 0)) == pytest.approx((-half, -half, half, half))
+    assert tile_bounds_mercator(Tile(1, 0, 1)) == pytest.approx((0, 0, half, half))
+    assert tile_bounds_lnglat(Tile(0, 0, 1)) == pytest.approx((-180, 0, 0, MAX_LAT))
+    assert ground_resolution(0, 0) == pytest.approx(156543.03392804097)
+    assert ground_resolution(60, 1) == pytest.approx(156543.03392804097 / 4)
+    assert nearest_zoom(0.1, 29.7) == 20
+    assert nearest_zoom(0.065, 29.7) == 21
+    assert nearest_zoom(28.5, 35.8) == 12
+
+
+def test_tiles_covering_matches_gdal2tiles(osbs_tif, tiles_dir):
+    """The tiles GDAL's gdal2tiles cut for the orthophoto are the ones we compute for its extent."""
+    with rasterio.open(osbs_tif) as src:
+        bounds = transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    for z in (19, 20, 21):
+        cut = {Tile(int(p.parent.name), int(p.stem), z) for p in (tiles_dir / str(z)).glob("*/*.png")}
+        assert set(tiles_covering(bounds, z)) == cut
+        assert count_tiles(bounds, z) == len(cut) > 0
+
+
+def test_tile_round_trips():
+    rng = np.random.default_rng(0)
+    for lng, lat, z in zip(rng.uniform(-179.9, 179.9, 50), rng.uniform(-85, 85, 50), rng.integers(0, 23, 50)):
+        tile = lnglat_to_tile(lng, lat, int(z))
+        west, south, east, north = tile_bounds_lnglat(tile)
+        assert west <= lng <= east and south <= lat <= north
+        assert lnglat_to_tile((west + east) / 2, (south + north) / 2, int(z)) == tile
+        # Both bounds functions describe the same square.
+        xs, ys = transform("EPSG:4326", "EPSG:3857", [west, east], [south, north])
+        assert tile_bounds_mercator(tile) == pytest.approx((xs[0], ys[0], xs[1], ys[1]), rel=1e-9, abs=1e-3)
+        # A box ending exactly on tile edges covers that tile only.
+        assert list(tiles_covering((west, south, east, north), int(z))) == [tile]
+    assert count_tiles((10.0, 86.0, 11.0, 89.0), 12) == 0  # beyond Web Mercator
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing test tiles
+def test_decode_tile_formats():
+    def encode(driver: str, bands: np.ndarray, **kw) -> bytes:
+        with MemoryFile() as mem:
+            with mem.open(driver=driver, count=bands.shape[0], width=bands.shape[2], height=bands.shape[1],
+                          dtype="uint8", **kw) as dst:
+                dst.write(bands)
+            return mem.read()
+
+    rgb = np.random.default_rng(1).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    jpeg = decode_tile(encode("JPEG", rgb))
+    assert jpeg.shape == (4, 256, 256) and (jpeg[3] == 255).all()
+    assert np.abs(jpeg[:3].astype(int) - rgb).mean() < 80  # lossy, but the same picture
+    grey = decode_tile(encode("PNG", rgb[:1, :, :]))
+    assert grey.shape == (4, 256, 256) and (grey[1] == rgb[0]).all()
+    rgba = np.concatenate([rgb, np.zeros((1, 256, 256), np.uint8)])
+    assert (decode_tile(encode("PNG", rgba))[3] == 0).all()
+    with pytest.raises(ValueError, match="not 256 or 512"):
+        decode_tile(encode("PNG", rgb[:, :100, :100]))
+    with pytest.raises(ValueError):
+        decode_tile(b"<html>rate limited</html>")
+
+
+# --- XYZ over loopback --------------------------------------------------------------------------
+
+
+def block_diff(mosaic: Path, source: Path, rows: slice, cols: slice, shift: tuple[int, int] = (0, 0)) -> float:
+    """Mean |mosaic - source| over a mosaic window and the source window at the
+    same map coordinates (shifted by `shift` source pixels east, south), both
+    averaged over 0.4 m blocks: the orthophoto's texture changes a lot from one
+    0.1 m pixel to the next, so single pixels would measure resampling, not position."""
+    with rasterio.open(mosaic) as mos, rasterio.open(source) as src:
+        window = rasterio.windows.Window(cols.start, rows.start, cols.stop - cols.start, rows.stop - rows.start)
+        a = mos.read(window=window).astype(float)
+        assert (mos.read_masks(1, window=window) > 0).all()
+        left, bottom, right, top = rasterio.windows.bounds(window, mos.transform)
+        dx, dy = shift[0] * src.res[0], -shift[1] * src.res[1]
+        b = src.read(window=from_bounds(left + dx, bottom + dy, right + dx, top + dy, src.transform)
+                     .round_offsets().round_lengths()).astype(float)
+    assert a.shape == b.shape
+
+    def blocks(x: np.ndarray, k: int = 4) -> np.ndarray:
+        c, h, w = x.shape
+        return x[:, :h // k * k, :w // k * k].reshape(c, h // k, k, w // k, k).mean(axis=(2, 4))
+
+    return float(np.abs(blocks(a) - blocks(b)).mean())
+
+
+def test_fetch_xyz_is_georeferenced(tiles_dir, aoi, osbs_tif, tmp_path):
+    with serve(tiles_dir) as url:
+        result = run(url, tmp_path, aoi, gsd=0.1)
+        requests_made = url.request_count
+    s = result.summary
+    assert (s["zoom"], s["tiles"], s["downloaded"], s["from_cache"], s["missing"]) == (20, 4, 4, 0, 0)
+    assert requests_made == 4 and s["bytes"] > 0 and s["crs"] == OSBS_CRS and s["gsd_m"] == 0.1
+    mosaic = Path(result.outputs["mosaic"])
+    assert out_files(tmp_path) == ["mosaic.tif"]
+    with rasterio.open(mosaic) as m:
+        assert m.crs.to_epsg() == 32617 and m.res == pytest.approx((0.1, 0.1)) and m.count == 3
+        assert m.dtypes[0] == "uint8" and m.compression.name == "deflate" and m.overviews(1)
+        assert m.block_shapes[0] == (256, 256)
+        # The AOI's 30 m, widened to the bounds of the AOI box as it lies in UTM.
+        assert m.bounds.left == pytest.approx(AOI_UTM[0], abs=0.5) and m.bounds.top == pytest.approx(AOI_UTM[3], abs=0.5)
+        assert 300 <= m.width <= 310 and 300 <= m.height <= 310
+        assert (m.dataset_mask() > 0).all()
+    for rows, cols in ((slice(20, 100), slice(20, 100)), (slice(150, 250), slice(60, 140)),
+                       (slice(200, 280), slice(200, 290))):
+        aligned = block_diff(mosaic, osbs_tif, rows, cols)
+        assert aligned < 12, (rows, cols, aligned)
+        for shift in ((5, 0), (0, 5), (-5, -5)):  # 0.5 m off
+            assert block_diff(mosaic, osbs_tif, rows, cols, shift) > 2 * aligned, (rows, cols, shift)
+    # The best match among shifts of up to 0.3 m is the unshifted one, give or take a pixel.
+    rows, cols = slice(100, 200), slice(100, 200)
+    diffs = {(dx, dy): block_diff(mosaic, osbs_tif, rows, cols, (dx, dy)) for dx in range(-3, 4) for dy in range(-3, 4)}
+    best = min(diffs, key=diffs.get)
+    assert abs(best[0]) <= 1 and abs(best[1]) <= 1, best
+
+
+def test_tile_outside_the_imagery_is_transparent(tiles_dir, tmp_path):
+    """An AOI half over the orthophoto's east edge: the outside half is masked, not black."""
+    with serve(tiles_dir) as url:
+        result = run(url, tmp_path, wgs84_aoi((404236.9, 3285112.9, 404261.9, 3285132.9)), gsd=0.1)
+    with rasterio.open(result.outputs["mosaic"]) as m:
+        mask = m.dataset_mask() > 0
+        east_edge = int((404251.9 - m.bounds.left) / 0.1)
+        assert mask[:, : east_edge - 2].all() and not mask[:, east_edge + 2:].any()
+    # Cropped again as a local raster, at another resolution, the mask is kept.
+    again = run(result.outputs["mosaic"], tmp_path, wgs84_aoi((404230.0, 3285115.0, 404260.0, 3285130.0)),
+                name="again.tif", gsd=0.2)
+    with rasterio.open(again.outputs["mosaic"]) as m:
+        assert m.res == pytest.approx((0.2, 0.2)) and m.crs.to_epsg() == 32617
+        mask = m.dataset_mask() > 0
+        east_edge = int((404251.9 - m.bounds.left) / 0.2)
+        assert mask[:, : east_edge - 2].all() and not mask[:, east_edge + 2:].any()
+
+
+def test_second_fetch_uses_cache(tiles_dir, aoi, tmp_path):
+    with serve(tiles_dir) as url:
+        first = run(url, tmp_path, aoi, name="a.tif", zoom=20)
+        count = url.request_count
+        second = run(url, tmp_path, aoi, name="b.tif", zoom=20)
+        assert url.request_count == count == 4
+    assert (second.summary["from_cache"], second.summary["downloaded"], second.summary["bytes"]) == (4, 0, 0)
+    cached = list((tmp_path / "cache").rglob("*.tile"))
+    assert len(cached) == 4 and not list((tmp_path / "cache").rglob(".*partial*"))
+    assert TileCache.for_source(tmp_path / "cache", url).root.name not in url  # a hash, not the URL
+    with rasterio.open(first.outputs["mosaic"]) as a, rasterio.open(second.outputs["mosaic"]) as b:
+        assert np.array_equal(a.read(), b.read()) and a.transform == b.transform
+
+
+@pytest.mark.parametrize("fail", [Fail(first=2), Fail(first=2, status=429), Fail(first=1, truncate=True)],
+                         ids=["500", "429", "truncated"])
+def test_transient_errors_are_retried(tiles_dir, aoi, tmp_path, fail):
+    with serve(tiles_dir) as url:
+        clean = run(url, tmp_path, aoi, name="clean.tif", zoom=20, cache_dir=tmp_path / "c1")
+    with serve(tiles_dir, fail=fail) as url:
+        flaky = run(url, tmp_path, aoi, name="flaky.tif", zoom=20, cache_dir=tmp_path / "c2")
+        assert url.request_count == 4 * (fail.first + 1)
+    s = flaky.summary
+    assert (s["downloaded"], s["missing"], s["failed"], s["retried"]) == (4, 0, 0, 4 * fail.first)
+    with rasterio.open(clean.outputs["mosaic"]) as a, rasterio.open(flaky.outputs["mosaic"]) as b:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+def test_server_answering_errors(tiles_dir, aoi, tmp_path):
+    with serve(tiles_dir, fail=Fail(status=503)) as url:
+        with pytest.raises(EngineError) as err:
+            run(url + "?key=SECRET", tmp_path, aoi, zoom=20)
+    assert err.value.code == "TILE_SERVER_ERROR"
+    assert "127.0.0.1" in err.value.message and "503" in err.value.message and err.value.hint
+    assert "SECRET" not in err.value.message + err.value.hint
+    assert out_files(tmp_path) == [] and not list((tmp_path / "cache").rglob("*.tile"))
+    # A server refusing every tile is given up on early, not asked for all of them.
+    bounds = aoi.to_crs("EPSG:4326").bounds
+    assert count_tiles(bounds, 22) > 16
+    with serve(tiles_dir, fail=Fail(status=403)) as url:
+        with pytest.raises(EngineError) as err:
+            run(url, tmp_path, aoi, zoom=22, workers=1)
+        assert url.request_count == 16
+    assert err.value.code == "TILE_SERVER_ERROR" and "403" in err.value.message
+    assert out_files(tmp_path) == []
+
+
+def test_server_down(aoi, tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(EngineError) as err:
+        run(f"http://127.0.0.1:{port}/{{z}}/{{x}}/{{y}}.png?api_key=SECRET", tmp_path, aoi, gsd=0.1)
+    assert err.value.code == "TILE_SERVER_UNREACHABLE"
+    assert f"127.0.0.1:{port}" in err.value.message and "SECRET" not in err.value.message
+    assert out_files(tmp_path) == []
+
+
+def test_aoi_without_tiles_on_the_server(tiles_dir, tmp_path):
+    elsewhere = wgs84_aoi((404300.0, 3285102.9, 404330.0, 3285132.9))  # 50 m east of the orthophoto
+    with serve(tiles_dir) as url:
+        with pytest.raises(EngineError) as err:
+            run(url, tmp_path, elsewhere, zoom=20)
+    assert err.value.code == "AOI_OUTSIDE_IMAGERY" and "zoom 20" in err.value.message
+    assert out_files(tmp_path) == []
+
+
+def test_bad_xyz_requests_fail_before_any_download(aoi, tmp_path):
+    url = "http://127.0.0.1:9/{z}/{x}/{y}.png"  # never contacted
+    cases = [
+        ({}, "NEED_ZOOM", "--zoom"),
+        ({"zoom": 20, "aoi": AOI(box(10.0, 86.0, 10.1, 86.1))}, "NO_TILES", "85"),
+        ({"zoom": 20, "aoi": AOI(box(-82.1, 29.6, -81.9, 29.8))}, "TOO_MANY_TILES", "smaller area"),
+        ({"gsd": -1.0}, "BAD_GSD", "--gsd"),
+        ({"zoom": 20, "gsd": 0.0001}, "TOO_LARGE", "larger --gsd"),
+    ]
+    for kw, code, text in cases:
+        with pytest.raises(EngineError) as err:
+            run(url, tmp_path, kw.pop("aoi", aoi), **kw)
+        assert err.value.code == code and text in err.value.message + err.value.hint
+    with pytest.raises(EngineError) as err:
+        run("http://127.0.0.1:9/tiles.png", tmp_path, aoi, zoom=20)
+    assert err.value.code == "BAD_SOURCE"
+    with pytest.raises(EngineError) as err:
+        run(str(tmp_path / "no-such.tif"), tmp_path, aoi)
+    assert err.value.code == "BAD_SOURCE"
+    assert out_files(tmp_path) == []
+
+
+def test_cancel_leaves_nothing_and_stops_workers(tiles_dir, aoi, tmp_path):
+    class CancelOnFirstTile(Reporter):
+        def progress(self, stage, done, total, message=""):
+            raise Cancelled("SIGTERM")
+
+    before = set(threading.enumerate())  # other tests' abandoned workers may still be winding down
+
+    def workers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "fetch-tile" and t not in before]
+
+    with serve(tiles_dir) as url:
+        with pytest.raises(Cancelled):
+            run(url, tmp_path, aoi, zoom=21, workers=2, reporter=CancelOnFirstTile())
+        assert all(t.daemon for t in workers())  # they cannot hold the process at exit
+        deadline = time.monotonic() + 2
+        while workers() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not workers()
+        assert url.request_count < 12  # zoom 21 has 12 tiles: the rest were never asked for
+    assert out_files(tmp_path) == []
+
+
+# --- local rasters ------------------------------------------------------------------------------
+
+
+def test_local_raster_is_cropped(osbs_tif, aoi, tmp_path):
+    result = run(str(osbs_tif), tmp_path, aoi)
+    assert result.summary["crs"] == OSBS_CRS and result.summary["gsd_m"] == pytest.approx(0.1)
+    with rasterio.open(result.outputs["mosaic"]) as crop, rasterio.open(osbs_tif) as src:
+        assert crop.crs == src.crs and crop.res == src.res and crop.nodata == src.nodata
+        assert crop.bounds.left == pytest.approx(AOI_UTM[0], abs=0.5)
+        assert crop.bounds.top == pytest.approx(AOI_UTM[3], abs=0.5)
+        window = from_bounds(*crop.bounds, src.transform).round_offsets().round_lengths()
+        assert np.array_equal(crop.read(), src.read(window=window))
+    coarse = run(str(osbs_tif), tmp_path, aoi, name="coarse.tif", gsd=0.4)
+    with rasterio.open(coarse.outputs["mosaic"]) as c:
+        assert c.crs.to_epsg() == 32617 and c.res == pytest.approx((0.4, 0.4)) and 74 <= c.width <= 78
+
+
+def test_local_raster_outside_aoi(osbs_tif, tmp_path):
+    with pytest.raises(EngineError) as err:
+        run(str(osbs_tif), tmp_path, AOI(box(-82.5, 29.0, -82.4, 29.1)))
+    assert err.value.code == "AOI_OUTSIDE_IMAGERY"
+    assert "lon -81.99" in err.value.message and "lat 29.69" in err.value.message and err.value.hint
+    assert out_files(tmp_path) == []
+
+
+# --- the tile server as the demo runs it --------------------------------------------------------
+
+
+def test_tile_server_script(osbs_tif):
+    script = Path(__file__).resolve().parents[1] / "tile_server.py"
+    proc = subprocess.Popen([sys.executable, str(script), str(osbs_tif), "--zooms", "20", "--port", "0"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        template = proc.stdout.readline().strip()
+        assert template.startswith("http://127.0.0.1:") and template.endswith("/{z}/{x}/{y}.png")
+        tile = next(iter(tiles_covering(transform_bounds(OSBS_CRS, "EPSG:4326", *AOI_UTM), 20)))
+        response = requests.get(template.format(z=20, x=tile.x, y=tile.y), timeout=10)
+        assert response.status_code == 200 and decode_tile(response.content).shape == (4, 256, 256)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0

@@ -112,7 +112,8 @@ def _fingerprint(params: Any) -> str:
         if isinstance(value, AOI):
             return [value.geometry.wkt, value.crs]
         return str(value)
-    items = {k: describe(v) for k, v in vars(params).items()}
+    # `out` is the stage's output, not an input: its name counts, its mtime must not
+    items = {k: (str(v) if k == "out" else describe(v)) for k, v in vars(params).items()}
     return hashlib.sha256(json.dumps(items, sort_keys=True).encode()).hexdigest()
 
 

@@ -8,6 +8,7 @@ atomically, so a cancelled run leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import traceback
@@ -151,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except Cancelled:
         reporter.error("CANCELLED", "Cancelled; no partial output was kept.", "Run the command again to redo it.")
-        return EXIT_CANCELLED
+        # Partial outputs are gone already; skip the interpreter's teardown, which
+        # takes TensorFlow over a second and would break the 2 s promise.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_CANCELLED)
     except Exception as exc:  # a bug: report it whole, for the log panel
         reporter.log(traceback.format_exc(), level="debug")
         reporter.error("INTERNAL", f"{type(exc).__name__}: {exc}",

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+import threading
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -197,7 +200,13 @@ def run_in_child(args: list[str], reporter: Reporter) -> StageResult:
     onnxruntime (thread contention halves inference speed, DESIGN.md).
     """
     command = [sys.executable, "-m", "landcover_plugin.engine", "--json", *args]
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, bufsize=1)
+    # TensorFlow's C++ logging ignores TF_CPP_MIN_LOG_LEVEL for its first lines: keep the
+    # child's stderr off the user's terminal, but keep its tail for a crash report.
+    env = os.environ | {"TF_CPP_MIN_LOG_LEVEL": "3"}
+    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+    stderr_tail: deque[str] = deque(maxlen=20)
+    drain = threading.Thread(target=lambda: stderr_tail.extend(child.stderr), daemon=True)  # type: ignore[arg-type]
+    drain.start()
     result: dict[str, Any] | None = None
     error: dict[str, Any] | None = None
     try:
@@ -222,9 +231,11 @@ def run_in_child(args: list[str], reporter: Reporter) -> StageResult:
         except subprocess.TimeoutExpired:
             child.kill()
         raise
+    drain.join(timeout=1)
     if error is not None:
         raise EngineError(error["code"], error["message"], error.get("hint", ""))
     if result is None or child.returncode != 0:
+        reporter.log("".join(stderr_tail), level="debug")
         raise EngineError("INTERNAL", f"`landcover {args[0]}` stopped with exit code {child.returncode}.",
-                          "See the log above for the cause.")
+                          "See the log for its last lines.")
     return StageResult(result["outputs"], result["summary"])

@@ -1,0 +1,45 @@
+"""A compact Keras 3 U-Net, small enough to train on a laptop CPU.
+
+Imported only by train.py (it pulls in TensorFlow through Keras).
+"""
+from __future__ import annotations
+
+
+def build_unet(tile_size: int, band_count: int, task: str, n_classes: int = 1,
+               width: int = 16, depth: int = 3):
+    """U-Net over (tile, tile, bands) inputs; `depth` poolings, `width` filters at
+    full resolution, doubling per level (about 480k parameters at the defaults).
+
+    - landcover: `n_classes`-way softmax.
+    - trees: two sigmoid heads, crown probability and centre heatmap, concatenated
+      into one 2-channel output (one output keeps the ONNX graph simple).
+    """
+    import keras
+    from keras import layers
+
+    def conv_block(x, filters: int):
+        for _ in range(2):
+            x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+            x = layers.BatchNormalization(momentum=0.9)(x)  # few steps per epoch: converge fast
+            x = layers.Activation("relu")(x)
+        return x
+
+    inputs = keras.Input((tile_size, tile_size, band_count), name="input")
+    x, skips = inputs, []
+    for level in range(depth):
+        x = conv_block(x, width * 2**level)
+        skips.append(x)
+        x = layers.MaxPooling2D()(x)
+    x = conv_block(x, width * 2**depth)
+    for level in reversed(range(depth)):
+        x = layers.Conv2DTranspose(width * 2**level, 2, strides=2, padding="same")(x)
+        x = conv_block(layers.Concatenate()([x, skips[level]]), width * 2**level)
+    if task == "trees":
+        crown = layers.Conv2D(1, 1, activation="sigmoid", name="crown")(x)
+        # Start the heatmap near its mostly-zero target (CenterNet's bias trick).
+        heatmap = layers.Conv2D(1, 1, activation="sigmoid", name="heatmap",
+                                bias_initializer=keras.initializers.Constant(-2.0))(x)
+        outputs = layers.Concatenate(name="output")([crown, heatmap])
+    else:
+        outputs = layers.Conv2D(n_classes, 1, activation="softmax", name="output")(x)
+    return keras.Model(inputs, outputs, name=f"unet_{task}")

@@ -48,7 +48,7 @@ def trees_job(tile_url: str) -> None:
         "aoi": ",".join(f"{v:.7f}" for v in aoi),
         "imagery": {"source": tile_url, "gsd": 0.1},
         "labels": {"path": str(DATA / "deepforest" / "OSBS_029.csv")},
-        "train": {"epochs": 60, "chip_size": 128, "batch_size": 4},
+        "train": {"epochs": 100, "chip_size": 128, "batch_size": 4},  # early stopping ends it
         "workdir": str(WORK / "trees"),
         "out": str(OUT / "trees.gpkg"),
     }, "trees")
@@ -61,7 +61,7 @@ def landcover_job() -> None:
         "task": "landcover",
         "imagery": {"source": str(stack)},
         "labels": {"path": str(DATA / "nc_landsat" / "landsat96_polygons.shp"), "class_field": "label"},
-        "train": {"epochs": 40, "chip_size": 64, "batch_size": 8},
+        "train": {"epochs": 150, "chip_size": 32, "batch_size": 8},  # early stopping ends it
         "workdir": str(WORK / "landcover"),
         "out": str(OUT / "landcover.gpkg"),
     }, "landcover")

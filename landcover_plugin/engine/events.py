@@ -60,6 +60,8 @@ class Reporter:
             return
         self.out.write(f"{stage} done\n")
         for key, value in {**summary, **outputs}.items():
+            if isinstance(value, dict):  # a pipeline's per-stage summaries
+                value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
             self.out.write(f"  {key}: {value}\n")
         self.out.flush()
 

@@ -26,7 +26,8 @@ from .model_package import KERAS_NAME, ONNX_NAME, TASKS, ModelInfo, read_info, w
 
 IGNORE = 255
 LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-3, 1e-4
-PATIENCE = 5  # epochs without a better val loss before stopping
+PATIENCE = 10  # epochs without a better val loss before stopping
+WARMUP_EPOCHS = 10  # tiny datasets: val loss is noisy at first, never stop before this
 MAX_ONNX_DIFF = 1e-4
 
 LICENCES = """\
@@ -320,7 +321,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     history = model.fit(augmented(x_train, y_train, params.batch_size, params.seed), validation_data=val_data,
                         epochs=params.epochs, verbose=0, shuffle=False,  # the tf.data pipeline shuffles
                         callbacks=[progress_callback(reporter, params.epochs, steps),
-                                   keras.callbacks.EarlyStopping("val_loss", patience=PATIENCE,
+                                   keras.callbacks.EarlyStopping("val_loss", patience=PATIENCE, start_from_epoch=WARMUP_EPOCHS,
                                                                  restore_best_weights=True)])
     epochs_run = len(history.history["loss"])
     reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {epochs_run} epochs")

@@ -1,0 +1,1 @@
+"""The plugin's non-GUI parts: finding and running the engine, loading results."""

@@ -1,0 +1,45 @@
+"""Load the engine's result GeoPackage into the project as styled layers."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import QgsProject, QgsVectorLayer, QgsWkbTypes
+
+# Tables a GeoPackage may list that are not results (QGIS's style table).
+_NOT_RESULTS = {"layer_styles"}
+# Points above lines above polygons above tables, so nothing hides the points.
+_ORDER = {QgsWkbTypes.PointGeometry: 0, QgsWkbTypes.LineGeometry: 1, QgsWkbTypes.PolygonGeometry: 2}
+
+
+def gpkg_layer_names(gpkg: Path | str) -> list[str]:
+    """Names of the result layers and tables in a GeoPackage, in file order."""
+    from osgeo import ogr  # GDAL's bindings ship with QGIS
+
+    ds = ogr.Open(str(gpkg))
+    if ds is None:
+        raise OSError(f"Cannot open {gpkg} as a GeoPackage")
+    names = [ds.GetLayer(i).GetName() for i in range(ds.GetLayerCount())]
+    return [n for n in names if n not in _NOT_RESULTS]
+
+
+def open_result_layers(gpkg: Path | str) -> list[QgsVectorLayer]:
+    """One QgsVectorLayer per result layer, with the default style stored in the
+    GeoPackage's layer_styles (QGIS applies it on load; we make sure)."""
+    layers = []
+    for name in gpkg_layer_names(gpkg):
+        layer = QgsVectorLayer(f"{gpkg}|layername={name}", name, "ogr")
+        if not layer.isValid():
+            raise OSError(f"QGIS cannot open layer {name} of {gpkg}")
+        layers.append(layer)
+    return sorted(layers, key=lambda lyr: _ORDER.get(lyr.geometryType(), 3))
+
+
+def load_result_layers(gpkg: Path | str, group_name: str, project: QgsProject | None = None) -> list[QgsVectorLayer]:
+    """Add every layer of `gpkg` to a new group at the top of the layer tree."""
+    project = project or QgsProject.instance()
+    layers = open_result_layers(gpkg)
+    group = project.layerTreeRoot().insertGroup(0, group_name)
+    for layer in layers:
+        project.addMapLayer(layer, False)
+        group.addLayer(layer)
+    return layers

@@ -1,0 +1,72 @@
+"""What the engine needs from QGIS layers and settings: file paths and URLs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsSettings
+from qgis.PyQt.QtCore import QUrl
+
+# QGIS 3.22 stores XYZ connections under the first key, 3.30+ under the second.
+_XYZ_GROUPS = ("qgis/connections-xyz", "connections/xyz/items")
+
+
+class SourceError(ValueError):
+    """A layer the engine cannot read; the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class ImagerySource:
+    source: str  # XYZ URL template or raster path
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_xyz(self) -> bool:
+        return self.source.startswith(("http://", "https://"))
+
+
+def _headers(referer: str | None) -> dict[str, str]:
+    return {"Referer": referer} if referer else {}
+
+
+def xyz_connections(settings: QgsSettings | None = None) -> dict[str, ImagerySource]:
+    """The XYZ tile connections saved in QGIS (Browser > XYZ Tiles), by name."""
+    settings = settings or QgsSettings()
+    found: dict[str, ImagerySource] = {}
+    for group in _XYZ_GROUPS:
+        settings.beginGroup(group)
+        for name in settings.childGroups():
+            url = settings.value(f"{name}/url", "")
+            if url and name not in found:
+                found[name] = ImagerySource(url, _headers(settings.value(f"{name}/referer", "")))
+        settings.endGroup()
+    return found
+
+
+def raster_layer_source(layer: QgsMapLayer) -> ImagerySource:
+    """A raster layer as the engine sees it: a GDAL file, or an XYZ layer's URL."""
+    provider = layer.providerType()
+    if provider == "gdal":
+        path = layer.source().split("|")[0]
+        if not Path(path).exists():
+            raise SourceError(f"Layer '{layer.name()}' is not a local file ({path}): save it as a GeoTIFF first.")
+        return ImagerySource(path)
+    if provider == "wms":
+        parts = QgsProviderRegistry.instance().decodeUri("wms", layer.source())
+        if parts.get("type") == "xyz" and parts.get("url"):
+            return ImagerySource(parts["url"], _headers(parts.get("referer")))
+        raise SourceError(f"Layer '{layer.name()}' is a WMS/WMTS service; only XYZ tiles and raster files "
+                          "are supported yet: add it as an XYZ connection or save it as a GeoTIFF.")
+    raise SourceError(f"Layer '{layer.name()}' ({provider}) cannot be read by the engine: "
+                      "use a raster file or an XYZ connection.")
+
+
+def vector_layer_path(layer: QgsMapLayer) -> Path:
+    """The file behind a vector layer (a file of several layers: its first layer)."""
+    provider = layer.providerType()
+    if provider == "ogr":
+        return Path(layer.source().split("|")[0])
+    if provider == "delimitedtext":  # e.g. a DeepForest CSV opened in QGIS
+        return Path(QUrl(layer.source()).toLocalFile())
+    raise SourceError(f"Layer '{layer.name()}' is not saved in a file ({provider}): "
+                      "save it (e.g. as a GeoPackage) and choose the saved layer.")

@@ -1,0 +1,82 @@
+"""EngineTask: one engine run as a QgsTask (progress bar, cancel, message bar).
+
+run() happens in a worker thread and never touches the GUI; finished() runs
+in the main thread and reports to the message bar and the callbacks.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from qgis.core import Qgis, QgsMessageLog, QgsTask
+
+from .engine_runner import EngineFailed, EngineRun, OverallProgress
+
+LOG_TAG = "Landcover"
+_QUIET = {"seconds", "tiles", "provider"}  # bookkeeping, not results
+_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "error": Qgis.Critical}
+
+
+def summary_text(summary: dict[str, Any]) -> str:
+    """The result's headline numbers for the message bar: the predict stage's
+    (crowns, canopy m², hectares per class), or a single command's own."""
+    main = summary.get("predict", summary)
+    return ", ".join(f"{k}: {_fmt(v)}" for k, v in main.items()
+                     if k not in _QUIET and not isinstance(v, (dict, list)))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:,.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+
+
+class EngineTask(QgsTask):
+    """Runs `engine` and reports; `on_success(result_event)` / `on_failure(EngineFailed)`
+    are called in the main thread when it ends."""
+
+    def __init__(self, description: str, engine: EngineRun, message_bar=None,
+                 on_success: Callable[[dict], None] | None = None,
+                 on_failure: Callable[[EngineFailed], None] | None = None) -> None:
+        super().__init__(description, QgsTask.CanCancel)
+        self.engine = engine
+        self.message_bar = message_bar
+        self.on_success, self.on_failure = on_success, on_failure
+        self.result_event: dict | None = None
+        self.failure: EngineFailed | None = None
+        self._progress = OverallProgress()
+
+    def run(self) -> bool:  # worker thread
+        try:
+            self.result_event = self.engine.run(self._on_event, self.isCanceled)
+            return True
+        except EngineFailed as exc:
+            self.failure = exc
+        except Exception as exc:  # a bug in the plugin: report it rather than lose it in the thread
+            self.failure = EngineFailed("PLUGIN_ERROR", f"{type(exc).__name__}: {exc}",
+                                        "This is a bug in the Landcover plugin; please report it.")
+        return False
+
+    def _on_event(self, event: dict) -> None:  # worker thread: only thread-safe calls
+        if event["event"] == "progress":
+            value = self._progress.update(event)
+            if value is not None:
+                self.setProgress(value)
+        elif event["event"] == "log":
+            QgsMessageLog.logMessage(event.get("message", ""), LOG_TAG,
+                                     _LEVELS.get(event.get("level", "info"), Qgis.Info))
+
+    def finished(self, ok: bool) -> None:  # main thread
+        if ok and self.result_event is not None:
+            text = summary_text(self.result_event.get("summary", {}))
+            self._push(f"{self.description()} done" + (f": {text}" if text else "."), Qgis.Success)
+            if self.on_success:
+                self.on_success(self.result_event)
+            return
+        failure = self.failure or EngineFailed("CANCELLED", "Cancelled.", "")
+        QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG,
+                                 Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
+        self._push(str(failure), Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
+        if self.on_failure:
+            self.on_failure(failure)
+
+    def _push(self, text: str, level) -> None:
+        if self.message_bar is not None:
+            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=0 if level == Qgis.Critical else 10)

@@ -1,0 +1,1 @@
+"""The Landcover Processing provider (toolbox, modeler, batch, qgis_process)."""

@@ -1,0 +1,187 @@
+"""landcover:mapfromimagery — the whole pipeline as a Processing algorithm.
+
+The same engine run as the dock's, synchronous: Processing already runs the
+algorithm in a background task (toolbox), in the modeler, in batch mode and
+in `qgis_process.bin run landcover:mapfromimagery -- ...`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProcessing,
+                       QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
+                       QgsProcessingOutputMultipleLayers, QgsProcessingParameterEnum,
+                       QgsProcessingParameterExtent, QgsProcessingParameterField, QgsProcessingParameterFile,
+                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
+                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
+                       QgsProcessingParameterVectorLayer)
+
+from ..core.engine_env import check_engine
+from ..core.engine_runner import EngineFailed, EngineRun, OverallProgress
+from ..core.layers import gpkg_layer_names, open_result_layers
+from ..core.locate import engine_location
+from ..core.pipeline_spec import TASKS, PipelineSpec, write_pipeline
+from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path
+
+HELP = """<p>Maps trees (one polygon per crown, one point per tree) or land cover (polygons with a
+<i>class</i> field and a table of hectares per class) from imagery, in the Landcover engine's own
+environment (never in QGIS's Python).</p>
+<p><b>Imagery</b>: a raster layer (a local file), or an <b>XYZ tile URL</b> template such as
+<code>https://tiles.example.org/{z}/{x}/{y}.png</code>, fetched for the area at the
+<b>resolution</b> given (m/px; empty: the engine picks).</p>
+<p><b>Area</b>: the extent to map (and to train on). Without a CRS it is taken to be in the imagery
+layer's CRS, or WGS84 for XYZ tiles.</p>
+<p><b>Training labels</b>: a vector layer (crowns for trees; polygons with a <b>class field</b> for
+land cover) or a DeepForest CSV of crown boxes (<b>labels file</b>). A model is trained on them for
+<b>epochs</b> passes. Or give an existing <b>model</b> (.onnx) to predict without training.</p>
+<p><b>Output</b>: a GeoPackage with the result layers and their styles, loaded into the project.
+Intermediate files go to a folder beside it (<i>NAME-work</i>); running again reuses finished stages.</p>
+<p>If the engine environment is missing, run <code>make install</code> in the plugin's source folder
+or use 'Create environment' in the Landcover dock.</p>"""
+
+
+class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
+    IMAGERY, XYZ_URL, EXTENT, TASK = "IMAGERY", "XYZ_URL", "EXTENT", "TASK"
+    LABELS, LABELS_FILE, CLASS_FIELD, MODEL = "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL"
+    EPOCHS, GSD, OUTPUT, LAYERS = "EPOCHS", "GSD", "OUTPUT", "LAYERS"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._gpkg: str | None = None
+        self._results: dict = {}
+
+    def name(self) -> str:
+        return "mapfromimagery"
+
+    def displayName(self) -> str:  # noqa: N802 (QGIS's names)
+        return "Map trees or land cover from imagery"
+
+    def shortHelpString(self) -> str:  # noqa: N802
+        return HELP
+
+    def createInstance(self) -> "MapFromImageryAlgorithm":  # noqa: N802
+        return MapFromImageryAlgorithm()
+
+    def initAlgorithm(self, config=None) -> None:  # noqa: N802
+        self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGERY, "Imagery (raster layer)", optional=True))
+        self.addParameter(QgsProcessingParameterString(self.XYZ_URL, "Or imagery from an XYZ tile URL template",
+                                                       optional=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Area"))
+        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", options=["Trees", "Land cover"],
+                                                     defaultValue=0))
+        self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, "Training labels",
+                                                            [QgsProcessing.TypeVectorAnyGeometry], optional=True))
+        self.addParameter(QgsProcessingParameterFile(self.LABELS_FILE, "Or training labels file (DeepForest CSV)",
+                                                     optional=True, fileFilter="CSV files (*.csv);;All files (*)"))
+        self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (land cover)",
+                                                      parentLayerParameterName=self.LABELS, optional=True))
+        self.addParameter(QgsProcessingParameterFile(self.MODEL, "Or an existing model (predict only)",
+                                                     optional=True, fileFilter="ONNX models (*.onnx)"))
+        self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Training epochs",
+                                                       QgsProcessingParameterNumber.Integer, 10, minValue=1))
+        self.addParameter(QgsProcessingParameterNumber(self.GSD, "Resolution of XYZ tiles (m/px)",
+                                                       QgsProcessingParameterNumber.Double, None, optional=True,
+                                                       minValue=0.0))
+        self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Result GeoPackage",
+                                                                "GeoPackage (*.gpkg)"))
+        self.addOutput(QgsProcessingOutputMultipleLayers(self.LAYERS, "Result layers"))
+
+    def checkParameterValues(self, parameters, context):  # noqa: N802
+        ok, message = super().checkParameterValues(parameters, context)
+        if not ok:
+            return ok, message
+        has_imagery = bool(parameters.get(self.IMAGERY)) or bool((parameters.get(self.XYZ_URL) or "").strip())
+        if not has_imagery:
+            return False, "Choose the imagery: a raster layer or an XYZ tile URL template."
+        if not (parameters.get(self.LABELS) or parameters.get(self.LABELS_FILE) or parameters.get(self.MODEL)):
+            return False, "Give training labels (a layer or a DeepForest CSV), or an existing model to predict with."
+        return True, ""
+
+    def _imagery(self, parameters, context) -> tuple[ImagerySource, QgsCoordinateReferenceSystem]:
+        layer = self.parameterAsRasterLayer(parameters, self.IMAGERY, context)
+        if layer is not None:
+            return raster_layer_source(layer), layer.crs()
+        url = self.parameterAsString(parameters, self.XYZ_URL, context).strip()
+        return ImagerySource(url), QgsCoordinateReferenceSystem("EPSG:4326")
+
+    def _aoi(self, parameters, context, default_crs) -> tuple[tuple[float, float, float, float], str]:
+        """The extent in its own CRS when that has an EPSG code, else in WGS84."""
+        rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+        crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+        crs = crs if crs.isValid() else default_crs
+        if not crs.authid().upper().startswith("EPSG:"):
+            wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+            rect = QgsCoordinateTransform(crs, wgs84, context.transformContext()).transformBoundingBox(rect)
+            crs = wgs84
+        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid()
+
+    def build_spec(self, parameters, context) -> PipelineSpec:
+        try:
+            imagery, imagery_crs = self._imagery(parameters, context)
+            labels_layer = self.parameterAsVectorLayer(parameters, self.LABELS, context)
+            labels = vector_layer_path(labels_layer) if labels_layer is not None else None
+        except SourceError as exc:
+            raise QgsProcessingException(str(exc)) from None
+        labels_file = self.parameterAsFile(parameters, self.LABELS_FILE, context)
+        model = self.parameterAsFile(parameters, self.MODEL, context)
+        has_gsd = parameters.get(self.GSD) not in (None, "")
+        gsd = self.parameterAsDouble(parameters, self.GSD, context) if has_gsd else None
+        aoi, aoi_crs = self._aoi(parameters, context, imagery_crs)
+        out = Path(self.parameterAsFileOutput(parameters, self.OUTPUT, context))
+        if out.suffix.lower() != ".gpkg":
+            out = out.with_suffix(".gpkg")
+        labels = labels or (Path(labels_file) if labels_file else None)
+        return PipelineSpec(
+            task=TASKS[self.parameterAsEnum(parameters, self.TASK, context)], aoi=aoi, aoi_crs=aoi_crs,
+            imagery=imagery.source, headers=imagery.headers, gsd=gsd if imagery.is_xyz else None,
+            labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
+            model=Path(model) if model and labels is None else None,
+            epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+            out=out, workdir=out.with_name(out.stem + "-work"))
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
+        spec = self.build_spec(parameters, context)
+        problems = spec.problems()
+        if problems:
+            raise QgsProcessingException(" ".join(problems))
+        location = engine_location()
+        missing = check_engine(location)
+        if missing:
+            raise QgsProcessingException(missing)
+        pipeline = write_pipeline(spec, spec.workdir / "pipeline.yaml")
+        feedback.pushInfo(f"Pipeline: {pipeline}")
+        progress = OverallProgress()
+
+        def on_event(event: dict) -> None:
+            if event["event"] == "progress":
+                value = progress.update(event)
+                if value is not None:
+                    feedback.setProgress(value)
+                if event.get("stage") == "pipeline" and event.get("message"):
+                    feedback.setProgressText(f"Landcover: {event['message']}")
+            elif event["event"] == "log":
+                (feedback.pushDebugInfo if event.get("level") == "debug" else feedback.pushInfo)(event["message"])
+
+        try:
+            result = EngineRun(location.python, ["run", str(pipeline)], cwd=spec.workdir).run(
+                on_event, feedback.isCanceled)
+        except EngineFailed as exc:
+            if exc.code == "CANCELLED":
+                feedback.reportError(str(exc))
+                return {}
+            raise QgsProcessingException(f"{exc.message} {exc.hint}".strip()) from None
+        self._gpkg = result["outputs"].get("gpkg") or str(spec.out)
+        for key, value in result.get("summary", {}).items():
+            feedback.pushInfo(f"{key}: {value}")
+        self._results = {self.OUTPUT: self._gpkg,
+                         self.LAYERS: [f"{self._gpkg}|layername={n}" for n in gpkg_layer_names(self._gpkg)]}
+        return self._results
+
+    def postProcessAlgorithm(self, context, feedback):  # noqa: N802  (main thread)
+        if not self._gpkg:
+            return {}
+        for layer in open_result_layers(self._gpkg):
+            context.temporaryLayerStore().addMapLayer(layer)
+            context.addLayerToLoadOnCompletion(
+                layer.id(), QgsProcessingContext.LayerDetails(layer.name(), context.project(), self.OUTPUT))
+        return self._results

@@ -1,0 +1,357 @@
+"""The Landcover dock: area, imagery, task, labels or model, Run/Cancel.
+
+It only gathers the user's choices into a pipeline file and starts an
+EngineTask; the work happens in the engine's own process.
+"""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
+                       QgsMapLayerProxyModel, QgsProject, QgsRectangle, QgsWkbTypes)
+from qgis.gui import (QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox,
+                      QgsMapToolExtent, QgsRubberBand)
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QMessageBox, QProgressBar,
+                                 QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..core.engine_env import EngineLocation, check_engine, create_env_commands, requirement_files, user_venv
+from ..core.engine_runner import EngineFailed, EngineRun
+from ..core.layers import load_result_layers
+from ..core.locate import engine_location, user_data_dir
+from ..core.pipeline_spec import PipelineSpec, write_pipeline
+from ..core.setup_task import CreateEnvTask
+from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
+from ..core.task import EngineTask
+
+XYZ_PREFIX = "XYZ: "
+TASK_LABELS = {"trees": "Trees", "landcover": "Land cover"}
+
+
+def default_output_dir() -> Path:
+    home = QgsProject.instance().homePath()
+    return Path(home) / "landcover" if home else Path(tempfile.gettempdir()) / "landcover"
+
+
+class LandcoverDock(QgsDockWidget):
+    def __init__(self, iface, parent: QWidget | None = None) -> None:
+        super().__init__("Landcover", parent)
+        self.setObjectName("LandcoverDock")
+        self.iface = iface
+        self.canvas = iface.mapCanvas()
+        self.task: EngineTask | None = None
+        self.env_task: CreateEnvTask | None = None
+        self.area: QgsRectangle | None = None  # in area_crs (the canvas CRS when drawn)
+        self.area_crs = QgsCoordinateReferenceSystem()
+        self._xyz: dict[str, ImagerySource] = {}
+        self._previous_tool = None
+        self.map_tool = QgsMapToolExtent(self.canvas)
+        self.map_tool.extentChanged.connect(self.set_area)
+        self.rubber_band = QgsRubberBand(self.canvas, QgsWkbTypes.PolygonGeometry)
+        self.rubber_band.setColor(QColor(255, 140, 0, 200))
+        self.rubber_band.setFillColor(QColor(255, 140, 0, 30))
+        self.rubber_band.setWidth(2)
+        self.canvas.destinationCrsChanged.connect(self._show_area)  # the band is drawn in map coordinates
+        self._build()
+        self.refresh_sources()
+        self.check_engine()
+
+    # ---- widgets -------------------------------------------------------
+    def _build(self) -> None:
+        body = QWidget(self)
+        outer = QVBoxLayout(body)
+        intro = QLabel("Draw an area, choose the imagery and what to map, then press Run. Training and "
+                       "prediction run in the Landcover engine, outside QGIS; results arrive as styled layers.")
+        intro.setWordWrap(True)
+        outer.addWidget(intro)
+
+        self.engine_label = QLabel(objectName="engineMessage", wordWrap=True)
+        self.engine_label.setStyleSheet("color: #a40000")
+        self.create_env_button = QPushButton("Create environment", objectName="createEnvButton")
+        self.create_env_button.setToolTip("Create the engine's own Python environment in your QGIS profile and "
+                                          "install its packages with pip (about 1 GB; QGIS's Python is not touched).")
+        self.create_env_button.clicked.connect(self.create_environment)
+        outer.addWidget(self.engine_label)
+        outer.addWidget(self.create_env_button)
+
+        form = QFormLayout()
+        outer.addLayout(form)
+
+        self.draw_button = QPushButton("Draw rectangle", objectName="drawButton")
+        self.draw_button.setToolTip("Drag a rectangle on the map: the area to map (and to train on).")
+        self.draw_button.clicked.connect(self.start_drawing)
+        self.area_label = QLabel("No area drawn", objectName="areaLabel", wordWrap=True)
+        self.area_label.setToolTip("The drawn area, in the map's CRS.")
+        row = QHBoxLayout()
+        row.addWidget(self.draw_button)
+        row.addWidget(self.area_label, 1)
+        form.addRow("Area", row)
+
+        self.imagery_combo = QgsMapLayerComboBox(objectName="imageryCombo")
+        self.imagery_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.imagery_combo.setToolTip("Imagery to map: a raster layer of the project (a file) or an XYZ tile "
+                                      "connection saved in QGIS (Browser > XYZ Tiles), fetched for the area.")
+        self.imagery_combo.currentIndexChanged.connect(self._imagery_changed)
+        form.addRow("Imagery", self.imagery_combo)
+
+        self.gsd_spin = QgsDoubleSpinBox(objectName="gsdSpin")
+        self.gsd_spin.setRange(0.0, 1000.0)
+        self.gsd_spin.setDecimals(2)
+        self.gsd_spin.setSuffix(" m/px")
+        self.gsd_spin.setSpecialValueText("automatic")
+        self.gsd_spin.setClearValue(0.0)
+        self.gsd_spin.setToolTip("For XYZ tiles: the ground resolution to fetch (the nearest zoom level is used). "
+                                 "'automatic' lets the engine pick one (the model's resolution when predicting).")
+        form.addRow("Resolution", self.gsd_spin)
+
+        self.task_combo = QComboBox(objectName="taskCombo")
+        for key, label in TASK_LABELS.items():
+            self.task_combo.addItem(label, key)
+        self.task_combo.setToolTip("Trees: one polygon per crown and one point per tree. "
+                                   "Land cover: polygons with a class, and hectares per class.")
+        form.addRow("Task", self.task_combo)
+
+        self.labels_combo = QgsMapLayerComboBox(objectName="labelsCombo")
+        self.labels_combo.setFilters(QgsMapLayerProxyModel.VectorLayer)
+        self.labels_combo.setAllowEmptyLayer(True)
+        self.labels_combo.setLayer(None)
+        self.labels_combo.setToolTip("Training labels: crown polygons or boxes (trees), or polygons with a class "
+                                     "attribute (land cover). Leave empty to predict with a model file instead.")
+        form.addRow("Labels", self.labels_combo)
+
+        self.class_field_combo = QgsFieldComboBox(objectName="classFieldCombo")
+        self.class_field_combo.setAllowEmptyFieldName(True)
+        self.class_field_combo.setToolTip("Land cover: the labels' attribute holding the class name.")
+        self.labels_combo.layerChanged.connect(self.class_field_combo.setLayer)
+        form.addRow("Class field", self.class_field_combo)
+
+        self.model_file = QgsFileWidget(objectName="modelFile")
+        self.model_file.setFilter("ONNX models (*.onnx)")
+        self.model_file.setToolTip("Or an existing model (.onnx, e.g. from an earlier run's work folder): "
+                                   "predict without training.")
+        form.addRow("Or model", self.model_file)
+
+        self.epochs_spin = QSpinBox(objectName="epochsSpin")
+        self.epochs_spin.setRange(1, 1000)
+        self.epochs_spin.setValue(10)
+        self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better.")
+        form.addRow("Epochs", self.epochs_spin)
+
+        self.out_dir = QgsFileWidget(objectName="outputDir")
+        self.out_dir.setStorageMode(QgsFileWidget.GetDirectory)
+        self.out_dir.setFilePath(str(default_output_dir()))
+        self.out_dir.setToolTip("Folder for the result GeoPackage, the pipeline file and intermediate files "
+                                "(a rerun reuses finished stages).")
+        form.addRow("Output folder", self.out_dir)
+
+        buttons = QHBoxLayout()
+        self.run_button = QPushButton("Run", objectName="runButton")
+        self.run_button.setToolTip("Fetch the imagery, train on the labels (or load the model), predict, "
+                                   "and load the results as styled layers.")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel", objectName="cancelButton", enabled=False)
+        self.cancel_button.setToolTip("Stop the engine; nothing half-written is kept.")
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        outer.addLayout(buttons)
+
+        self.progress = QProgressBar(objectName="progressBar")
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        outer.addWidget(self.progress)
+        self.status_label = QLabel("", objectName="statusLabel", wordWrap=True)
+        self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        outer.addWidget(self.status_label)
+        outer.addStretch(1)
+        self.setWidget(body)
+        self._imagery_changed()
+
+    # ---- inputs --------------------------------------------------------
+    def refresh_sources(self) -> None:
+        """Re-read the XYZ connections saved in QGIS into the imagery combo."""
+        self._xyz = xyz_connections()
+        self.imagery_combo.setAdditionalItems([XYZ_PREFIX + name for name in sorted(self._xyz)])
+
+    def _imagery_changed(self, *_args) -> None:
+        self.gsd_spin.setEnabled(self.imagery_combo.currentLayer() is None)
+
+    def start_drawing(self) -> None:
+        if self.canvas.mapTool() is not self.map_tool:
+            self._previous_tool = self.canvas.mapTool()
+        self.canvas.setMapTool(self.map_tool)
+        self.status_label.setText("Drag a rectangle on the map.")
+
+    def set_area(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem | None = None) -> None:
+        """Store the drawn area (in the canvas CRS unless `crs` is given) and show it."""
+        if extent.isEmpty():
+            return
+        self.area = QgsRectangle(extent)
+        self.area_crs = crs or self.canvas.mapSettings().destinationCrs()
+        self._show_area()
+        self.area_label.setText(_area_text(self.area, self.area_crs))
+        self.area_label.setToolTip(f"The drawn area: {self.area.toString(6)} ({self.area_crs.authid() or 'map CRS'})")
+        self.status_label.setText("")
+        if self.canvas.mapTool() is self.map_tool:  # one rectangle, then back to what the user had
+            if self._previous_tool is not None:
+                self.canvas.setMapTool(self._previous_tool)
+            else:
+                self.canvas.unsetMapTool(self.map_tool)
+
+    def _show_area(self) -> None:
+        if self.area is not None:
+            self.rubber_band.setToGeometry(QgsGeometry.fromRect(self.area), self.area_crs)
+
+    def aoi(self) -> tuple[tuple[float, float, float, float], str]:
+        """The area for the engine: in its own CRS when that has an EPSG code,
+        else transformed to WGS84."""
+        if self.area is None:
+            return (0.0, 0.0, 0.0, 0.0), "EPSG:4326"
+        rect, crs = self.area, self.area_crs
+        if not crs.authid().upper().startswith("EPSG:"):
+            wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+            rect = QgsCoordinateTransform(crs, wgs84, QgsProject.instance()).transformBoundingBox(rect)
+            crs = wgs84
+        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid()
+
+    def imagery(self) -> ImagerySource | None:
+        layer = self.imagery_combo.currentLayer()
+        if layer is not None:
+            return raster_layer_source(layer)
+        text = self.imagery_combo.currentText()
+        return self._xyz.get(text[len(XYZ_PREFIX):]) if text.startswith(XYZ_PREFIX) else None
+
+    def task_key(self) -> str:
+        return self.task_combo.currentData()
+
+    def build_spec(self, out_dir: Path) -> PipelineSpec:
+        """The pipeline for the current inputs; raises SourceError for a layer the
+        engine cannot read. Check spec.problems() before running it."""
+        imagery = self.imagery()
+        labels_layer = self.labels_combo.currentLayer()
+        model = self.model_file.filePath().strip()
+        aoi, aoi_crs = self.aoi()
+        task = self.task_key()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        return PipelineSpec(
+            task=task, aoi=aoi, aoi_crs=aoi_crs,
+            imagery=imagery.source if imagery else "",
+            headers=imagery.headers if imagery else {},
+            gsd=(self.gsd_spin.value() or None) if imagery and imagery.is_xyz else None,
+            labels=vector_layer_path(labels_layer) if labels_layer is not None else None,
+            class_field=(self.class_field_combo.currentField() or None) if labels_layer is not None else None,
+            model=Path(model) if model and labels_layer is None else None,
+            epochs=self.epochs_spin.value(),
+            out=out_dir / f"{task}-{stamp}.gpkg",
+            workdir=out_dir / f"{task}-work",
+        )
+
+    # ---- engine --------------------------------------------------------
+    def check_engine(self) -> EngineLocation | None:
+        """The engine's location, or None after showing what is missing and the offer."""
+        location = engine_location()
+        message = check_engine(location)
+        self.engine_label.setText(message or "")
+        self.engine_label.setVisible(bool(message))
+        self.create_env_button.setVisible(bool(message))
+        return None if message else location
+
+    def create_environment(self) -> None:
+        requirements = requirement_files()
+        if requirements is None:
+            self.status_label.setText("Cannot find the plugin's requirements folder; "
+                                      "run `make install` in the plugin's source folder instead.")
+            return
+        venv = user_venv(user_data_dir())
+        answer = QMessageBox.question(self, "Create the engine environment",
+                                      f"Create a Python environment at {venv} and install the engine's packages "
+                                      "(TensorFlow, onnxruntime, rasterio, ...; about 1 GB download)?")
+        if answer != QMessageBox.Yes:
+            return
+        self.env_task = CreateEnvTask(create_env_commands(venv, requirements), self._env_done)
+        self.env_task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
+        self.create_env_button.setEnabled(False)
+        self.status_label.setText("Creating the engine environment (see the Landcover log panel)...")
+        QgsApplication.taskManager().addTask(self.env_task)
+
+    def _env_done(self, ok: bool, message: str) -> None:
+        self.create_env_button.setEnabled(True)
+        self.status_label.setText(message)
+        self.check_engine()
+
+    def run(self) -> EngineTask | None:
+        """Validate, write the pipeline file and start the engine; the task or None."""
+        if self.task is not None:
+            return None
+        location = self.check_engine()
+        if location is None:
+            self.status_label.setText(self.engine_label.text())
+            return None
+        out_dir = Path(self.out_dir.filePath().strip() or default_output_dir())
+        try:
+            spec = self.build_spec(out_dir)
+        except SourceError as exc:
+            self.status_label.setText(str(exc))
+            return None
+        problems = spec.problems()
+        if problems:
+            self.status_label.setText("\n".join(problems))
+            return None
+        pipeline = write_pipeline(spec, spec.out.with_name(spec.out.stem + "-pipeline.yaml"))
+        label = TASK_LABELS[spec.task].lower()
+        task = EngineTask(f"Landcover: {label}", EngineRun(location.python, ["run", str(pipeline)], cwd=out_dir),
+                          message_bar=self.iface.messageBar(),
+                          on_success=lambda event: self._succeeded(event, label),
+                          on_failure=self._failed)
+        task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
+        self.task = task
+        self._set_running(True)
+        self.status_label.setText(f"Running; pipeline: {pipeline}")
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.status_label.setText("Cancelling...")
+            self.task.cancel()
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        self.progress.setValue(0)
+
+    def _succeeded(self, event: dict, label: str) -> None:
+        self.task = None
+        self._set_running(False)
+        self.progress.setValue(100)
+        gpkg = event.get("outputs", {}).get("gpkg")
+        if not gpkg:
+            self.status_label.setText("The engine finished but reported no GeoPackage.")
+            return
+        layers = load_result_layers(gpkg, f"Landcover — {label} ({time.strftime('%H:%M')})")
+        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}")
+
+    def _failed(self, failure: EngineFailed) -> None:
+        self.task = None
+        self._set_running(False)
+        self.status_label.setText(str(failure))
+
+    def cleanup(self) -> None:
+        """Undo what the dock did to the canvas and stop its engine (plugin unload)."""
+        if self.task is not None:
+            self.task.on_success = self.task.on_failure = None  # the dock is going away
+            self.task.cancel()
+        if self.canvas.mapTool() is self.map_tool:
+            self.canvas.unsetMapTool(self.map_tool)
+        self.canvas.destinationCrsChanged.disconnect(self._show_area)
+        self.rubber_band.reset(QgsWkbTypes.PolygonGeometry)
+        self.canvas.scene().removeItem(self.rubber_band)
+
+
+def _area_text(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> str:
+    """The area's size, short enough for the dock: '32 × 32 m (EPSG:32617)'."""
+    unit, digits = ("°", 4) if crs.isGeographic() else (" m", 0)
+    return f"{rect.width():.{digits}f} × {rect.height():.{digits}f}{unit} ({crs.authid() or 'map CRS'})"

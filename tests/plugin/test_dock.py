@@ -1,0 +1,193 @@
+"""The Landcover dock in real QGIS: inputs, drawing the area, the pipeline it writes, Run."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
+from qgis.gui import QgsMapMouseEvent
+from qgis.PyQt.QtCore import QEvent, QPoint, Qt
+
+from landcover_plugin.core.sources import ImagerySource
+from landcover_plugin.ui.dock import LandcoverDock
+
+XYZ_KEY = "qgis/connections-xyz/Test orthophoto"
+
+
+@pytest.fixture
+def dock(qgis_iface, engine_python):
+    dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
+    yield dock
+    dock.cleanup()
+    dock.deleteLater()
+
+
+@pytest.fixture
+def xyz_connection():
+    settings = QgsSettings()
+    settings.setValue(f"{XYZ_KEY}/url", "http://127.0.0.1:8123/{z}/{x}/{y}.png")
+    settings.setValue(f"{XYZ_KEY}/referer", "https://example.org/")
+    yield "Test orthophoto"
+    settings.remove(XYZ_KEY)
+
+
+@pytest.fixture
+def osbs_layers(qgis_new_project, osbs_tif, osbs_csv):
+    raster = QgsRasterLayer(str(osbs_tif), "OSBS_029")
+    labels = QgsVectorLayer(f"file://{osbs_csv}?delimiter=,&geomType=none", "OSBS crowns", "delimitedtext")
+    assert raster.isValid() and labels.isValid()
+    QgsProject.instance().addMapLayers([raster, labels])
+    return raster, labels
+
+
+def _drag(canvas, tool, start: QPoint, end: QPoint) -> None:
+    """A left-button drag on the canvas, as the user draws the rectangle."""
+    for kind, pos, buttons in ((QEvent.MouseButtonPress, start, Qt.LeftButton),
+                               (QEvent.MouseMove, end, Qt.LeftButton),
+                               (QEvent.MouseButtonRelease, end, Qt.NoButton)):
+        event = QgsMapMouseEvent(canvas, kind, pos, Qt.LeftButton, buttons)
+        {QEvent.MouseButtonPress: tool.canvasPressEvent, QEvent.MouseMove: tool.canvasMoveEvent,
+         QEvent.MouseButtonRelease: tool.canvasReleaseEvent}[kind](event)
+
+
+def _draw_over(dock, layer) -> None:
+    """Draw a rectangle 10% inside the layer's extent."""
+    canvas = dock.canvas
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setExtent(layer.extent())
+    canvas.refresh()
+    dock.start_drawing()
+    assert canvas.mapTool() is dock.map_tool
+    e, to_pixel = layer.extent(), canvas.getCoordinateTransform()
+    start = to_pixel.transform(e.xMinimum() + 0.1 * e.width(), e.yMaximum() - 0.1 * e.height())
+    end = to_pixel.transform(e.xMaximum() - 0.1 * e.width(), e.yMinimum() + 0.1 * e.height())
+    _drag(canvas, dock.map_tool, QPoint(round(start.x()), round(start.y())), QPoint(round(end.x()), round(end.y())))
+
+
+def test_missing_engine_shows_the_message_and_the_offer(qgis_iface, no_engine):
+    dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
+    try:
+        assert not dock.create_env_button.isHidden()
+        assert "engine environment is missing" in dock.engine_label.text()
+        assert str(no_engine) in dock.engine_label.text() and "Create environment" in dock.engine_label.text()
+        assert dock.run() is None
+        assert "engine environment is missing" in dock.status_label.text()
+    finally:
+        dock.cleanup()
+        dock.deleteLater()
+
+
+def test_engine_present_hides_the_offer(dock):
+    assert dock.create_env_button.isHidden() and dock.engine_label.isHidden()
+
+
+def test_every_input_has_help(dock):
+    for widget in (dock.draw_button, dock.imagery_combo, dock.gsd_spin, dock.task_combo, dock.labels_combo,
+                   dock.class_field_combo, dock.model_file, dock.epochs_spin, dock.out_dir, dock.run_button,
+                   dock.cancel_button, dock.create_env_button):
+        assert len(widget.toolTip()) > 20, widget.objectName()
+
+
+def test_xyz_connections_are_offered(dock, xyz_connection):
+    dock.refresh_sources()
+    combo = dock.imagery_combo
+    index = combo.findText(f"XYZ: {xyz_connection}")
+    assert index >= 0
+    combo.setCurrentIndex(index)
+    assert dock.imagery() == ImagerySource("http://127.0.0.1:8123/{z}/{x}/{y}.png",
+                                           {"Referer": "https://example.org/"})
+    assert dock.gsd_spin.isEnabled()  # a resolution is asked for tiles only
+
+
+def test_run_without_inputs_says_what_is_missing(dock, qgis_new_project, tmp_path):
+    dock.out_dir.setFilePath(str(tmp_path))
+    dock.imagery_combo.setAdditionalItems([])  # no XYZ connection either, whatever the user's settings hold
+    assert dock.imagery_combo.currentLayer() is None and dock.imagery() is None
+    assert dock.run() is None and dock.task is None
+    status = dock.status_label.text()
+    assert "draw a rectangle" in status and "imagery" in status and "labels" in status
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_drawn_area_and_the_pipeline_file(dock, osbs_layers, tmp_path):
+    raster, labels = osbs_layers
+    _draw_over(dock, raster)
+    assert dock.area is not None and dock.canvas.mapTool() is not dock.map_tool  # the previous tool is back
+    assert raster.extent().contains(dock.area) and dock.area.width() > 0.7 * raster.extent().width()
+    assert "EPSG:32617" in dock.area_label.text() and " m (" in dock.area_label.text()
+
+    dock.imagery_combo.setLayer(raster)
+    dock.labels_combo.setLayer(labels)
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("trees"))
+    dock.epochs_spin.setValue(3)
+    spec = dock.build_spec(tmp_path)
+    assert spec.problems() == []
+    data = spec.to_dict()
+    aoi = [float(v) for v in data["aoi"].split(",")]
+    area = dock.area
+    assert aoi == pytest.approx([area.xMinimum(), area.yMinimum(), area.xMaximum(), area.yMaximum()])
+    assert data["aoi_crs"] == "EPSG:32617"
+    assert data["imagery"]["source"] == raster.source() and data["imagery"]["gsd"] is None
+    assert data["labels"] == {"path": str(labels.source()).split("?")[0].removeprefix("file://"), "class_field": None}
+    assert data["train"]["epochs"] == 3 and data["out"].startswith(str(tmp_path))
+
+
+def test_area_in_a_crs_without_epsg_code_goes_to_wgs84(dock):
+    from qgis.core import QgsRectangle
+
+    custom = QgsCoordinateReferenceSystem.fromProj(
+        "+proj=tmerc +lat_0=0 +lon_0=-81.5 +k=0.9996 +x_0=500000 +y_0=0 +ellps=GRS80 +units=m +no_defs")
+    assert custom.isValid() and not custom.authid().startswith("EPSG:")
+    dock.set_area(QgsRectangle(400000, 3285000, 401000, 3286000), custom)
+    (minx, miny, maxx, maxy), crs = dock.aoi()
+    assert crs == "EPSG:4326"
+    assert -82.6 < minx < maxx < -82.5 and 29.6 < miny < maxy < 29.8  # 100 km west of -81.5
+
+
+@pytest.mark.slow
+def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp_path, wait_until):
+    raster, labels = osbs_layers
+    _draw_over(dock, raster)
+    dock.imagery_combo.setLayer(raster)
+    dock.labels_combo.setLayer(labels)
+    dock.epochs_spin.setValue(1)
+    dock.out_dir.setFilePath(str(tmp_path))
+    task = dock.run()
+    assert task is not None, dock.status_label.text()
+    assert not dock.run_button.isEnabled() and dock.cancel_button.isEnabled()
+    pipeline = json.loads(next(tmp_path.glob("trees-*-pipeline.yaml")).read_text())
+    assert pipeline["task"] == "trees" and pipeline["train"]["epochs"] == 1
+    assert wait_until(lambda: dock.task is None, 300), dock.status_label.text()
+    assert dock.status_label.text().startswith("Done"), dock.status_label.text()
+    group = QgsProject.instance().layerTreeRoot().children()[0]
+    assert re.fullmatch(r"Landcover — trees \(\d\d:\d\d\)", group.name()), group.name()
+    names = {node.layer().name() for node in group.findLayers()}
+    assert {"crowns", "trees"} <= names
+    assert dock.progress.value() == 100 and dock.run_button.isEnabled()
+
+
+def test_cancel_button_stops_the_run(dock, osbs_layers, slow_tiles, tmp_path, wait_until):
+    from qgis.core import QgsRectangle
+
+    settings = QgsSettings()
+    settings.setValue("qgis/connections-xyz/Slow tiles/url", slow_tiles.url)
+    try:
+        dock.refresh_sources()
+    finally:
+        settings.remove("qgis/connections-xyz/Slow tiles")
+    dock.imagery_combo.setCurrentIndex(dock.imagery_combo.findText("XYZ: Slow tiles"))
+    dock.set_area(QgsRectangle(-82.33, 29.68, -82.32, 29.69), QgsCoordinateReferenceSystem("EPSG:4326"))
+    dock.labels_combo.setLayer(osbs_layers[1])
+    dock.gsd_spin.setValue(0.6)
+    dock.out_dir.setFilePath(str(tmp_path))
+    task = dock.run()
+    assert task is not None, dock.status_label.text()
+    assert json.loads(next(tmp_path.glob("*-pipeline.yaml")).read_text())["imagery"]["source"] == slow_tiles.url
+    assert wait_until(slow_tiles.requested.is_set, 60)
+    dock.cancel_button.click()
+    assert wait_until(lambda: dock.task is None, 15)
+    assert task.engine.proc.poll() is not None
+    assert "Cancelled" in dock.status_label.text()
+    assert dock.run_button.isEnabled() and not dock.cancel_button.isEnabled()
+    assert not list(tmp_path.glob("*.gpkg"))

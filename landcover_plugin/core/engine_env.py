@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,6 @@ from typing import Mapping
 
 ENV_VAR = "LANDCOVER_ENGINE_PYTHON"
 SETTINGS_KEY = "landcover/engine_python"
-REQUIREMENTS = ("engine.txt", "accel-cpu.txt")
 
 
 def plugin_dir() -> Path:
@@ -84,10 +84,17 @@ def missing_message(location: EngineLocation) -> str:
 
 
 def requirement_files() -> list[Path] | None:
-    """requirements/engine.txt + accel-cpu.txt, next to the plugin (zip install)
-    or in the checkout; None when they cannot be found."""
-    files = [find_resource(f"requirements/{name}") for name in REQUIREMENTS]
+    """requirements/engine.txt + the accelerated (an NVIDIA GPU answers nvidia-smi)
+    or CPU builds, next to the plugin (zip install) or in the checkout; None when
+    they cannot be found. The same choice as scripts/install.sh."""
+    accel = "accel-gpu.txt" if _nvidia_gpu() else "accel-cpu.txt"
+    files = [find_resource(f"requirements/{name}") for name in ("engine.txt", accel)]
     return None if None in files else files
+
+
+def _nvidia_gpu() -> bool:
+    smi = shutil.which("nvidia-smi")
+    return bool(smi) and subprocess.run([smi], capture_output=True).returncode == 0
 
 
 def base_python() -> str:

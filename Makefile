@@ -33,7 +33,7 @@ dev-install: install
 	@echo "Linked into $(QGIS_PROFILE); enable 'Landcover' in Plugins > Manage and Install Plugins."
 
 bench: install
-	@echo "no benchmarks yet"
+	$(VENV)/bin/python bench/run.py $(BENCH)
 
 clean:
 	rm -rf dist demo-output tests/artifacts .pytest_cache

@@ -16,9 +16,11 @@ mark() { local n=$1; shift; cat "$@" | sha256sum > "$STAMPS/$n"; }
 APT_PACKAGES="qgis python3-qgis qgis-providers python3-venv python3-gdal gdal-bin xvfb xauth x11-utils imagemagick"
 
 # 1. System packages (QGIS 3.22+ from Debian, Xvfb for the desktop test).
-missing=$(dpkg-query -W -f='${Package} ${Status}\n' $APT_PACKAGES 2>/dev/null | grep -v 'install ok installed' | cut -d' ' -f1 || true)
-for p in $APT_PACKAGES; do dpkg-query -W "$p" >/dev/null 2>&1 || missing="$missing $p"; done
-if [ -n "$(echo $missing)" ]; then
+missing=""
+for p in $APT_PACKAGES; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
   say "apt: installing$missing"
   sudo_if_needed apt-get update -qq
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $APT_PACKAGES

@@ -53,6 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra HTTP header, e.g. Referer:https://example.org (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="mosaic GeoTIFF to write")
 
+    p = sub.add_parser("labels", help="OpenStreetMap features of a preset -> labels GeoPackage (field class)")
+    _add_common(p)
+    _add_aoi(p, required=False)
+    p.add_argument("--preset", required=True, help="preset name (landcover, buildings, trees) or YAML file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--osm-file", type=Path, help=".osm, .osm.bz2 or .osm.pbf file")
+    src.add_argument("--overpass", metavar="URL", help="Overpass API interpreter URL, "
+                     "e.g. https://overpass-api.de/api/interpreter")
+    p.add_argument("--date", help="OSM as it was on this date (Overpass [date:]), e.g. the imagery's date")
+    p.add_argument("--overpass-timeout", type=int, default=180, help="server-side query timeout in s")
+    p.add_argument("--overpass-maxsize", type=int, default=512 * 1024 * 1024, help="server-side memory limit in bytes")
+    p.add_argument("--cache", type=Path, help="Overpass answer cache (default: the user's cache folder)")
+    p.add_argument("--out", type=Path, required=True, help="labels GeoPackage to write")
+
     p = sub.add_parser("dataset", help="cut imagery and labels into training chips")
     _add_common(p)
     p.add_argument("--imagery", type=Path, required=True, help="raster file")
@@ -102,6 +116,13 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,
                                  gsd=args.gsd, cache_dir=args.cache, workers=args.workers,
                                  headers={k.strip(): v.strip() for k, v in headers.items()}), reporter)
+    if args.command == "labels":
+        from .labels import LabelsParams, build_labels
+
+        return build_labels(LabelsParams(aoi=_aoi(args), preset=args.preset, out=args.out, osm_file=args.osm_file,
+                                         overpass=args.overpass, date=args.date,
+                                         overpass_timeout=args.overpass_timeout,
+                                         overpass_maxsize=args.overpass_maxsize, cache_dir=args.cache), reporter)
     if args.command == "dataset":
         from .dataset import DatasetParams, build_dataset
 

@@ -69,13 +69,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("dataset", help="cut imagery and labels into training chips")
     _add_common(p)
-    p.add_argument("--imagery", type=Path, required=True, help="raster file")
-    p.add_argument("--labels", type=Path, required=True,
+    p.add_argument("--imagery", type=Path, help="raster file")
+    p.add_argument("--labels", type=Path,
                    help="vector file (polygons with a class field) or DeepForest CSV of crown boxes")
     p.add_argument("--class-field", help="attribute holding the class (land cover)")
     p.add_argument("--task", choices=("trees", "landcover"), default="landcover")
     p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
     p.add_argument("--val-share", type=float, default=0.25, help="share of spatial blocks for validation")
+    p.add_argument("--preset", help="preset the labels were made with: fixes classes, colours, overlap priority")
+    p.add_argument("--complete", action="store_true",
+                   help="the labels map the area completely: unlabelled pixels are background (else ignored)")
+    p.add_argument("--offset", default="0,0", metavar="DX,DY",
+                   help="move the labels by DX,DY metres (east, north) onto the imagery")
+    p.add_argument("--background-ratio", type=float, default=0.0,
+                   help="with --complete: background-only chips kept per labelled chip (default 0)")
+    p.add_argument("--from", dest="source", type=Path, metavar="DATASET",
+                   help="make a snapshot of this dataset's chips matching --where")
+    p.add_argument("--where", help="SQL condition on the catalog, e.g. \"split = 'train' OR frac_water > 0.1\"")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
 
     p = sub.add_parser("train", help="train a model on a dataset and export it to ONNX")
@@ -107,6 +117,15 @@ def _aoi(args: argparse.Namespace):
     return parse_aoi(args.aoi, args.aoi_crs) if args.aoi else None
 
 
+def _offset(text: str) -> tuple[float, float]:
+    try:
+        dx, dy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise EngineError("BAD_OFFSET", f"Offset '{text}' is not DX,DY in metres.",
+                          "Give e.g. --offset 1.5,-0.8 (east, north).") from None
+    return dx, dy
+
+
 def dispatch(args: argparse.Namespace, reporter: Reporter):
     """Run the subcommand; return its StageResult."""
     if args.command == "fetch":
@@ -128,7 +147,10 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
 
         return build_dataset(DatasetParams(imagery=args.imagery, labels=args.labels, task=args.task,
                                            out=args.out, class_field=args.class_field,
-                                           chip_size=args.chip_size, val_share=args.val_share), reporter)
+                                           chip_size=args.chip_size, val_share=args.val_share,
+                                           preset=args.preset, complete=args.complete, offset=_offset(args.offset),
+                                           background_ratio=args.background_ratio, source=args.source,
+                                           where=args.where), reporter)
     if args.command == "train":
         from .train import TrainParams, train
 
@@ -154,7 +176,7 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     """`--aoi -82.1,29.6,...` would read as an option to argparse: make it `--aoi=-82.1,...`."""
     joined: list[str] = []
     for arg in argv:
-        if joined and joined[-1] in ("--aoi", "--gsd") and arg[:1] == "-" and arg[1:2].isdigit():
+        if joined and joined[-1] in ("--aoi", "--gsd", "--offset") and arg[:1] == "-" and arg[1:2].isdigit():
             joined[-1] = f"{joined[-1]}={arg}"
         else:
             joined.append(arg)

@@ -36,6 +36,10 @@ class Labels:
     # Where the annotation is complete (a CSV's image): outside it, "no crown"
     # is unknown rather than background. None: complete everywhere.
     footprint: BaseGeometry | None = None
+    priorities: list[int] | None = None  # per geometry (our OSM labels): higher wins overlaps
+    info: dict | None = None  # provenance of our labels GeoPackages (source, preset, date)
+    repaired: int = 0  # invalid geometries repaired
+    skipped: int = 0  # features without a usable polygon
 
 
 def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None) -> Labels:
@@ -52,10 +56,11 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
         raise EngineError("BAD_IMAGERY", f"Imagery {imagery} has no CRS.",
                           "Georeference the imagery (e.g. gdal_translate -a_srs) before training.")
     crs_wkt = crs.to_wkt()
+    priorities, counts = None, {"repaired": 0, "skipped": 0}
     if path.suffix.lower() == ".csv":
         geoms, classes, footprint = _read_csv_boxes(path, crs_wkt)
     else:
-        geoms, classes = _read_vector(path, crs_wkt, task, class_field)
+        geoms, classes, priorities, counts = _read_vector(path, crs_wkt, task, class_field)
         footprint = None
     # Only labels over the imagery count: a model's classes are those it saw.
     inside = [i for i, g in enumerate(geoms) if g.intersects(bounds)]
@@ -64,7 +69,10 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
                           f"None of the {len(geoms)} labels in {path.name} overlaps the imagery {Path(imagery).name}.",
                           "Check that labels and imagery cover the same place (and that the label file's CRS is set).")
     geoms, classes = [geoms[i] for i in inside], [classes[i] for i in inside]
-    return Labels(geoms, classes, sorted(set(classes)), crs_wkt, footprint)
+    if priorities is not None:
+        priorities = [priorities[i] for i in inside]
+    return Labels(geoms, classes, sorted(set(classes)), crs_wkt, footprint, priorities, read_info(path),
+                  counts["repaired"], counts["skipped"])
 
 
 def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
@@ -76,7 +84,8 @@ def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
     return shape(transform_geom(src_crs, dst_crs, mapping(geom)))
 
 
-def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None) -> tuple[list, list[str]]:
+def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
+                 ) -> tuple[list, list[str], list[int] | None, dict[str, int]]:
     import fiona
 
     try:
@@ -89,21 +98,51 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None) -
         raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
                           "Give a vector file GDAL can open, or a DeepForest CSV.") from None
     field = _class_field(fields, task, class_field, path)
-    geoms, classes = [], []
+    has_priority = "priority" in fields  # our OSM labels: the preset's overlap order
+    geoms, classes, priorities, counts = [], [], [], {"repaired": 0, "skipped": 0}
     for feature in features:
         geometry = feature["geometry"]
         value = feature["properties"].get(field) if field else "crown"
         if geometry is None or value is None:
+            counts["skipped"] += 1
             continue
-        geom = shape(geometry)
-        if geom.geom_type not in ("Polygon", "MultiPolygon") or geom.is_empty:
+        geom = _polygonal(shape(geometry), counts)
+        if geom is None:
             continue  # points and lines carry no area to learn from
-        geoms.append(_reproject(geom.buffer(0) if not geom.is_valid else geom, src_crs, crs_wkt))
+        geoms.append(geom)
         classes.append(str(value))
+        priorities.append(int(feature["properties"].get("priority") or 0) if has_priority else 0)
     if not geoms:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no polygon with a class.",
                           "Draw or download polygons (with a class value) first.")
-    return geoms, classes
+    return _reproject_all(geoms, src_crs, crs_wkt), classes, priorities if has_priority else None, counts
+
+
+def _polygonal(geom: BaseGeometry, counts: dict[str, int]) -> BaseGeometry | None:
+    """The polygonal part of a geometry, repaired if invalid (self-intersections,
+    bow-ties); None, counted as skipped, when nothing polygonal is left."""
+    import shapely
+
+    if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        counts["skipped"] += 1
+        return None
+    if geom.is_valid:
+        return geom
+    fixed = shapely.make_valid(geom)
+    fixed = unary_union([g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")])
+    if fixed.is_empty:
+        counts["skipped"] += 1
+        return None
+    counts["repaired"] += 1
+    return fixed
+
+
+def _reproject_all(geoms: list, src_crs: str, dst_crs: str) -> list:
+    from rasterio.crs import CRS
+
+    if CRS.from_user_input(src_crs) == CRS.from_user_input(dst_crs):
+        return geoms
+    return _to_crs(geoms, src_crs, dst_crs)
 
 
 def _class_field(fields: list[str], task: str, class_field: str | None, path: Path) -> str | None:

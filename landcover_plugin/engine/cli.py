@@ -71,8 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--imagery", type=Path, help="raster file")
     p.add_argument("--labels", type=Path,
-                   help="vector file (polygons with a class field) or DeepForest CSV of crown boxes")
+                   help="vector file (polygons with a class field), DeepForest CSV or Pascal VOC XML of boxes")
     p.add_argument("--class-field", help="attribute holding the class (land cover)")
+    p.add_argument("--class-map", metavar="VALUE=CLASS,...",
+                   help="rename class values, e.g. \"1=water,2=forested\" (unmapped values are an error)")
     p.add_argument("--task", choices=("trees", "landcover"), default="landcover")
     p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
     p.add_argument("--val-share", type=float, default=0.25, help="share of spatial blocks for validation")
@@ -144,13 +146,15 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                          overpass_maxsize=args.overpass_maxsize, cache_dir=args.cache), reporter)
     if args.command == "dataset":
         from .dataset import DatasetParams, build_dataset
+        from .labels import parse_class_map
 
         return build_dataset(DatasetParams(imagery=args.imagery, labels=args.labels, task=args.task,
                                            out=args.out, class_field=args.class_field,
                                            chip_size=args.chip_size, val_share=args.val_share,
                                            preset=args.preset, complete=args.complete, offset=_offset(args.offset),
                                            background_ratio=args.background_ratio, source=args.source,
-                                           where=args.where), reporter)
+                                           where=args.where, class_map=parse_class_map(args.class_map)),
+                             reporter)
     if args.command == "train":
         from .train import TrainParams, train
 

@@ -62,6 +62,7 @@ class DatasetParams:
     background_ratio: float = 0.0  # background-only chips kept per labelled chip (with `complete`)
     source: Path | None = None  # --from: a dataset to take a subset of
     where: str | None = None  # --where: SQL condition on the source's catalog
+    class_map: dict[str, str] | None = None  # label value -> class name (e.g. codes -> names)
 
 
 def class_color(name: str) -> str:
@@ -154,7 +155,7 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
     _check(params)
     from .imagery import open_raster
 
-    labels = read_labels(params.labels, params.imagery, params.task, params.class_field)
+    labels = read_labels(params.labels, params.imagery, params.task, params.class_field, params.class_map)
     class_names, colors, values, priorities = _classes(labels, params)
     reporter.log(f"{len(labels.geometries)} labels, classes: {', '.join(class_names)}"
                  + (f"; invalid geometries: {labels.repaired} repaired, {labels.skipped} skipped"

@@ -42,8 +42,10 @@ class Labels:
     skipped: int = 0  # features without a usable polygon
 
 
-def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None) -> Labels:
-    """Read labels for `task` ("trees" | "landcover") and bring them into `imagery`'s CRS."""
+def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None,
+                class_map: dict[str, str] | None = None) -> Labels:
+    """Read labels for `task` ("trees" | "landcover") and bring them into `imagery`'s CRS.
+    `class_map` renames class values (e.g. codes -> names); a value it lacks is an error."""
     from .imagery import open_raster
 
     path = Path(path)
@@ -57,11 +59,14 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
                           "Georeference the imagery (e.g. gdal_translate -a_srs) before training.")
     crs_wkt = crs.to_wkt()
     priorities, counts = None, {"repaired": 0, "skipped": 0}
-    if path.suffix.lower() == ".csv":
-        geoms, classes, footprint = _read_csv_boxes(path, crs_wkt)
+    if path.suffix.lower() in (".csv", ".xml"):
+        read_boxes = _read_csv_boxes if path.suffix.lower() == ".csv" else _read_voc_boxes
+        geoms, classes, footprint = read_boxes(path, crs_wkt)
     else:
         geoms, classes, priorities, counts = _read_vector(path, crs_wkt, task, class_field)
         footprint = None
+    if class_map:
+        classes = _map_classes(classes, class_map, path)
     # Only labels over the imagery count: a model's classes are those it saw.
     inside = [i for i, g in enumerate(geoms) if g.intersects(bounds)]
     if not inside:
@@ -163,6 +168,47 @@ def _class_field(fields: list[str], task: str, class_field: str | None, path: Pa
                       f"Label file {path.name} has no class field ({', '.join(DEFAULT_CLASS_FIELDS)}); "
                       f"its fields are: {', '.join(fields) or '(none)'}.",
                       "Name the field that holds the land-cover class with --class-field.")
+
+
+def _map_classes(classes: list[str], class_map: dict[str, str], path: Path) -> list[str]:
+    unknown = sorted(set(classes) - set(class_map))
+    if unknown:
+        raise EngineError("UNKNOWN_CLASS", f"{path.name} has class value(s) {', '.join(map(repr, unknown[:10]))} "
+                          "that --class-map does not map.",
+                          "Add them to --class-map (VALUE=CLASS,...), e.g. --class-map "
+                          f"\"{unknown[0]}=forested\".")
+    return [class_map[c] for c in classes]
+
+
+def parse_class_map(text: str | None) -> dict[str, str] | None:
+    """`"1=water,2=forested"` -> {"1": "water", "2": "forested"}."""
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise EngineError("BAD_CLASS_MAP", f"--class-map '{text}' is not VALUE=CLASS,VALUE=CLASS.",
+                          "E.g. --class-map \"Forest=forested,Open water=water\".")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _read_voc_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:
+    """Pascal VOC XML (one image, <object><name>, <bndbox> in pixels), like a DeepForest CSV."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+        image_name = root.findtext("filename") or ""
+        objects = [(o.findtext("name") or "crown", [float(o.find("bndbox").findtext(k))
+                                                    for k in ("xmin", "ymin", "xmax", "ymax")])
+                   for o in root.iter("object")]
+    except (ET.ParseError, AttributeError, TypeError, ValueError) as exc:
+        raise EngineError("BAD_LABELS", f"Cannot read Pascal VOC file {path.name}: {exc}",
+                          "Give a Pascal VOC XML: <filename> and <object><name/><bndbox>xmin..ymax</bndbox>.") from None
+    if not objects:
+        raise EngineError("LABELS_EMPTY", f"Label file {path} has no boxes.", "Annotate at least one object.")
+    transform, image_crs, size = _image_georef(path.parent / image_name, path)
+    geoms = [_reproject(_pixel_polygon(transform, *b), image_crs, crs_wkt) for _, b in objects]
+    return geoms, [n for n, _ in objects], _reproject(_pixel_polygon(transform, 0, 0, *size), image_crs, crs_wkt)
 
 
 def _read_csv_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:

@@ -93,30 +93,29 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
                  ) -> tuple[list, list[str], list[int] | None, dict[str, int]]:
     import fiona
 
+    geoms, classes, priorities, counts = [], [], [], {"repaired": 0, "skipped": 0}
     try:
         with fiona.open(path) as src:
             fields = list(src.schema["properties"])
             # A file without a CRS is taken to be in the imagery's CRS.
             src_crs = src.crs_wkt or crs_wkt
-            features = list(src)
+            field = _class_field(fields, task, class_field, path)
+            has_priority = "priority" in fields  # our OSM labels: the preset's overlap order
+            for feature in src:  # streamed: only the shapely geometries stay in memory
+                geometry = feature["geometry"]
+                value = feature["properties"].get(field) if field else "crown"
+                if geometry is None or value is None:
+                    counts["skipped"] += 1
+                    continue
+                geom = _polygonal(shape(geometry), counts)
+                if geom is None:
+                    continue  # points and lines carry no area to learn from
+                geoms.append(geom)
+                classes.append(str(value))
+                priorities.append(int(feature["properties"].get("priority") or 0) if has_priority else 0)
     except fiona.errors.FionaError as exc:
         raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
                           "Give a vector file GDAL can open, or a DeepForest CSV.") from None
-    field = _class_field(fields, task, class_field, path)
-    has_priority = "priority" in fields  # our OSM labels: the preset's overlap order
-    geoms, classes, priorities, counts = [], [], [], {"repaired": 0, "skipped": 0}
-    for feature in features:
-        geometry = feature["geometry"]
-        value = feature["properties"].get(field) if field else "crown"
-        if geometry is None or value is None:
-            counts["skipped"] += 1
-            continue
-        geom = _polygonal(shape(geometry), counts)
-        if geom is None:
-            continue  # points and lines carry no area to learn from
-        geoms.append(geom)
-        classes.append(str(value))
-        priorities.append(int(feature["properties"].get("priority") or 0) if has_priority else 0)
     if not geoms:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no polygon with a class.",
                           "Draw or download polygons (with a class value) first.")

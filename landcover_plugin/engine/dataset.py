@@ -15,6 +15,11 @@ around a random block into one compact area, go to validation, and train chips t
 chips, kept on disk and in the catalog but used for neither, so no train
 pixel lies next to a validation pixel. Tiny images fall back to single-chip
 blocks, then to touching chips (logged).
+
+The build streams: chips are written one by one into `.NAME.building/` beside
+the output, each recorded in chips.jsonl, so memory stays flat with the area
+and a cancelled build resumes where it stopped; the folder is renamed to the
+output once complete. Masks: rasterize.py; catalog and snapshots: catalog.py.
 """
 from __future__ import annotations
 
@@ -176,7 +181,7 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
         reporter.log(f"validation split: {how}")
         for chip in chips:
             chip["split"] = split[tuple(chip["cell"])]
-        meta |= _band_stats(chips, meta)
+        meta |= band_stats(chips, meta["dtype"])
         balance = class_balance(chips, class_names)
         provenance = {"imagery": str(params.imagery), "imagery_date": imagery_date,
                       "label_source": info.get("source", str(params.labels)), "label_date": info.get("date", ""),
@@ -452,10 +457,6 @@ def band_stats(chips: list[dict], dtype: str) -> dict:
     std = np.sqrt(np.maximum(np.sum([c["sumsq"] for c in train], axis=0) / count - mean**2, 0))
     return {"input_scale": scale, "mean": [float(m / scale) for m in mean],
             "std": [float(max(s / scale, 1e-6)) for s in std]}
-
-
-def _band_stats(chips: list[dict], meta: dict) -> dict:
-    return band_stats(chips, meta["dtype"])
 
 
 def _chip_entry(chip: dict) -> dict:

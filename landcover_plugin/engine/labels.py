@@ -1,12 +1,17 @@
-"""Training labels from a vector file or a DeepForest CSV, in the imagery's CRS.
+"""Training labels in the imagery's CRS; and `landcover labels` (OSM -> GeoPackage).
 
-Two sources:
+Sources for a dataset:
 - any vector file fiona reads: polygons with a class field (land cover) or
   crown polygons (trees), reprojected from the file's CRS to the imagery's;
 - a DeepForest CSV of crown boxes `image_path,xmin,ymin,xmax,ymax,label` in
   PIXEL coordinates of a georeferenced image beside the CSV. The boxes go to map
   coordinates through that image's transform, then to the imagery's CRS (the
-  imagery may be a fetched mosaic in another CRS and resolution).
+  imagery may be a fetched mosaic in another CRS and resolution). Pascal VOC
+  XML boxes are read the same way.
+
+Invalid polygons are repaired (make_valid) or skipped, and counted. Our OSM
+labels carry a `priority` field (overlap order) and a `landcover_info` table
+(source, preset, date, attribution) that the dataset copies into its catalog.
 """
 from __future__ import annotations
 

@@ -53,15 +53,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra HTTP header, e.g. Referer:https://example.org (repeatable)")
     p.add_argument("--out", type=Path, required=True, help="mosaic GeoTIFF to write")
 
+    p = sub.add_parser("labels", help="OpenStreetMap features of a preset -> labels GeoPackage (field class)")
+    _add_common(p)
+    _add_aoi(p, required=False)
+    p.add_argument("--preset", required=True, help="preset name (landcover, buildings, trees) or YAML file")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--osm-file", type=Path, help=".osm, .osm.bz2 or .osm.pbf file")
+    src.add_argument("--overpass", metavar="URL", help="Overpass API interpreter URL, "
+                     "e.g. https://overpass-api.de/api/interpreter")
+    p.add_argument("--date", help="OSM as it was on this date (Overpass [date:]), e.g. the imagery's date")
+    p.add_argument("--overpass-timeout", type=int, default=180, help="server-side query timeout in s")
+    p.add_argument("--overpass-maxsize", type=int, default=512 * 1024 * 1024, help="server-side memory limit in bytes")
+    p.add_argument("--cache", type=Path, help="Overpass answer cache (default: the user's cache folder)")
+    p.add_argument("--out", type=Path, required=True, help="labels GeoPackage to write")
+
     p = sub.add_parser("dataset", help="cut imagery and labels into training chips")
     _add_common(p)
-    p.add_argument("--imagery", type=Path, required=True, help="raster file")
-    p.add_argument("--labels", type=Path, required=True,
-                   help="vector file (polygons with a class field) or DeepForest CSV of crown boxes")
+    p.add_argument("--imagery", type=Path, help="raster file")
+    p.add_argument("--labels", type=Path,
+                   help="vector file (polygons with a class field), DeepForest CSV or Pascal VOC XML of boxes")
     p.add_argument("--class-field", help="attribute holding the class (land cover)")
+    p.add_argument("--class-map", metavar="VALUE=CLASS,...",
+                   help="rename class values, e.g. \"1=water,2=forested\" (unmapped values are an error)")
     p.add_argument("--task", choices=("trees", "landcover"), default="landcover")
     p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
     p.add_argument("--val-share", type=float, default=0.25, help="share of spatial blocks for validation")
+    p.add_argument("--preset", help="preset the labels were made with: fixes classes, colours, overlap priority")
+    p.add_argument("--complete", action="store_true",
+                   help="the labels map the area completely: unlabelled pixels are background (else ignored)")
+    p.add_argument("--offset", default="0,0", metavar="DX,DY",
+                   help="move the labels by DX,DY metres (east, north) onto the imagery")
+    p.add_argument("--background-ratio", type=float, default=0.0,
+                   help="with --complete: background-only chips kept per labelled chip (default 0)")
+    p.add_argument("--from", dest="source", type=Path, metavar="DATASET",
+                   help="make a snapshot of this dataset's chips matching --where")
+    p.add_argument("--where", help="SQL condition on the catalog, e.g. \"split = 'train' OR frac_water > 0.1\"")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
 
     p = sub.add_parser("train", help="train a model on a dataset and export it to ONNX")
@@ -93,6 +119,15 @@ def _aoi(args: argparse.Namespace):
     return parse_aoi(args.aoi, args.aoi_crs) if args.aoi else None
 
 
+def _offset(text: str) -> tuple[float, float]:
+    try:
+        dx, dy = (float(v) for v in text.split(","))
+    except ValueError:
+        raise EngineError("BAD_OFFSET", f"Offset '{text}' is not DX,DY in metres.",
+                          "Give e.g. --offset 1.5,-0.8 (east, north).") from None
+    return dx, dy
+
+
 def dispatch(args: argparse.Namespace, reporter: Reporter):
     """Run the subcommand; return its StageResult."""
     if args.command == "fetch":
@@ -102,12 +137,24 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,
                                  gsd=args.gsd, cache_dir=args.cache, workers=args.workers,
                                  headers={k.strip(): v.strip() for k, v in headers.items()}), reporter)
+    if args.command == "labels":
+        from .labels import LabelsParams, build_labels
+
+        return build_labels(LabelsParams(aoi=_aoi(args), preset=args.preset, out=args.out, osm_file=args.osm_file,
+                                         overpass=args.overpass, date=args.date,
+                                         overpass_timeout=args.overpass_timeout,
+                                         overpass_maxsize=args.overpass_maxsize, cache_dir=args.cache), reporter)
     if args.command == "dataset":
         from .dataset import DatasetParams, build_dataset
+        from .labels import parse_class_map
 
         return build_dataset(DatasetParams(imagery=args.imagery, labels=args.labels, task=args.task,
                                            out=args.out, class_field=args.class_field,
-                                           chip_size=args.chip_size, val_share=args.val_share), reporter)
+                                           chip_size=args.chip_size, val_share=args.val_share,
+                                           preset=args.preset, complete=args.complete, offset=_offset(args.offset),
+                                           background_ratio=args.background_ratio, source=args.source,
+                                           where=args.where, class_map=parse_class_map(args.class_map)),
+                             reporter)
     if args.command == "train":
         from .train import TrainParams, train
 
@@ -133,7 +180,7 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     """`--aoi -82.1,29.6,...` would read as an option to argparse: make it `--aoi=-82.1,...`."""
     joined: list[str] = []
     for arg in argv:
-        if joined and joined[-1] in ("--aoi", "--gsd") and arg[:1] == "-" and arg[1:2].isdigit():
+        if joined and joined[-1] in ("--aoi", "--gsd", "--offset") and arg[:1] == "-" and arg[1:2].isdigit():
             joined[-1] = f"{joined[-1]}={arg}"
         else:
             joined.append(arg)

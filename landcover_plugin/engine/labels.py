@@ -1,12 +1,17 @@
-"""Training labels from a vector file or a DeepForest CSV, in the imagery's CRS.
+"""Training labels in the imagery's CRS; and `landcover labels` (OSM -> GeoPackage).
 
-Two sources:
+Sources for a dataset:
 - any vector file fiona reads: polygons with a class field (land cover) or
   crown polygons (trees), reprojected from the file's CRS to the imagery's;
 - a DeepForest CSV of crown boxes `image_path,xmin,ymin,xmax,ymax,label` in
   PIXEL coordinates of a georeferenced image beside the CSV. The boxes go to map
   coordinates through that image's transform, then to the imagery's CRS (the
-  imagery may be a fetched mosaic in another CRS and resolution).
+  imagery may be a fetched mosaic in another CRS and resolution). Pascal VOC
+  XML boxes are read the same way.
+
+Invalid polygons are repaired (make_valid) or skipped, and counted. Our OSM
+labels carry a `priority` field (overlap order) and a `landcover_info` table
+(source, preset, date, attribution) that the dataset copies into its catalog.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from .errors import EngineError
+from .events import Reporter, StageResult
 
 # Tried in order when no class field is given (our OSM labels use "class").
 DEFAULT_CLASS_FIELDS = ("class", "label", "landcover", "type")
@@ -35,10 +41,16 @@ class Labels:
     # Where the annotation is complete (a CSV's image): outside it, "no crown"
     # is unknown rather than background. None: complete everywhere.
     footprint: BaseGeometry | None = None
+    priorities: list[int] | None = None  # per geometry (our OSM labels): higher wins overlaps
+    info: dict | None = None  # provenance of our labels GeoPackages (source, preset, date)
+    repaired: int = 0  # invalid geometries repaired
+    skipped: int = 0  # features without a usable polygon
 
 
-def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None) -> Labels:
-    """Read labels for `task` ("trees" | "landcover") and bring them into `imagery`'s CRS."""
+def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None,
+                class_map: dict[str, str] | None = None) -> Labels:
+    """Read labels for `task` ("trees" | "landcover") and bring them into `imagery`'s CRS.
+    `class_map` renames class values (e.g. codes -> names); a value it lacks is an error."""
     from .imagery import open_raster
 
     path = Path(path)
@@ -51,11 +63,15 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
         raise EngineError("BAD_IMAGERY", f"Imagery {imagery} has no CRS.",
                           "Georeference the imagery (e.g. gdal_translate -a_srs) before training.")
     crs_wkt = crs.to_wkt()
-    if path.suffix.lower() == ".csv":
-        geoms, classes, footprint = _read_csv_boxes(path, crs_wkt)
+    priorities, counts = None, {"repaired": 0, "skipped": 0}
+    if path.suffix.lower() in (".csv", ".xml"):
+        read_boxes = _read_csv_boxes if path.suffix.lower() == ".csv" else _read_voc_boxes
+        geoms, classes, footprint = read_boxes(path, crs_wkt)
     else:
-        geoms, classes = _read_vector(path, crs_wkt, task, class_field)
+        geoms, classes, priorities, counts = _read_vector(path, crs_wkt, task, class_field)
         footprint = None
+    if class_map:
+        classes = _map_classes(classes, class_map, path)
     # Only labels over the imagery count: a model's classes are those it saw.
     inside = [i for i, g in enumerate(geoms) if g.intersects(bounds)]
     if not inside:
@@ -63,7 +79,10 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
                           f"None of the {len(geoms)} labels in {path.name} overlaps the imagery {Path(imagery).name}.",
                           "Check that labels and imagery cover the same place (and that the label file's CRS is set).")
     geoms, classes = [geoms[i] for i in inside], [classes[i] for i in inside]
-    return Labels(geoms, classes, sorted(set(classes)), crs_wkt, footprint)
+    if priorities is not None:
+        priorities = [priorities[i] for i in inside]
+    return Labels(geoms, classes, sorted(set(classes)), crs_wkt, footprint, priorities, read_info(path),
+                  counts["repaired"], counts["skipped"])
 
 
 def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
@@ -75,34 +94,64 @@ def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
     return shape(transform_geom(src_crs, dst_crs, mapping(geom)))
 
 
-def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None) -> tuple[list, list[str]]:
+def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
+                 ) -> tuple[list, list[str], list[int] | None, dict[str, int]]:
     import fiona
 
+    geoms, classes, priorities, counts = [], [], [], {"repaired": 0, "skipped": 0}
     try:
         with fiona.open(path) as src:
             fields = list(src.schema["properties"])
             # A file without a CRS is taken to be in the imagery's CRS.
             src_crs = src.crs_wkt or crs_wkt
-            features = list(src)
+            field = _class_field(fields, task, class_field, path)
+            has_priority = "priority" in fields  # our OSM labels: the preset's overlap order
+            for feature in src:  # streamed: only the shapely geometries stay in memory
+                geometry = feature["geometry"]
+                value = feature["properties"].get(field) if field else "crown"
+                if geometry is None or value is None:
+                    counts["skipped"] += 1
+                    continue
+                geom = _polygonal(shape(geometry), counts)
+                if geom is None:
+                    continue  # points and lines carry no area to learn from
+                geoms.append(geom)
+                classes.append(str(value))
+                priorities.append(int(feature["properties"].get("priority") or 0) if has_priority else 0)
     except fiona.errors.FionaError as exc:
         raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
                           "Give a vector file GDAL can open, or a DeepForest CSV.") from None
-    field = _class_field(fields, task, class_field, path)
-    geoms, classes = [], []
-    for feature in features:
-        geometry = feature["geometry"]
-        value = feature["properties"].get(field) if field else "crown"
-        if geometry is None or value is None:
-            continue
-        geom = shape(geometry)
-        if geom.geom_type not in ("Polygon", "MultiPolygon") or geom.is_empty:
-            continue  # points and lines carry no area to learn from
-        geoms.append(_reproject(geom.buffer(0) if not geom.is_valid else geom, src_crs, crs_wkt))
-        classes.append(str(value))
     if not geoms:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no polygon with a class.",
                           "Draw or download polygons (with a class value) first.")
-    return geoms, classes
+    return _reproject_all(geoms, src_crs, crs_wkt), classes, priorities if has_priority else None, counts
+
+
+def _polygonal(geom: BaseGeometry, counts: dict[str, int]) -> BaseGeometry | None:
+    """The polygonal part of a geometry, repaired if invalid (self-intersections,
+    bow-ties); None, counted as skipped, when nothing polygonal is left."""
+    import shapely
+
+    if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
+        counts["skipped"] += 1
+        return None
+    if geom.is_valid:
+        return geom
+    fixed = shapely.make_valid(geom)
+    fixed = unary_union([g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")])
+    if fixed.is_empty:
+        counts["skipped"] += 1
+        return None
+    counts["repaired"] += 1
+    return fixed
+
+
+def _reproject_all(geoms: list, src_crs: str, dst_crs: str) -> list:
+    from rasterio.crs import CRS
+
+    if CRS.from_user_input(src_crs) == CRS.from_user_input(dst_crs):
+        return geoms
+    return _to_crs(geoms, src_crs, dst_crs)
 
 
 def _class_field(fields: list[str], task: str, class_field: str | None, path: Path) -> str | None:
@@ -123,6 +172,47 @@ def _class_field(fields: list[str], task: str, class_field: str | None, path: Pa
                       f"Label file {path.name} has no class field ({', '.join(DEFAULT_CLASS_FIELDS)}); "
                       f"its fields are: {', '.join(fields) or '(none)'}.",
                       "Name the field that holds the land-cover class with --class-field.")
+
+
+def _map_classes(classes: list[str], class_map: dict[str, str], path: Path) -> list[str]:
+    unknown = sorted(set(classes) - set(class_map))
+    if unknown:
+        raise EngineError("UNKNOWN_CLASS", f"{path.name} has class value(s) {', '.join(map(repr, unknown[:10]))} "
+                          "that --class-map does not map.",
+                          "Add them to --class-map (VALUE=CLASS,...), e.g. --class-map "
+                          f"\"{unknown[0]}=forested\".")
+    return [class_map[c] for c in classes]
+
+
+def parse_class_map(text: str | None) -> dict[str, str] | None:
+    """`"1=water,2=forested"` -> {"1": "water", "2": "forested"}."""
+    if not text:
+        return None
+    pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+    if any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise EngineError("BAD_CLASS_MAP", f"--class-map '{text}' is not VALUE=CLASS,VALUE=CLASS.",
+                          "E.g. --class-map \"Forest=forested,Open water=water\".")
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def _read_voc_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:
+    """Pascal VOC XML (one image, <object><name>, <bndbox> in pixels), like a DeepForest CSV."""
+    import xml.etree.ElementTree as ET
+
+    try:
+        root = ET.parse(path).getroot()
+        image_name = root.findtext("filename") or ""
+        objects = [(o.findtext("name") or "crown", [float(o.find("bndbox").findtext(k))
+                                                    for k in ("xmin", "ymin", "xmax", "ymax")])
+                   for o in root.iter("object")]
+    except (ET.ParseError, AttributeError, TypeError, ValueError) as exc:
+        raise EngineError("BAD_LABELS", f"Cannot read Pascal VOC file {path.name}: {exc}",
+                          "Give a Pascal VOC XML: <filename> and <object><name/><bndbox>xmin..ymax</bndbox>.") from None
+    if not objects:
+        raise EngineError("LABELS_EMPTY", f"Label file {path} has no boxes.", "Annotate at least one object.")
+    transform, image_crs, size = _image_georef(path.parent / image_name, path)
+    geoms = [_reproject(_pixel_polygon(transform, *b), image_crs, crs_wkt) for _, b in objects]
+    return geoms, [n for n, _ in objects], _reproject(_pixel_polygon(transform, 0, 0, *size), image_crs, crs_wkt)
 
 
 def _read_csv_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:
@@ -181,3 +271,169 @@ def _pixel_polygon(transform, xmin: float, ymin: float, xmax: float, ymax: float
     """A pixel box (columns/rows, y down) as a map polygon (handles rotated transforms)."""
     corners = [(xmin, ymin), (xmax, ymin), (xmax, ymax), (xmin, ymax)]
     return Polygon([transform @ c for c in corners])
+
+
+# --- `landcover labels`: OpenStreetMap -> labels GeoPackage ------------------------------------------
+
+INFO_TABLE = "landcover_info"  # key/value provenance table in our GeoPackages
+
+
+@dataclass(frozen=True)
+class LabelsParams:
+    aoi: "AOI | None"  # None: the whole OSM file
+    preset: str
+    out: Path
+    osm_file: Path | None = None
+    overpass: str | None = None  # Overpass API interpreter URL
+    date: str | None = None  # Overpass [date:]: OSM as it was when the imagery was taken
+    overpass_timeout: int = 180
+    overpass_maxsize: int = 512 * 1024 * 1024
+    cache_dir: Path | None = None
+    backoff_s: float = 2.0
+
+
+def build_labels(params: LabelsParams, reporter: Reporter) -> StageResult:
+    """OSM features of a preset in the AOI -> polygons with `class` and `priority`, styled, attributed."""
+    from .osm import ATTRIBUTION, OverpassParams, fetch_overpass, read_osm_file
+    from .presets import load_preset
+
+    preset = load_preset(params.preset)
+    if (params.osm_file is None) == (params.overpass is None):
+        raise EngineError("NO_LABEL_SOURCE", "Give exactly one OSM source.",
+                          "Use --osm-file FILE (.osm, .osm.bz2, .osm.pbf) or --overpass URL.")
+    aoi = params.aoi.to_crs("EPSG:4326") if params.aoi is not None else None
+    reporter.progress("labels", 0, 3, "reading OpenStreetMap")
+    if params.overpass:
+        if aoi is None:
+            raise EngineError("NO_AOI", "An Overpass query needs an area.", "Give --aoi minx,miny,maxx,maxy.")
+        osm_path = fetch_overpass(preset, OverpassParams(
+            url=params.overpass, bbox=aoi.bounds, timeout_s=params.overpass_timeout,
+            maxsize=params.overpass_maxsize, date=params.date, cache_dir=params.cache_dir,
+            backoff_s=params.backoff_s), reporter.log)
+        source = f"Overpass API {params.overpass}"
+    else:
+        osm_path, source = params.osm_file, f"OSM file {Path(params.osm_file).name}"
+    read = read_osm_file(osm_path, preset)
+    reporter.progress("labels", 1, 3, "building polygons")
+    features = [f for f in read.features if aoi is None or f.geometry.intersects(aoi.geometry)]
+    if not features:
+        raise EngineError("NO_OSM_FEATURES", f"No OSM features of preset {preset.name} in this area.",
+                          "Check the area (and --date), or pick another preset.")
+    geoms, kept, counts, crs = _label_polygons(features, aoi.geometry if aoi is not None else None)
+    if not geoms:
+        raise EngineError("NO_OSM_FEATURES", f"No OSM features of preset {preset.name} in this area "
+                          f"({len(features)} features, none with an area after clipping).",
+                          "Check the area, or pick another preset.")
+    reporter.progress("labels", 2, 3, "writing")
+    info = {"source": source, "preset": preset.name, "date": params.date or "", "attribution": ATTRIBUTION,
+            "created": _now()}
+    _write_labels(params.out, geoms, kept, crs, preset, info)
+    classes = {name: sum(f.class_name == name for f in kept) for name in preset.class_names}
+    reporter.log(f"{len(kept)} labels ({', '.join(f'{k} {v}' for k, v in classes.items() if v)}); "
+                 f"invalid geometries: {read.invalid + counts['skipped']} skipped, {counts['repaired']} repaired. "
+                 f"Data {ATTRIBUTION} (ODbL).")
+    reporter.progress("labels", 3, 3, "done")
+    return StageResult(outputs={"labels": str(params.out)},
+                       summary={"features": len(kept), "repaired": counts["repaired"],
+                                "skipped": read.invalid + counts["skipped"],
+                                **{f"class_{k}": v for k, v in classes.items()}})
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _local_utm(aoi: BaseGeometry | None, geoms: list) -> str:
+    from .fetch import utm_crs
+
+    centre = (aoi if aoi is not None else unary_union([g.envelope for g in geoms])).centroid
+    return utm_crs(centre.x, centre.y)
+
+
+def _to_crs(geoms: list, src: str, dst: str) -> list:
+    """Reproject many geometries with one coordinate transform (shapely.transform batches them)."""
+    import numpy as np
+    import shapely
+    from rasterio.warp import transform
+
+    def fn(xy):
+        if not len(xy):
+            return xy
+        x, y = transform(src, dst, xy[:, 0], xy[:, 1])
+        return np.column_stack([x, y])
+
+    return list(shapely.transform(np.asarray(geoms, dtype=object), fn))
+
+
+def _label_polygons(features: list, aoi: BaseGeometry | None) -> tuple[list, list, dict[str, int], str]:
+    """Buffer lines/points by their rule's width (in metres, in the local UTM zone), repair
+    invalid areas, clip to the AOI. Returns polygons (in that zone), their features, counts, the zone."""
+    import shapely
+
+    crs = _local_utm(aoi, [f.geometry for f in features])
+    metric = _to_crs([f.geometry for f in features], "EPSG:4326", crs)
+    clip = _to_crs([aoi], "EPSG:4326", crs)[0] if aoi is not None else None
+    counts = {"repaired": 0, "skipped": 0}
+    geoms, kept = [], []
+    for feature, geom in zip(features, metric):
+        if feature.buffer is not None:
+            geom = geom.buffer(feature.buffer / 2, cap_style="flat" if geom.geom_type == "LineString" else "round")
+        elif not geom.is_valid:
+            geom = shapely.make_valid(geom)
+            geom = unary_union([g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon")])
+            counts["repaired" if not geom.is_empty else "skipped"] += 1
+        if clip is not None:
+            geom = geom.intersection(clip)
+        polygons = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and not g.is_empty]
+        if not polygons:
+            continue
+        geoms.append(shapely.MultiPolygon(polygons))
+        kept.append(feature)
+    return geoms, kept, counts, crs
+
+
+def _write_labels(out: Path, geoms: list, features: list, crs: str, preset, info: dict[str, str]) -> None:
+    import fiona
+
+    from .atomic import atomic_output
+    from .styles import landcover_qml, write_styles
+
+    schema = {"geometry": "MultiPolygon",
+              "properties": {"class": "str", "priority": "int", "osm_id": "str"}}
+    with atomic_output(out) as tmp:
+        with fiona.open(tmp, "w", driver="GPKG", layer="labels", schema=schema, crs=crs) as dst:
+            dst.writerecords({"geometry": mapping(g), "properties": {
+                "class": f.class_name, "priority": f.priority, "osm_id": f.osm_id}} for g, f in zip(geoms, features))
+        write_styles(tmp, {"labels": landcover_qml(preset.class_names, preset.class_colors)}, "landcover labels")
+        write_info(tmp, info, describe={"labels": f"{preset.description}. Data {info['attribution']} (ODbL)."})
+
+
+def write_info(gpkg: Path, info: dict[str, str], describe: dict[str, str] | None = None) -> None:
+    """Key/value provenance in a `landcover_info` table; layer descriptions (QGIS shows them)."""
+    import sqlite3
+
+    with sqlite3.connect(gpkg) as db:
+        db.execute(f"CREATE TABLE IF NOT EXISTS {INFO_TABLE} (fid INTEGER PRIMARY KEY AUTOINCREMENT, "
+                   "key TEXT UNIQUE NOT NULL, value TEXT)")
+        db.execute("INSERT OR IGNORE INTO gpkg_contents (table_name, data_type, identifier) "
+                   f"VALUES ('{INFO_TABLE}', 'attributes', '{INFO_TABLE}')")
+        db.executemany(f"INSERT OR REPLACE INTO {INFO_TABLE} (key, value) VALUES (?, ?)",
+                       [(k, str(v)) for k, v in info.items()])
+        for table, text in (describe or {}).items():
+            db.execute("UPDATE gpkg_contents SET description = ? WHERE table_name = ?", (text, table))
+    db.close()
+
+
+def read_info(gpkg: Path) -> dict[str, str]:
+    """The provenance table of one of our GeoPackages; {} for any other file."""
+    import sqlite3
+
+    if Path(gpkg).suffix.lower() != ".gpkg":
+        return {}
+    try:
+        with sqlite3.connect(f"file:{gpkg}?mode=ro", uri=True) as db:
+            return dict(db.execute(f"SELECT key, value FROM {INFO_TABLE}"))
+    except sqlite3.Error:
+        return {}

@@ -142,3 +142,38 @@ def test_csv_image_not_georeferenced(osbs_csv, osbs_tif, tmp_path):
         read_labels(tmp_path / "boxes.csv", osbs_tif, "trees", None)
     assert err.value.code == "LABEL_IMAGE_NOT_GEOREFERENCED"
     assert np.any(data)  # the copy held real pixels, only the georeference was missing
+
+
+def test_pascal_voc_boxes_land_where_the_csv_ones_do(osbs_csv, osbs_tif, tmp_path):
+    """A VOC file written by hand from the CSV's first two rows, beside a copy of its image."""
+    shutil.copy(osbs_tif, tmp_path / "OSBS_029.tif")
+    voc = tmp_path / "OSBS_029.xml"
+    voc.write_text("<annotation><filename>OSBS_029.tif</filename>"
+                   "<object><name>Tree</name><bndbox><xmin>203</xmin><ymin>67</ymin><xmax>227</xmax><ymax>90</ymax>"
+                   "</bndbox></object><object><name>Dead</name><bndbox><xmin>0</xmin><ymin>0</ymin><xmax>10</xmax>"
+                   "<ymax>10</ymax></bndbox></object></annotation>")
+    labels = read_labels(voc, osbs_tif, "trees")
+    csv_labels = read_labels(osbs_csv, osbs_tif, "trees")
+    assert labels.classes == ["Tree", "Dead"]
+    assert labels.geometries[0].bounds == pytest.approx(csv_labels.geometries[0].bounds, abs=1e-6)
+    assert labels.footprint.bounds == pytest.approx(csv_labels.footprint.bounds, abs=1e-6)
+    voc.write_text("<annotation><filename>OSBS_029.tif</filename><object><name>x</name></object></annotation>")
+    with pytest.raises(EngineError) as err:
+        read_labels(voc, osbs_tif, "trees")
+    assert err.value.code == "BAD_LABELS"
+
+
+def test_class_map_renames_values_and_refuses_unknown_ones(landsat_polygons, landsat_stack):
+    from landcover_plugin.engine.labels import parse_class_map
+
+    mapping_ = parse_class_map("agriculture=cultivated,developed=developed,forest=forested,"
+                               "herbaceous=herbaceous,sediment=barren,shrubland=shrub,water=water")
+    labels = read_labels(landsat_polygons, landsat_stack, "landcover", "label", mapping_)
+    assert labels.class_names == ["barren", "cultivated", "developed", "forested", "herbaceous", "shrub", "water"]
+    del mapping_["sediment"]
+    with pytest.raises(EngineError) as err:
+        read_labels(landsat_polygons, landsat_stack, "landcover", "label", mapping_)
+    assert err.value.code == "UNKNOWN_CLASS" and "'sediment'" in err.value.message
+    with pytest.raises(EngineError) as err:
+        parse_class_map("water")
+    assert err.value.code == "BAD_CLASS_MAP"

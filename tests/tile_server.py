@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,7 +32,10 @@ import numpy as np
 import rasterio
 from rasterio.io import MemoryFile
 from rasterio.transform import from_bounds
+from rasterio.errors import NotGeoreferencedWarning
 from rasterio.vrt import WarpedVRT
+
+warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)  # tiles and WMS images carry no georeference
 
 GDAL2TILES = "/usr/bin/gdal2tiles.py"
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -48,11 +52,11 @@ def _system_env() -> dict[str, str]:
     return env
 
 
-def make_tiles(raster: Path, out_dir: Path, zooms: str = "19-21") -> Path:
+def make_tiles(raster: Path, out_dir: Path, zooms: str = "19-21", tile_size: int = 256) -> Path:
     """Cut `raster` into XYZ PNG tiles (RGBA, transparent outside the image) with
     Debian's gdal2tiles; returns `out_dir` (laid out as z/x/y.png)."""
     cmd = [SYSTEM_PYTHON, GDAL2TILES, "--xyz", "-z", zooms, "-w", "none", "--processes=1",
-           str(raster), str(out_dir)]
+           f"--tilesize={tile_size}", str(raster), str(out_dir)]
     proc = subprocess.run(cmd, env=_system_env(), capture_output=True, text=True)
     if proc.returncode != 0 or not any(Path(out_dir).rglob("*.png")):
         raise RuntimeError(f"gdal2tiles failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")

@@ -508,7 +508,7 @@ def fetch_wms(params: FetchParams, reporter: Reporter) -> StageResult:
     out_grid = aoi_grid(params.aoi.to_crs(crs).bounds, crs, params.gsd)
     # Ask for the output grid's extent (not just the AOI's) so that its edge pixels have imagery.
     out_bounds = rasterio.transform.array_bounds(out_grid.height, out_grid.width, out_grid.transform)
-    req_bounds = transform_bounds(crs, params.wms_crs, out_bounds[1], out_bounds[2], out_bounds[3], out_bounds[0])
+    req_bounds = transform_bounds(crs, params.wms_crs, *out_bounds)
     res = wms.request_res(params.wms_crs, params.gsd, lat)
     span = wms.CHUNK * res
     col0, row0, col1, row1 = wms.chunk_range(req_bounds, span)

@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="refuse fetches of more tiles (or WMS images) than this (default 20000)")
     p.add_argument("--max-bytes", type=float, default=2e9,
                    help="refuse fetches whose estimated download is larger (bytes, default 2e9)")
-    p.add_argument("--rate", type=float, default=50.0,
-                   help="at most this many requests per second to one host (default 50; 0: no limit)")
+    p.add_argument("--rate", type=float, default=100.0,
+                   help="at most this many requests per second to one host (default 100; 0: no limit)")
     p.add_argument("--cache-days", type=float, default=30.0,
                    help="download cached tiles again after this many days (default 30)")
     p.add_argument("--subdomains", default="abc", help="letters for {s} in the URL template (default abc)")

@@ -23,7 +23,7 @@ from rasterio.windows import Window
 from .atomic import atomic_output
 from .errors import EngineError
 
-WINDOW = 1024  # output pixels per window side: 4 bands x 1024^2 = 4 MB in flight
+WINDOW = 2048  # output pixels per window side: 4 bands x 2048^2 = 16 MB in flight
 GDAL_CACHE_MB = 64  # GDAL's block cache: bounded, so memory does not grow with the file
 RGBA = (ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha)
 

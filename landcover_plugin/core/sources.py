@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlencode
 
 from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsSettings
 from qgis.PyQt.QtCore import QUrl
@@ -55,10 +56,27 @@ def raster_layer_source(layer: QgsMapLayer) -> ImagerySource:
         parts = QgsProviderRegistry.instance().decodeUri("wms", layer.source())
         if parts.get("type") == "xyz" and parts.get("url"):
             return ImagerySource(parts["url"], _headers(parts.get("referer")))
-        raise SourceError(f"Layer '{layer.name()}' is a WMS/WMTS service; only XYZ tiles and raster files "
+        if parts.get("url") and parts.get("layers") and not parts.get("tileMatrixSet"):
+            return ImagerySource(wms_getmap_source(parts), _headers(parts.get("referer")))
+        raise SourceError(f"Layer '{layer.name()}' is a WMTS service; only XYZ tiles, WMS and raster files "
                           "are supported yet: add it as an XYZ connection or save it as a GeoTIFF.")
     raise SourceError(f"Layer '{layer.name()}' ({provider}) cannot be read by the engine: "
                       "use a raster file or an XYZ connection.")
+
+
+def _joined(value) -> str:
+    return ",".join(value) if isinstance(value, (list, tuple)) else str(value or "")
+
+
+def wms_getmap_source(parts: dict) -> str:
+    """A QGIS WMS layer (its decoded URI) as the engine's WMS source: the service URL
+    with the layer's layers, styles, format and CRS (the engine asks for GetMap images in it)."""
+    query = {"SERVICE": "WMS", "VERSION": "1.3.0", "LAYERS": _joined(parts.get("layers")),
+             "STYLES": _joined(parts.get("styles")), "FORMAT": parts.get("format") or "image/png"}
+    if parts.get("crs"):
+        query["CRS"] = parts["crs"]
+    url = parts["url"]
+    return f"{url}{'&' if '?' in url else '?'}{urlencode(query)}"
 
 
 def vector_layer_path(layer: QgsMapLayer) -> Path:

@@ -512,23 +512,24 @@ def fetch_wms(params: FetchParams, reporter: Reporter) -> StageResult:
     lon, lat = (bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2
     crs = utm_crs(lon, lat)
     out_grid = aoi_grid(params.aoi.to_crs(crs).bounds, crs, params.gsd)
+    req_crs = source.crs or params.wms_crs  # a CRS in the URL (e.g. from a QGIS layer) wins
     # Ask for the output grid's extent (not just the AOI's) so that its edge pixels have imagery.
     out_bounds = rasterio.transform.array_bounds(out_grid.height, out_grid.width, out_grid.transform)
-    req_bounds = transform_bounds(crs, params.wms_crs, *out_bounds)
-    res = wms.request_res(params.wms_crs, params.gsd, lat)
+    req_bounds = transform_bounds(crs, req_crs, *out_bounds)
+    res = wms.request_res(req_crs, params.gsd, lat)
     span = wms.CHUNK * res
     col0, row0, col1, row1 = wms.chunk_range(req_bounds, span)
     count = (col1 - col0 + 1) * (row1 - row0 + 1)
     check_caps(count, f"WMS images of {wms.CHUNK} px", EST_TILE_BYTES * (wms.CHUNK // 256) ** 2, params, reporter)
-    layout = Layout(params.wms_crs, (col0 * span, -row0 * span), span, row1 - row0 + 1, col1 - col0 + 1)
-    crs_key = params.wms_crs.replace(":", "-")
+    layout = Layout(req_crs, (col0 * span, -row0 * span), span, row1 - row0 + 1, col1 - col0 + 1)
+    crs_key = req_crs.replace(":", "-")
     jobs = [Job(f"{crs_key}/{res!r}/{row}/{col}",
-                wms.getmap_url(source, params.wms_crs, wms.chunk_bounds(col, row, span), wms.CHUNK, wms.CHUNK),
+                wms.getmap_url(source, req_crs, wms.chunk_bounds(col, row, span), wms.CHUNK, wms.CHUNK),
                 (row - row0, col - col0))
             for row in range(row0, row1 + 1) for col in range(col0, col1 + 1)]
     source_key = f"{source.base}?{sorted(source.params.items())}&VERSION={source.version}"
     remote = make_remote(params, source_key, source.base, lambda data: decode_wms(data))
-    reporter.log(f"fetch: WMS {source.version} from {remote.host} in {params.wms_crs}")
+    reporter.log(f"fetch: WMS {source.version} from {remote.host} in {req_crs}")
     summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, params.gsd, "", None, started)
     return StageResult(outputs={"mosaic": str(params.out)},
                        summary={"zoom": None, **summary, "gsd_m": params.gsd, "crs": crs})

@@ -22,6 +22,7 @@ class WmsSource:
     base: str  # the URL without the query
     params: dict[str, str]  # the user's query parameters (LAYERS, STYLES, FORMAT, ...), upper-case keys
     version: str
+    crs: str | None = None  # CRS= (1.3.0) or SRS= (1.1.1) given in the URL: the CRS to request in
 
 
 def is_wms(url: str) -> bool:
@@ -32,6 +33,7 @@ def is_wms(url: str) -> bool:
 def parse_wms(url: str) -> WmsSource:
     parts = urlsplit(url)
     params = {k.upper(): v for k, v in parse_qsl(parts.query, keep_blank_values=True)}
+    crs = params.get("CRS") or params.get("SRS") or None
     for key in ("REQUEST", "BBOX", "WIDTH", "HEIGHT", "CRS", "SRS", "SERVICE"):
         params.pop(key, None)  # ours to set per request
     version = params.pop("VERSION", "1.3.0")
@@ -42,7 +44,7 @@ def parse_wms(url: str) -> WmsSource:
                           "Add LAYERS=name to the URL (see the server's GetCapabilities).")
     params.setdefault("STYLES", "")
     params.setdefault("FORMAT", "image/png")
-    return WmsSource(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), params, version)
+    return WmsSource(urlunsplit((parts.scheme, parts.netloc, parts.path, "", "")), params, version, crs)
 
 
 def axis_swapped(version: str, crs: str) -> bool:

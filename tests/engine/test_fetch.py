@@ -248,7 +248,8 @@ def test_server_answering_errors(tiles_dir, aoi, tmp_path):
     with serve(tiles_dir, fail=Fail(status=403)) as url:
         with pytest.raises(EngineError) as err:
             run(url, tmp_path, aoi, zoom=22, workers=1)
-        assert url.request_count == 16
+        # 16, give or take the few a worker fetched ahead while the 16th answer was being looked at.
+        assert 16 <= url.request_count <= 19 < count_tiles(bounds, 22)
     assert err.value.code == "TILE_SERVER_ERROR" and "403" in err.value.message
     assert out_files(tmp_path) == []
 
@@ -547,14 +548,18 @@ def test_mbtiles_for_offline_use(tiles_dir, aoi, tmp_path):
 # --- WMS ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("version,crs", [("1.3.0", "EPSG:4326"), ("1.1.1", "EPSG:4326"), ("1.3.0", "EPSG:3857"),
-                                         ("1.3.0", "EPSG:32617")])
-def test_wms_getmap(osbs_tif, aoi, tmp_path, version, crs):
+@pytest.mark.parametrize("version,crs,in_url", [("1.3.0", "EPSG:4326", False), ("1.1.1", "EPSG:4326", False),
+                                                ("1.3.0", "EPSG:3857", False), ("1.3.0", "EPSG:32617", False),
+                                                ("1.3.0", "EPSG:4326", True)])
+def test_wms_getmap(osbs_tif, aoi, tmp_path, version, crs, in_url):
     served = tmp_path / "served.tif"  # without OSBS's nodata 255, so that the WMS image is opaque
     with rasterio.open(osbs_tif) as src, rasterio.open(served, "w", **{**src.profile, "nodata": None}) as dst:
         dst.write(src.read())
     with serve(wms=served) as url:
-        result = run(f"{url}&VERSION={version}&LAYERS=ortho", tmp_path, aoi, gsd=0.1, wms_crs=crs)
+        if in_url:  # as the plugin passes a QGIS WMS layer: its CRS in the URL
+            result = run(f"{url}&VERSION={version}&LAYERS=ortho&CRS={crs}", tmp_path, aoi, gsd=0.1)
+        else:
+            result = run(f"{url}&VERSION={version}&LAYERS=ortho", tmp_path, aoi, gsd=0.1, wms_crs=crs)
         query = next(iter(url.requests))
     assert ("CRS=" if version == "1.3.0" else "SRS=") + crs.replace(":", "%3A") in query
     assert result.summary["crs"] == OSBS_CRS and result.summary["downloaded"] >= 1

@@ -105,6 +105,7 @@ class ServedURL(str):
 
     requests: Counter
     times: dict  # path -> monotonic times of its requests
+    headers: list  # the HTTP headers of each request
 
     @property
     def request_count(self) -> int:
@@ -160,7 +161,7 @@ def wms_image(raster: Path, query: str) -> tuple[bytes, str]:
 
 
 def _handler(directory: Path | None, fail: Fail | Chaos | None, requests: Counter, times: dict,
-             lock: threading.Lock, latency: float, synthetic: list[bytes] | None, wms: Path | None):
+             seen_headers: list, lock: threading.Lock, latency: float, synthetic: list[bytes] | None, wms: Path | None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real tile servers do
 
@@ -169,6 +170,7 @@ def _handler(directory: Path | None, fail: Fail | Chaos | None, requests: Counte
                 requests[self.path] += 1
                 nth = requests[self.path]
                 times.setdefault(self.path, []).append(time.monotonic())
+                seen_headers.append(dict(self.headers))
             if latency:
                 time.sleep(latency)
             fault = fail.pick(self.path, nth) if isinstance(fail, Chaos) else \
@@ -220,9 +222,10 @@ def serve(directory: Path | None = None, port: int = 0, fail: Fail | Chaos | Non
     (a raster answering WMS GetMap). `latency`: seconds added to each answer."""
     requests: Counter = Counter()
     times: dict = {}
+    seen_headers: list = []
     tiles = synthetic_tiles() if synthetic else None
-    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(directory, fail, requests, times, threading.Lock(),
-                                                               latency, tiles, wms))
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(directory, fail, requests, times, seen_headers,
+                                                               threading.Lock(), latency, tiles, wms))
     server.daemon_threads = True
     server.request_queue_size = 128
     # A short poll interval: shutdown() waits for the next poll.
@@ -230,7 +233,7 @@ def serve(directory: Path | None = None, port: int = 0, fail: Fail | Chaos | Non
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     url = ServedURL(f"{base}/wms?SERVICE=WMS" if wms else f"{base}/{{z}}/{{x}}/{{y}}.png")
-    url.requests, url.times = requests, times
+    url.requests, url.times, url.headers = requests, times, seen_headers
     try:
         yield url
     finally:

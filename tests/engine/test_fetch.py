@@ -623,3 +623,19 @@ def test_local_four_band_uint16_with_nir(osbs_tif, aoi, tmp_path, monkeypatch):
         assert w.count == 4 and w.dtypes[3] == "uint16" and w.res == pytest.approx((0.2, 0.2))
         nir_band = w.read(4).astype(float)
         assert (np.diff(nir_band[5], axis=0) > 0).mean() > 0.9  # NIR still grows eastwards
+
+
+def test_credentials_from_the_environment(tiles_dir, aoi, tmp_path, monkeypatch):
+    """How the plugin hands over QGIS's credentials: the environment, never the command line or a log."""
+    monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", '{"Authorization": "Basic ZmllbGQ6czNjcmV0"}')
+    log = tmp_path / "events.jsonl"
+    with serve(tiles_dir) as url, open(log, "w") as out:
+        run(url, tmp_path, aoi, zoom=20, headers={"Referer": "https://example.org/"},
+            reporter=Reporter(json_mode=True, out=out))
+    assert all(h["Authorization"] == "Basic ZmllbGQ6czNjcmV0" and h["Referer"] == "https://example.org/"
+               and h["User-Agent"].startswith("landcover-plugin/") for h in url.headers)
+    assert len(url.headers) == 4 and "ZmllbGQ6czNjcmV0" not in log.read_text()
+    monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", "not json")
+    with pytest.raises(EngineError) as err:
+        run("http://127.0.0.1:9/{z}/{x}/{y}.png", tmp_path, aoi, zoom=20, cache_dir=tmp_path / "empty")
+    assert err.value.code == "BAD_HEADERS"

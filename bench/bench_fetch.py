@@ -77,7 +77,9 @@ def run(workdir: Path) -> dict:
     results["download_speedup_16_vs_1"] = round(one["download_seconds"] / sixteen["download_seconds"], 2)
     results["total_speedup_16_vs_1"] = round(one["wall"] / sixteen["wall"], 2)
     results["cache_run_requests"] = cached_requests
-    results["cache_run_time_ratio"] = round(cached["wall"] / sixteen["wall"], 3)
+    # Downloading vs reading the cache; and the whole command, which also re-warps the UTM mosaic.
+    results["cache_run_download_time_ratio"] = round(cached["download_seconds"] / sixteen["download_seconds"], 3)
+    results["cache_run_total_time_ratio"] = round(cached["wall"] / sixteen["wall"], 3)
 
     chaos = Chaos(p500=0.10, p429=0.05, ptruncate=0.02, retry_after=1)
     with serve(synthetic=True, latency=LATENCY, fail=chaos) as url:

@@ -23,7 +23,7 @@ from rasterio.windows import Window
 from .atomic import atomic_output
 from .errors import EngineError
 
-WINDOW = 2048  # output pixels per window side: 4 bands x 2048^2 = 16 MB in flight
+WINDOW = 1024  # output pixels per window side: 4 bands x 1024^2 = 4 MB in flight
 GDAL_CACHE_MB = 64  # GDAL's block cache: bounded, so memory does not grow with the file
 RGBA = (ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha)
 
@@ -40,7 +40,8 @@ class Grid:
 
 def gdal_env() -> rasterio.Env:
     # An internal mask travels with the file through the atomic rename; a .msk sidecar would not.
-    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_TIFF_INTERNAL_MASK=True, GDAL_NUM_THREADS="ALL_CPUS")
+    # No multithreaded compression: its queue of blocks waiting for a busy CPU grows memory.
+    return rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB, GDAL_TIFF_INTERNAL_MASK=True)
 
 
 class SourceMosaic:
@@ -90,7 +91,7 @@ def write_windowed(out: Path, profile: dict[str, Any], read: Reader, *, colorint
                 data, mask = read(window)
                 dst.write(data, window=window)
                 if mask is not None:
-                    dst.write_mask(np.where(mask > 0, 255, 0).astype(np.uint8), window=window)
+                    dst.write_mask((mask > 0).view(np.uint8) * np.uint8(255), window=window)
                     any_data = any_data or bool(mask.any())
                 else:
                     any_data = True

@@ -93,7 +93,7 @@ def run(workdir: Path) -> dict:
     results["fault_vs_clean_time_ratio"] = round(faulty["wall"] / sixteen["wall"], 2)
 
     with serve(synthetic=True) as url:
-        big = fetch(url, aoi_of(100), workdir / "big.tif", workdir / "cbig", 16)
+        big = fetch(url, aoi_of(100), workdir / "big.tif", workdir / "cbig", 16, "--rate", "0")  # memory, not politeness
     with rasterio.open(workdir / "big.tif") as m:
         results["big_output_mpx"] = round(m.width * m.height / 1e6, 1)
     results["big_tiles"] = big["tiles"]

@@ -1,8 +1,9 @@
 """Fetch benchmark: concurrency, cache, memory and faults against a loopback tile
 server (tests/tile_server.py) that answers any z/x/y with a synthetic tile.
 
-Each fetch runs as a child `landcover fetch`, so its peak RSS is its own
-(os.wait4's rusage). Speeds are ratios within this run.
+Each fetch runs as a child `landcover fetch` that reports its own peak RSS
+(VmHWM: the rusage maxrss of a forked child starts at the parent's RSS at fork
+time, which would count this harness). Speeds are ratios within this run.
 """
 from __future__ import annotations
 
@@ -37,22 +38,27 @@ def aoi_of(side: int) -> str:
     return f"{west + eps:.9f},{south + eps:.9f},{east - eps:.9f},{north - eps:.9f}"
 
 
+# Runs `landcover ARGS`, then writes its peak RSS in kB (VmHWM) to the file named by argv[1].
+CHILD = ("import sys\nfrom landcover_plugin.engine.cli import main\ncode = main(sys.argv[2:])\n"
+         "hwm = next(line for line in open('/proc/self/status') if line.startswith('VmHWM')).split()[1]\n"
+         "open(sys.argv[1], 'w').write(hwm)\nsys.exit(code)")
+
+
 def fetch(url: str, aoi: str, out: Path, cache: Path, workers: int, *extra: str) -> dict:
     """Run `landcover fetch` in a child; its result summary plus wall time and peak RSS (MB)."""
     log = out.with_suffix(".jsonl")
-    cmd = [sys.executable, "-m", "landcover_plugin.engine", "--json", "fetch", "--aoi", aoi, "--source", url,
+    rss_file = out.with_suffix(".rss")
+    cmd = [sys.executable, "-c", CHILD, str(rss_file), "--json", "fetch", "--aoi", aoi, "--source", url,
            "--zoom", str(ZOOM), "--workers", str(workers), "--cache", str(cache), "--out", str(out), *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     started = time.monotonic()
     with open(log, "w") as stdout:
-        proc = subprocess.Popen(cmd, stdout=stdout, stderr=subprocess.DEVNULL, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        returncode = subprocess.run(cmd, stdout=stdout, stderr=subprocess.DEVNULL, env=env).returncode
     seconds = time.monotonic() - started
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    if proc.returncode != 0:
+    if returncode != 0:
         raise RuntimeError(f"fetch failed: {[e for e in events if e['event'] == 'error']}")
-    return {**events[-1]["summary"], "wall": seconds, "rss_mb": usage.ru_maxrss / 1024}
+    return {**events[-1]["summary"], "wall": seconds, "rss_mb": int(rss_file.read_text()) / 1024}
 
 
 def same_mosaic(a: Path, b: Path) -> bool:

@@ -85,6 +85,9 @@ class EngineRun:
     args: list[str]
     root: Path = field(default_factory=package_root)
     cwd: Path | None = None
+    # Extra environment for the engine, e.g. LANDCOVER_HTTP_HEADERS with credentials:
+    # never on the command line or in a file, and kept out of repr (logs).
+    extra_env: dict[str, str] = field(default_factory=dict, repr=False)
     # Filled in while it runs:
     proc: subprocess.Popen | None = field(default=None, init=False)
     result: Event | None = field(default=None, init=False)
@@ -101,7 +104,7 @@ class EngineRun:
         try:
             self.proc = subprocess.Popen(
                 self.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                text=True, bufsize=1, cwd=self.cwd, env=engine_env(self.root),
+                text=True, bufsize=1, cwd=self.cwd, env={**engine_env(self.root), **self.extra_env},
                 start_new_session=(sys.platform != "win32"))  # own group: cancel reaches its children
         except OSError as exc:
             raise EngineFailed("ENGINE_MISSING", missing_message(EngineLocation(Path(self.python), "the plugin")),

@@ -51,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="concurrent downloads (default 4)")
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                    help="extra HTTP header, e.g. Referer:https://example.org (repeatable)")
+    p.add_argument("--max-tiles", type=int, default=20_000,
+                   help="refuse fetches of more tiles (or WMS images) than this (default 20000)")
+    p.add_argument("--max-bytes", type=float, default=2e9,
+                   help="refuse fetches whose estimated download is larger (bytes, default 2e9)")
+    p.add_argument("--rate", type=float, default=100.0,
+                   help="at most this many requests per second to one host (default 100; 0: no limit)")
+    p.add_argument("--cache-days", type=float, default=30.0,
+                   help="download cached tiles again after this many days (default 30)")
+    p.add_argument("--subdomains", default="abc", help="letters for {s} in the URL template (default abc)")
+    p.add_argument("--mbtiles", type=Path, help="also write the tiles as this MBTiles file (offline use in QGIS)")
+    p.add_argument("--wms-crs", default="EPSG:3857", help="CRS to request WMS images in (default EPSG:3857)")
     p.add_argument("--out", type=Path, required=True, help="mosaic GeoTIFF to write")
 
     p = sub.add_parser("labels", help="OpenStreetMap features of a preset -> labels GeoPackage (field class)")
@@ -147,9 +158,12 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         from .fetch import FetchParams, fetch
 
         headers = dict(h.split(":", 1) for h in args.header)
+        headers = {k.strip(): v.strip() for k, v in headers.items()}
         return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,
-                                 gsd=args.gsd, cache_dir=args.cache, workers=args.workers,
-                                 headers={k.strip(): v.strip() for k, v in headers.items()}), reporter)
+                                 gsd=args.gsd, cache_dir=args.cache, workers=args.workers, headers=headers,
+                                 max_tiles=args.max_tiles, max_bytes=int(args.max_bytes), rate=args.rate,
+                                 cache_days=args.cache_days, subdomains=args.subdomains, mbtiles=args.mbtiles,
+                                 wms_crs=args.wms_crs), reporter)
     if args.command == "labels":
         from .labels import LabelsParams, build_labels
 

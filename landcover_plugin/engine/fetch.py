@@ -1,37 +1,32 @@
-"""The `fetch` stage: imagery for an AOI, as one GeoTIFF.
+"""The `fetch` stage: imagery for an AOI, as one GeoTIFF in a projected CRS.
 
-Two kinds of source:
-- an XYZ URL template (`https://host/{z}/{x}/{y}.png`): the tiles covering the
-  AOI are downloaded (concurrently, retried, cached on disk), assembled on their
-  EPSG:3857 grid and warped to the UTM zone of the AOI's centre, at `gsd` metres
-  per pixel (default: the tiles' ground resolution at the AOI's latitude),
-  cropped to the AOI's bounds;
-- a local raster file: cropped to the AOI, in its own CRS and resolution
-  (resampled when `gsd` is given).
+Sources:
+- an XYZ/TMS URL template (`{z}` `{x}` `{y}`, `{-y}`, `{q}` quadkey, `{s}`
+  subdomains, `@2x`/512-px tiles);
+- a WMS GetMap URL (1.1.1 or 1.3.0), asked for in CHUNK-px images;
+- a local raster of any CRS, band count and data type.
 
-XYZ output: 3-band RGB uint8, tiled, deflate, with overviews, and an internal
-mask band (0 where no tile had imagery, from the tiles' alpha). A mask rather
-than nodata 0, so that truly black pixels stay valid; rasterio's `read_masks` /
-`dataset_mask` and QGIS both honour it.
-
-Foundation scale: the mosaic is held in memory (the tile-count limit keeps it
-bounded); download, assembly, warping and writing are separate functions so a
-windowed, streaming mosaic can replace `assemble`/`warp_rgba` later.
+Remote sources: the pieces are estimated (count, bytes, time) and refused
+above a cap, downloaded concurrently and politely (`http_client`), validated
+and cached (`tile_cache`), and written one by one into a temporary mosaic on
+the source's grid (`mosaic.SourceMosaic`); the output is then warped window
+by window to the UTM zone of the AOI's centre (`mosaic.write_windowed`).
+Memory stays flat whatever the AOI's size. Output: 3-band RGB uint8, tiled,
+deflate, overviews, and an internal mask band (0 where no imagery): a mask
+rather than nodata 0, so that truly black pixels stay valid.
 """
 from __future__ import annotations
 
-import hashlib
 import math
-import os
 import queue
+import tempfile
 import threading
 import time
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -42,28 +37,31 @@ from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 from rasterio.io import MemoryFile
 from rasterio.vrt import WarpedVRT
-from rasterio.warp import reproject, transform_bounds
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
-from urllib3.util.retry import Retry
+from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 
+from . import http_client, wms
 from .aoi import AOI
-from .atomic import atomic_output
 from .errors import EngineError
 from .events import Reporter, StageResult
+from .http_client import host_of
 from .imagery import open_raster
-from .tiles import (ORIGIN_SHIFT, Tile, count_tiles, ground_resolution, nearest_zoom, tile_bounds_mercator, tile_range,
-                    tiles_covering)
+from .mbtiles import MBTilesWriter
+from .mosaic import Grid, SourceMosaic, aligned_grid, gdal_env, write_windowed
+from .tile_cache import DEFAULT_MAX_AGE_DAYS, TileCache, default_cache_dir, tile_key  # noqa: F401 (re-exported)
+from .tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
+                    template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
 
 STAGE = "fetch"
-USER_AGENT = "landcover-plugin/0.1"
-MAX_TILES = 10_000  # ~2.6 GB of RGBA in memory at 256 px: beyond this the user surely mis-sized the AOI
-MAX_PIXELS = 1_000_000_000  # output grid limit while the mosaic is held in memory (3 GB of RGB)
+MAX_TILES = 20_000  # default cap: beyond this the user has probably mis-sized the AOI or the zoom
+MAX_BYTES = 2_000_000_000  # default cap on the estimated download
+EST_TILE_BYTES = 25_000  # a typical 256-px aerial tile (JPEG/PNG), for the estimate
+EST_TILE_SECONDS = 0.3  # a typical tile request, for the time estimate
+MAX_PIXELS = 4_000_000_000  # output grid limit (catches a --gsd typo); the mosaic is written in windows
 MAX_ZOOM = 24
-TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes
-BODY_ATTEMPTS = 3  # tries per tile for bodies that arrive cut short or do not decode
 FAIL_FAST = 16  # this many failed tiles before any success: the server is broken, stop asking
 TILE_SIZES = (256, 512)
+DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
 # warnings.catch_warnings swaps process-wide filters: threads decoding at once would
 # leave them scrambled, so tile decoding (about a millisecond) takes turns.
 _DECODE_LOCK = threading.Lock()
@@ -72,23 +70,20 @@ _DECODE_LOCK = threading.Lock()
 @dataclass(frozen=True)
 class FetchParams:
     aoi: AOI
-    source: str  # XYZ URL template with {x}, {y} (or {-y}), {z}; or a local raster path
+    source: str  # XYZ URL template, WMS GetMap URL, or a local raster path
     out: Path
     zoom: int | None = None
     gsd: float | None = None  # metres/pixel: picks the nearest zoom (XYZ) and the output resolution
     cache_dir: Path | None = None  # default: $XDG_CACHE_HOME/landcover/tiles
     workers: int = 4
     headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A north-up pixel grid: where the output raster's pixels lie."""
-
-    crs: str
-    transform: Affine
-    width: int
-    height: int
+    max_tiles: int = MAX_TILES  # refuse larger fetches (tiles or WMS images)
+    max_bytes: int = MAX_BYTES  # refuse larger estimated downloads
+    rate: float = DEFAULT_RATE  # requests per second per host (0: no limit)
+    cache_days: float | None = DEFAULT_MAX_AGE_DAYS  # cached tiles older than this are downloaded again
+    subdomains: str = "abc"  # for {s}
+    mbtiles: Path | None = None  # also write the XYZ tiles as MBTiles
+    wms_crs: str = wms.DEFAULT_CRS  # the CRS WMS images are requested in
 
 
 def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
@@ -97,92 +92,63 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
         raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
                           "Give --gsd in metres per pixel, e.g. --gsd 0.1")
     if urlsplit(params.source).scheme in ("http", "https"):
+        if wms.is_wms(params.source):
+            return fetch_wms(params, reporter)
         return fetch_xyz(params, reporter)
     if Path(params.source).is_file():
         return fetch_local(params, reporter)
-    raise EngineError("BAD_SOURCE", f"Source '{params.source}' is neither an http(s) XYZ URL nor an existing file.",
-                      "Give an XYZ template like https://host/{z}/{x}/{y}.png or the path of a raster file.")
+    raise EngineError("BAD_SOURCE", f"Source '{params.source}' is neither an http(s) XYZ or WMS URL nor an existing "
+                      "file.", "Give an XYZ template like https://host/{z}/{x}/{y}.png, a WMS URL with "
+                      "SERVICE=WMS&LAYERS=..., or the path of a raster file.")
 
 
-# --- XYZ: URLs, session, cache ----------------------------------------------------------------------
+HEADERS_ENV = "LANDCOVER_HTTP_HEADERS"
 
 
-def host_of(template: str) -> str:
-    """host[:port] of a URL, for messages: never the path or query, which may hold API keys."""
-    parts = urlsplit(template)
-    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
+def env_headers() -> dict[str, str]:
+    """Extra HTTP headers from the environment (a JSON object): how the plugin hands
+    over credentials from QGIS's authentication database without a file or a command line."""
+    import json
+    import os
+
+    text = os.environ.get(HEADERS_ENV, "")
+    if not text:
+        return {}
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        headers = None
+    if not isinstance(headers, dict):
+        raise EngineError("BAD_HEADERS", f"{HEADERS_ENV} is not a JSON object of header names and values.",
+                          'Set it like {"Authorization": "Basic ..."}.')
+    return {str(k): str(v) for k, v in headers.items()}
 
 
 def check_template(template: str) -> str:
     if not urlsplit(template).hostname:
         raise EngineError("BAD_SOURCE", f"XYZ source has no host: {template.split('?')[0]}",
                           "Give an XYZ template like https://host/{z}/{x}/{y}.png")
-    if not all(key in template for key in ("{x}", "{z}")) or not ("{y}" in template or "{-y}" in template):
-        raise EngineError("BAD_SOURCE", f"XYZ source {template.split('?')[0]} lacks {{x}}, {{y}} or {{z}}.",
-                          "Give an XYZ template with the {z}, {x} and {y} placeholders.")
+    xyz = all(key in template for key in ("{x}", "{z}")) and ("{y}" in template or "{-y}" in template)
+    if not (xyz or "{q}" in template):
+        raise EngineError("BAD_SOURCE", f"XYZ source {template.split('?')[0]} lacks {{x}}, {{y}} or {{z}} "
+                          "(or a {q} quadkey).", "Give an XYZ template with the {z}, {x} and {y} placeholders.")
     return template
 
 
-def tile_url(template: str, tile: Tile) -> str:
-    # {-y}: TMS row order (counted from the south), as in QGIS's XYZ connections.
-    return (template.replace("{z}", str(tile.z)).replace("{x}", str(tile.x))
-            .replace("{-y}", str(2 ** tile.z - 1 - tile.y)).replace("{y}", str(tile.y)))
+# --- decoding ---------------------------------------------------------------------------------------
 
 
-def make_session(headers: dict[str, str], pool_size: int) -> requests.Session:
-    """A session that retries failed connections and 5xx/429 answers with back-off
-    (honouring Retry-After), and names itself to the tile server."""
-    retry = Retry(total=6, connect=3, read=2, status=3, backoff_factor=0.2,
-                  status_forcelist=(429, 500, 502, 503, 504), allowed_methods=frozenset({"GET"}),
-                  raise_on_status=False, respect_retry_after_header=True)
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=max(pool_size, 1))
-    session = requests.Session()
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers.update({"User-Agent": USER_AGENT, **headers})
-    return session
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "landcover" / "tiles"
-
-
-@dataclass(frozen=True)
-class TileCache:
-    """Validated tiles on disk: ROOT/sha256(template)/z/x/y.tile. Hashing the
-    template keeps API keys out of paths and separates sources."""
-
-    root: Path
-
-    @classmethod
-    def for_source(cls, cache_dir: Path | None, template: str) -> "TileCache":
-        return cls(Path(cache_dir or default_cache_dir()) / hashlib.sha256(template.encode()).hexdigest())
-
-    def path(self, tile: Tile) -> Path:
-        return self.root / str(tile.z) / str(tile.x) / f"{tile.y}.tile"
-
-    def get(self, tile: Tile) -> bytes | None:
-        try:
-            return self.path(tile).read_bytes()
-        except OSError:
-            return None
-
-    def put(self, tile: Tile, data: bytes) -> None:
-        with atomic_output(self.path(tile)) as tmp:  # a reader never sees half a tile
-            tmp.write_bytes(data)
-
-
-# --- XYZ: one tile ----------------------------------------------------------------------------------
-
-
-def decode_tile(data: bytes) -> np.ndarray:
-    """PNG/JPEG/WebP bytes -> (4, size, size) RGBA uint8. ValueError unless the
-    bytes decode to an 8-bit square image of 256 or 512 px."""
+def decode_tile(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
+    """PNG/JPEG/WebP bytes -> (4, rows, cols) RGBA uint8. ValueError unless the
+    bytes decode to an 8-bit image of `size` (width, height), or by default a
+    square of 256 or 512 px."""
     try:
         with _DECODE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # tiles carry no georeference
             with MemoryFile(data) as mem, mem.open() as img:
-                if img.width != img.height or img.width not in TILE_SIZES:
+                if size is not None and (img.width, img.height) != size:
+                    raise ValueError(f"image is {img.width}x{img.height} px, not {size[0]}x{size[1]}")
+                if size is None and (img.width != img.height or img.width not in TILE_SIZES):
                     raise ValueError(f"tile is {img.width}x{img.height} px, not 256 or 512 square")
                 if img.dtypes[0] != "uint8" or img.count > 4:
                     raise ValueError(f"tile is {img.count} bands of {img.dtypes[0]}, not 8-bit RGB(A)")
@@ -203,69 +169,67 @@ def decode_tile(data: bytes) -> np.ndarray:
     return np.ascontiguousarray(bands)
 
 
+# --- remote pieces: one job per tile or WMS image ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str  # cache key
+    url: str
+    cell: tuple[int, int]  # (row, col) of the piece in the source mosaic, in pieces
+    tile: Tile | None = None  # XYZ only: for MBTiles
+
+
 @dataclass
-class TileOutcome:
-    tile: Tile
+class Outcome:
+    job: Job
     rgba: np.ndarray | None  # None: missing or failed
     status: str  # "cache", "downloaded", "missing" (404/204) or "failed"
+    body: bytes = b""
     retries: int = 0
+    requests: int = 0
     nbytes: int = 0
     error: str = ""
 
 
-def _unreachable(exc: requests.ConnectionError) -> bool:
-    """Connection refused, unknown host or connect timeout: the server is not there."""
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(exc, requests.ConnectTimeout) or isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+@dataclass(frozen=True)
+class Remote:
+    """Everything a worker needs to get one piece."""
+
+    session: requests.Session
+    cache: TileCache
+    limiter: http_client.RateLimiter
+    stop: threading.Event
+    decode: Callable[[bytes], np.ndarray]
+    host: str
 
 
-def _urllib3_retries(response: requests.Response) -> int:
-    retries = getattr(response.raw, "retries", None)
-    return len(retries.history) if retries is not None else 0
-
-
-def get_tile(session: requests.Session, template: str, cache: TileCache, stop: threading.Event,
-             tile: Tile) -> TileOutcome:
-    """One tile: from the cache, else downloaded, validated and cached.
-    Raises EngineError(TILE_SERVER_UNREACHABLE) when the server cannot be reached."""
-    data = cache.get(tile)
+def get_piece(remote: Remote, job: Job) -> Outcome:
+    """One piece: from the cache if fresh, else downloaded, validated and cached
+    (a stale cached piece still serves when the server fails or cannot be reached)."""
+    data, fresh = remote.cache.get(job.key)
+    stale = None
     if data is not None:
         try:
-            return TileOutcome(tile, decode_tile(data), "cache")
+            stale = remote.decode(data)
         except ValueError:
-            pass  # a damaged cache file: download it again
-    url, retries, error = tile_url(template, tile), 0, ""
-    for attempt in range(BODY_ATTEMPTS):
-        if stop.is_set():
-            return TileOutcome(tile, None, "failed", retries, error="stopped")
-        retries += attempt > 0
-        try:
-            response = session.get(url, timeout=TIMEOUT)
-        except requests.ConnectionError as exc:
-            if _unreachable(exc):
-                raise EngineError("TILE_SERVER_UNREACHABLE", f"Cannot connect to the tile server {host_of(template)}.",
-                                  "Check the URL and your network connection, or that the server is running.") from None
-            error = type(exc).__name__  # not str(exc): it holds the URL, maybe with a key
-            continue
-        except requests.RequestException as exc:  # read timeout, body cut short
-            error = type(exc).__name__
-            continue
-        retries += _urllib3_retries(response)
-        if response.status_code in (204, 404):
-            return TileOutcome(tile, None, "missing", retries)
-        if response.status_code != 200:
-            return TileOutcome(tile, None, "failed", retries, error=f"HTTP {response.status_code}")
-        try:
-            rgba = decode_tile(response.content)
-        except ValueError as exc:
-            error = str(exc)
-            continue
-        cache.put(tile, response.content)
-        return TileOutcome(tile, rgba, "downloaded", retries, len(response.content))
-    return TileOutcome(tile, None, "failed", retries, error=error)
-
-
-# --- XYZ: all tiles ---------------------------------------------------------------------------------
+            data = None  # a damaged cache file: download it again
+        if stale is not None and fresh:
+            return Outcome(job, stale, "cache", data)
+    try:
+        got = http_client.get(remote.session, job.url, lambda r: remote.decode(r.content), remote.limiter, remote.stop)
+    except http_client.Unreachable:
+        if stale is not None:
+            return Outcome(job, stale, "cache", data)
+        raise EngineError("TILE_SERVER_UNREACHABLE", f"Cannot connect to the tile server {remote.host}.",
+                          "Check the URL and your network connection, or that the server is running.") from None
+    requests_sent = got.retries + (got.error != "stopped")
+    if got.status == "ok":
+        remote.cache.put(job.key, got.body)
+        return Outcome(job, got.value, "downloaded", got.body, got.retries, requests_sent, len(got.body))
+    if got.status == "failed" and stale is not None:
+        return Outcome(job, stale, "cache", data, got.retries, requests_sent)
+    return Outcome(job, None, got.status, retries=got.retries, requests=requests_sent, error=got.error)
 
 
 def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threading.Event,
@@ -274,14 +238,22 @@ def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threadin
     calling thread as each finishes. An exception in a worker stops the others
     and is raised here.
 
-    Daemon threads rather than a ThreadPoolExecutor, whose threads are joined
-    at exit: an in-flight download (timeouts, retry back-off) would then keep a
-    cancelled engine alive for seconds. Waiting on the queue is interruptible,
+    The results queue is bounded: workers wait while the caller writes, so
+    decoded pieces never pile up in memory. Daemon threads rather than a
+    ThreadPoolExecutor, whose threads are joined at exit: an in-flight download
+    would keep a cancelled engine alive. Waiting on the queue is interruptible,
     so Cancelled (SIGTERM) is raised here at once."""
     todo: queue.SimpleQueue = queue.SimpleQueue()
     for item in items:
         todo.put(item)
-    done: queue.SimpleQueue = queue.SimpleQueue()
+    done: queue.Queue = queue.Queue(maxsize=2 * max(1, workers))
+
+    def hand_over(result: tuple) -> None:
+        while not stop.is_set():
+            try:
+                return done.put(result, timeout=0.1)
+            except queue.Full:
+                continue
 
     def work() -> None:
         while not stop.is_set():
@@ -290,9 +262,9 @@ def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threadin
             except queue.Empty:
                 return
             try:
-                done.put((fn(item), None))
+                hand_over((fn(item), None))
             except BaseException as exc:  # handed to the calling thread
-                done.put((None, exc))
+                hand_over((None, exc))
 
     for _ in range(max(1, min(workers, len(items)))):
         threading.Thread(target=work, daemon=True, name="fetch-tile").start()
@@ -306,67 +278,105 @@ def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threadin
         stop.set()
 
 
-def download_tiles(template: str, tiles: list[Tile], cache: TileCache, params: FetchParams,
-                   reporter: Reporter) -> list[TileOutcome]:
-    outcomes: list[TileOutcome] = []
-    counts: Counter = Counter()
-
-    def on_result(outcome: TileOutcome) -> None:
-        outcomes.append(outcome)
-        counts[outcome.status] += 1
-        if counts["failed"] >= FAIL_FAST and counts["cache"] + counts["downloaded"] == 0:
-            raise server_error(template, f"the first {counts['failed']} tiles", outcome.error)
-        reporter.progress(STAGE, len(outcomes), len(tiles))
-
-    session, stop = make_session(params.headers, params.workers), threading.Event()
-    try:  # `stop` also ends a tile's retries early once the run is over (failed or cancelled)
-        run_pool(partial(get_tile, session, template, cache, stop), tiles, params.workers, stop, on_result)
-    finally:
-        session.close()
-    return outcomes
-
-
-def server_error(template: str, which: str, error: str) -> EngineError:
-    return EngineError("TILE_SERVER_ERROR", f"The tile server {host_of(template)} failed on {which} ({error}).",
+def server_error(host: str, which: str, error: str) -> EngineError:
+    return EngineError("TILE_SERVER_ERROR", f"The tile server {host} failed on {which} ({error}).",
                        "The server may be down or refusing us: try again later, check the URL, "
                        "or add the headers it needs (--header).")
 
 
-def check_outcomes(outcomes: list[TileOutcome], template: str, zoom: int, reporter: Reporter) -> None:
-    """Raise when no tile has imagery; warn about tiles that failed."""
-    counts = Counter(o.status for o in outcomes)
-    failed = [o for o in outcomes if o.status == "failed"]
+def estimate(jobs: int, piece_bytes: int, workers: int, rate: float) -> tuple[int, float]:
+    """(bytes, seconds) a download of `jobs` pieces will take, roughly."""
+    per_second = max(1, workers) / EST_TILE_SECONDS
+    if rate and rate > 0:
+        per_second = min(per_second, rate)
+    return jobs * piece_bytes, jobs / per_second
+
+
+def check_caps(count: int, what: str, piece_bytes: int, params: FetchParams, reporter: Reporter) -> None:
+    """Refuse a fetch above the caps, saying how to proceed; else log the estimate."""
+    nbytes, seconds = estimate(count, piece_bytes, params.workers, params.rate)
+    how = ("Use a coarser resolution (a lower --zoom or a larger --gsd), draw a smaller area, "
+           "or raise the cap ({})." )
+    if count > params.max_tiles:
+        raise EngineError("TOO_MANY_TILES", f"The AOI needs {count:,} {what}, more than the cap of "
+                          f"{params.max_tiles:,} (about {nbytes / 1e6:,.0f} MB, {seconds / 60:,.0f} min).",
+                          how.format(f"--max-tiles {count}"))
+    if nbytes > params.max_bytes:
+        raise EngineError("TOO_MANY_BYTES", f"The AOI needs about {nbytes / 1e6:,.0f} MB of {what} ({count:,}), "
+                          f"more than the cap of {params.max_bytes / 1e6:,.0f} MB.",
+                          how.format(f"--max-bytes {nbytes}"))
+    reporter.log(f"fetch: {count:,} {what}, at most about {nbytes / 1e6:,.1f} MB and {seconds:,.0f} s "
+                 "(less for what the cache holds)")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the pieces of a remote source go: the source mosaic's grid for a piece size."""
+
+    crs: str
+    origin: tuple[float, float]  # map x of the first column's left edge, y of the first row's top edge
+    span: float  # a piece's side in map units
+    rows: int
+    cols: int
+
+    def grid(self, size: int) -> Grid:
+        res = self.span / size
+        return Grid(self.crs, Affine(res, 0, self.origin[0], 0, -res, self.origin[1]), self.cols * size,
+                    self.rows * size)
+
+
+def download_to_mosaic(jobs: list[Job], layout: Layout, remote: Remote, params: FetchParams, tmp_dir: Path,
+                       reporter: Reporter, mbtiles: MBTilesWriter | None) -> tuple[SourceMosaic | None, Counter]:
+    """Get every piece and write it into a temporary source mosaic as it arrives."""
+    counts: Counter = Counter()
+    state: dict[str, Any] = {"mosaic": None, "first_error": ""}
+
+    def on_result(o: Outcome) -> None:
+        counts[o.status] += 1
+        counts["retried"] += o.retries
+        counts["requests"] += o.requests
+        counts["bytes"] += o.nbytes
+        state["first_error"] = state["first_error"] or o.error
+        if counts["failed"] >= FAIL_FAST and counts["cache"] + counts["downloaded"] == 0:
+            raise server_error(remote.host, f"the first {counts['failed']} tiles", o.error)
+        if o.rgba is not None:
+            if not o.rgba[3].any():
+                counts["blank"] += 1  # fully transparent: nodata, nothing to write
+            else:
+                if state["mosaic"] is None:  # the first piece fixes the piece size (a server may send 512 px)
+                    state["size"] = o.rgba.shape[1]
+                    state["mosaic"] = SourceMosaic(tmp_dir / "source.tif", layout.grid(state["size"]),
+                                                   block=min(state["size"], 512))
+                rgba, size = o.rgba, state["size"]
+                if rgba.shape[1] != size or rgba.shape[2] != size:  # mixed sizes: nearest-neighbour resize
+                    rows, cols = np.arange(size) * rgba.shape[1] // size, np.arange(size) * rgba.shape[2] // size
+                    rgba = rgba[:, rows][:, :, cols]
+                state["mosaic"].write(rgba, o.job.cell[0] * size, o.job.cell[1] * size)
+            if mbtiles is not None and o.job.tile is not None and o.body:
+                mbtiles.add(o.job.tile, o.body)
+        reporter.progress(STAGE, sum(counts[k] for k in ("cache", "downloaded", "missing", "failed")), len(jobs))
+
+    try:  # `stop` also ends a piece's retries early once the run is over (failed or cancelled)
+        run_pool(lambda job: get_piece(remote, job), jobs, params.workers, remote.stop, on_result)
+    finally:
+        remote.session.close()
+        if state["mosaic"] is not None:
+            state["mosaic"].close()
+    counts["first_error"] = state["first_error"]  # type: ignore[assignment]
+    return state["mosaic"], counts
+
+
+def check_counts(counts: Counter, total: int, host: str, where: str, reporter: Reporter) -> None:
+    """Raise when no piece has imagery; warn about pieces that failed."""
     if counts["cache"] + counts["downloaded"] == 0:
-        if failed:
-            raise server_error(template, f"all {len(outcomes)} tiles", failed[0].error)
-        raise EngineError("AOI_OUTSIDE_IMAGERY",
-                          f"The tile server {host_of(template)} has no tiles for this AOI at zoom {zoom} "
-                          f"(all {len(outcomes)} were missing).",
-                          "Check that the AOI lies inside the imagery, or use a lower --zoom: "
-                          "the server may not go this deep.")
-    if failed:
-        reporter.log(f"{len(failed)} of {len(outcomes)} tiles failed ({failed[0].error}); they are left empty "
+        if counts["failed"]:
+            raise server_error(host, f"all {total} tiles", counts["first_error"])
+        raise EngineError("AOI_OUTSIDE_IMAGERY", f"The tile server {host} has no tiles for this AOI {where} "
+                          f"(all {total} were missing).", "Check that the AOI lies inside the imagery, or use a "
+                          "lower --zoom: the server may not go this deep.")
+    if counts["failed"]:
+        reporter.log(f"{counts['failed']} of {total} tiles failed ({counts['first_error']}); they are left empty "
                      "in the mosaic. Run again to retry them (the others come from the cache).", level="warning")
-
-
-# --- XYZ: mosaic ------------------------------------------------------------------------------------
-
-
-def assemble(tiles: dict[Tile, np.ndarray], rng: tuple[int, int, int, int], zoom: int) -> tuple[np.ndarray, Affine]:
-    """Paste tiles into one RGBA array on the EPSG:3857 grid (alpha 0 where a
-    tile is missing); returns it and its transform."""
-    xmin, ymin, xmax, ymax = rng
-    size = Counter(a.shape[1] for a in tiles.values()).most_common(1)[0][0]
-    mosaic = np.zeros((4, (ymax - ymin + 1) * size, (xmax - xmin + 1) * size), np.uint8)
-    for tile, rgba in tiles.items():
-        if rgba.shape[1] != size:  # a server mixing 256 and 512 px tiles: nearest-neighbour resize
-            index = np.arange(size) * rgba.shape[1] // size
-            rgba = rgba[:, index][:, :, index]
-        row, col = (tile.y - ymin) * size, (tile.x - xmin) * size
-        mosaic[:, row:row + size, col:col + size] = rgba
-    minx, _, _, maxy = tile_bounds_mercator(Tile(xmin, ymin, zoom))
-    res = 2 * ORIGIN_SHIFT / 2 ** zoom / size
-    return mosaic, Affine(res, 0, minx, 0, -res, maxy)
 
 
 def utm_crs(lon: float, lat: float) -> str:
@@ -376,48 +386,91 @@ def utm_crs(lon: float, lat: float) -> str:
 
 
 def aoi_grid(bounds: tuple[float, float, float, float], crs: str, res: float) -> Grid:
-    """A grid of `res` covering `bounds` (in `crs`), its edges on multiples of
-    `res` so that fetches of overlapping AOIs share pixel edges."""
-    minx, miny, maxx, maxy = bounds
-    minx, miny = round(math.floor(minx / res) * res, 9), round(math.floor(miny / res) * res, 9)  # no 0.30000000000000004
-    width = max(1, math.ceil(round((maxx - minx) / res, 6)))
-    height = max(1, math.ceil(round((maxy - miny) / res, 6)))
-    if width * height > MAX_PIXELS:
-        raise EngineError("TOO_LARGE", f"The AOI at {res} m per pixel is {width} x {height} pixels, more than "
-                          f"{MAX_PIXELS:,}.", "Draw a smaller area or use a larger --gsd.")
-    return Grid(crs, Affine(res, 0, minx, 0, -res, round(miny + height * res, 9)), width, height)
+    return aligned_grid(bounds, crs, res, MAX_PIXELS)
 
 
-def warp_rgba(src: np.ndarray, src_transform: Affine, src_crs: str, grid: Grid, resampling: Resampling) -> np.ndarray:
-    """Warp an RGBA array onto `grid`; the alpha band weights the resampling,
-    so empty tiles do not bleed dark edges into the imagery."""
-    dst = np.zeros((4, grid.height, grid.width), np.uint8)
-    reproject(src, dst, src_transform=src_transform, src_crs=src_crs, dst_transform=grid.transform,
-              dst_crs=grid.crs, resampling=resampling, src_alpha=4, dst_alpha=4)
-    return dst
+def warp_mosaic(source: Path, grid: Grid, resampling: Resampling, out: Path, host: str, reporter: Reporter) -> None:
+    """Warp the source mosaic onto `grid` window by window into `out` (RGB + mask).
+    The source's alpha band weights the resampling, so gaps do not bleed dark edges."""
+    empty = EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {host} hold no imagery inside the AOI.",
+                        "Check that the AOI lies inside the imagery.")
+    with gdal_env(), rasterio.open(source) as src, \
+            WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                      resampling=resampling, warp_extras={"NUM_THREADS": "ALL_CPUS"}) as vrt:
+        def read(window: Window) -> tuple[np.ndarray, np.ndarray]:
+            rgba = vrt.read(window=window)
+            return rgba[:3], rgba[3]
+
+        write_windowed(out, {"crs": grid.crs, "transform": grid.transform, "width": grid.width,
+                             "height": grid.height, "count": 3, "dtype": "uint8"}, read,
+                       colorinterp=(ColorInterp.red, ColorInterp.green, ColorInterp.blue), empty_error=empty,
+                       progress=lambda i, n: reporter.progress(STAGE, i, n, "writing the mosaic"))
 
 
-def write_geotiff(out: Path, data: np.ndarray, profile: dict[str, Any], mask: np.ndarray | None = None,
-                  colorinterp: Iterable[ColorInterp] | None = None) -> None:
-    """Write `data` (bands, rows, cols) atomically as a tiled, deflate GeoTIFF with
-    overviews; `mask` (0 = no data) becomes an internal mask band."""
-    count, height, width = data.shape
-    profile = {**profile, "driver": "GTiff", "count": count, "height": height, "width": width,
-               "dtype": data.dtype.name, "tiled": True, "blockxsize": 256, "blockysize": 256,
-               "compress": "deflate", "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
-    profile.pop("photometric", None)  # e.g. YCbCr from a JPEG-compressed source: not valid with deflate
-    factors = [2 ** i for i in range(1, 8) if max(width, height) / 2 ** i >= 128]
-    # An internal mask travels with the file through the atomic rename; a .msk sidecar would not.
-    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), atomic_output(out) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(data)
-            if mask is not None:
-                dst.write_mask(np.where(mask > 0, 255, 0).astype(np.uint8))
-            if colorinterp is not None:
-                dst.colorinterp = list(colorinterp)
-            if factors:
-                dst.build_overviews(factors, Resampling.average)
-                dst.update_tags(ns="rio_overview", resampling="average")
+def report(reporter: Reporter, counts: Counter, total: int, seconds: float) -> dict[str, Any]:
+    """The run report: summary fields for the result event, and one summary line."""
+    summary = {"tiles": total, "requested": counts["requests"], "from_cache": counts["cache"],
+               "downloaded": counts["downloaded"], "missing": counts["missing"], "blank": counts["blank"],
+               "failed": counts["failed"], "retried": counts["retried"], "bytes": counts["bytes"],
+               "seconds": round(seconds, 2)}
+    reporter.log(f"fetch: {total} tiles, {counts['requests']} requests, {counts['cache']} from cache, "
+                 f"{counts['downloaded']} downloaded, {counts['retried']} retried, {counts['failed']} failed, "
+                 f"{counts['missing'] + counts['blank']} empty, {counts['bytes'] / 1e6:.1f} MB in {seconds:.1f} s")
+    return summary
+
+
+def release_freed_memory() -> None:
+    """Large buffers (decoded tiles, windows) straight from and back to the OS.
+
+    glibc raises its mmap threshold after the first large free, after which
+    each download thread's tile-sized buffers come from its own malloc arena
+    and fragment it: peak memory then grows with the download speed, not the
+    work in flight. A fixed threshold keeps it flat (Linux/glibc only)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layout: Layout, remote: Remote,
+                 out_grid: Grid, native: float, where: str, mbtiles: MBTilesWriter | None,
+                 started: float) -> dict[str, Any]:
+    """Shared by XYZ and WMS: download into a temporary source mosaic beside the output, then warp."""
+    params.out.parent.mkdir(parents=True, exist_ok=True)
+    release_freed_memory()
+    ok = False
+    try:
+        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=f".{params.out.stem}.fetch-") as tmp:
+            with gdal_env():
+                mosaic, counts = download_to_mosaic(jobs, layout, remote, params, Path(tmp), reporter, mbtiles)
+            download_seconds = time.monotonic() - started
+            check_counts(counts, len(jobs), remote.host, where, reporter)
+            if mosaic is None:
+                raise EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {remote.host} hold no imagery inside "
+                                  "the AOI (all were blank).", "Check that the AOI lies inside the imagery.")
+            # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
+            gsd = out_grid.transform.a
+            resampling = Resampling.bilinear if gsd <= native * 1.5 else Resampling.average
+            warp_mosaic(mosaic.path, out_grid, resampling, params.out, remote.host, reporter)
+        ok = True
+    finally:
+        if mbtiles is not None:
+            mbtiles.close(ok)
+    return {**report(reporter, counts, len(jobs), time.monotonic() - started),
+            "download_seconds": round(download_seconds, 2)}
+
+
+def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:
+    return Remote(http_client.make_session({**params.headers, **env_headers()}, params.workers),
+                  TileCache.for_source(params.cache_dir, source_key, params.cache_days),
+                  http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url))
+
+
+# --- XYZ ----------------------------------------------------------------------------------------------
 
 
 def fetch_xyz(params: FetchParams, reporter: Reporter) -> StageResult:
@@ -425,45 +478,36 @@ def fetch_xyz(params: FetchParams, reporter: Reporter) -> StageResult:
     template = check_template(params.source)
     bounds = params.aoi.to_crs("EPSG:4326").bounds
     lon, lat = (bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2
-    zoom = pick_zoom(params.zoom, params.gsd, lat)
+    size = template_tile_size(template)
+    zoom = pick_zoom(params.zoom, params.gsd, lat, size)
     total = count_tiles(bounds, zoom)
     if total == 0:
         raise EngineError("NO_TILES", f"The AOI yields no tiles at zoom {zoom}: Web Mercator tiles stop at "
                           "latitude ±85.05°.", "Draw the AOI between latitudes -85 and 85, or use a local raster.")
-    if total > MAX_TILES:
-        raise EngineError("TOO_MANY_TILES", f"The AOI needs {total} tiles at zoom {zoom}, more than {MAX_TILES}.",
-                          "Draw a smaller area or use a coarser zoom (a lower --zoom or a larger --gsd).")
+    check_caps(total, "tiles", EST_TILE_BYTES * (size // 256) ** 2, params, reporter)
     crs = utm_crs(lon, lat)
-    aoi_bounds = params.aoi.to_crs(crs).bounds
-    aoi_grid(aoi_bounds, crs, params.gsd or ground_resolution(lat, zoom, max(TILE_SIZES)))  # too large? ask now
-    rng = tile_range(bounds, zoom)
-    tiles = list(tiles_covering(bounds, zoom))
-    reporter.log(f"fetch: {total} tiles at zoom {zoom} from {host_of(template)}")
-    outcomes = download_tiles(template, tiles, TileCache.for_source(params.cache_dir, template), params, reporter)
-    check_outcomes(outcomes, template, zoom, reporter)
-
-    mosaic, transform = assemble({o.tile: o.rgba for o in outcomes if o.rgba is not None}, rng, zoom)
-    native = ground_resolution(lat, zoom, tile_size=mosaic.shape[1] // (rng[3] - rng[1] + 1))
+    native = ground_resolution(lat, zoom, size)
     gsd = params.gsd or round(native, 3)
-    grid = aoi_grid(aoi_bounds, crs, gsd)
-    # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
-    rgba = warp_rgba(mosaic, transform, "EPSG:3857", grid,
-                     Resampling.bilinear if gsd <= native * 1.5 else Resampling.average)
-    if not rgba[3].any():
-        raise EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {host_of(template)} hold no imagery inside the AOI.",
-                          "Check that the AOI lies inside the imagery.")
-    write_geotiff(params.out, rgba[:3], {"crs": grid.crs, "transform": grid.transform}, mask=rgba[3],
-                  colorinterp=(ColorInterp.red, ColorInterp.green, ColorInterp.blue))
+    out_grid = aoi_grid(params.aoi.to_crs(crs).bounds, crs, gsd)  # too large? ask now, before downloading
+    xmin, ymin, xmax, ymax = tile_range(bounds, zoom)
+    minx, _, _, maxy = tile_bounds_mercator(Tile(xmin, ymin, zoom))
+    layout = Layout("EPSG:3857", (minx, maxy), 2 * ORIGIN_SHIFT / 2 ** zoom, ymax - ymin + 1, xmax - xmin + 1)
+    jobs = [Job(f"{t.z}/{t.x}/{t.y}", expand_template(template, t, params.subdomains), (t.y - ymin, t.x - xmin), t)
+            for t in tiles_covering(bounds, zoom)]
+    remote = make_remote(params, template, template, decode_tile)
+    reporter.log(f"fetch: zoom {zoom} ({native:.3g} m/px at the AOI's latitude) from {remote.host}")
+    if params.gsd and abs(native / params.gsd - 1) > 0.25:
+        reporter.log(f"The tiles at zoom {zoom} are {native:.3g} m/px at the AOI, {native / params.gsd - 1:+.0%} "
+                     f"from the {params.gsd:g} m asked for: they are resampled, which blurs or wastes detail.",
+                     level="warning")
+    mbtiles = MBTilesWriter(params.mbtiles, params.out.stem, bounds, zoom) if params.mbtiles else None
+    summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, native, f"at zoom {zoom}", mbtiles,
+                           started)
+    outputs = {"mosaic": str(params.out), **({"mbtiles": str(params.mbtiles)} if params.mbtiles else {})}
+    return StageResult(outputs=outputs, summary={"zoom": zoom, **summary, "gsd_m": gsd, "crs": crs})
 
-    counts = Counter(o.status for o in outcomes)
-    summary = {"zoom": zoom, "tiles": total, "from_cache": counts["cache"], "downloaded": counts["downloaded"],
-               "missing": counts["missing"], "failed": counts["failed"], "retried": sum(o.retries for o in outcomes),
-               "bytes": sum(o.nbytes for o in outcomes), "seconds": round(time.monotonic() - started, 2),
-               "gsd_m": gsd, "crs": crs}
-    return StageResult(outputs={"mosaic": str(params.out)}, summary=summary)
 
-
-def pick_zoom(zoom: int | None, gsd: float | None, lat: float) -> int:
+def pick_zoom(zoom: int | None, gsd: float | None, lat: float, tile_size: int = 256) -> int:
     if zoom is not None:
         if not 0 <= zoom <= MAX_ZOOM:
             raise EngineError("BAD_ZOOM", f"Zoom {zoom} is outside 0..{MAX_ZOOM}.", "Give --zoom between 0 and 24.")
@@ -471,7 +515,50 @@ def pick_zoom(zoom: int | None, gsd: float | None, lat: float) -> int:
     if gsd is None:
         raise EngineError("NEED_ZOOM", "An XYZ source needs a zoom level or a ground resolution.",
                           "Give --zoom Z or --gsd METRES (the nearest zoom is picked).")
-    return nearest_zoom(gsd, lat, max_zoom=MAX_ZOOM)
+    return nearest_zoom(gsd, lat, tile_size, max_zoom=MAX_ZOOM)
+
+
+# --- WMS ----------------------------------------------------------------------------------------------
+
+
+def fetch_wms(params: FetchParams, reporter: Reporter) -> StageResult:
+    started = time.monotonic()
+    source = wms.parse_wms(params.source)
+    if params.gsd is None:
+        raise EngineError("NEED_GSD", "A WMS source needs a ground resolution.", "Give --gsd METRES, e.g. --gsd 0.5")
+    bounds = params.aoi.to_crs("EPSG:4326").bounds
+    lon, lat = (bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2
+    crs = utm_crs(lon, lat)
+    out_grid = aoi_grid(params.aoi.to_crs(crs).bounds, crs, params.gsd)
+    req_crs = source.crs or params.wms_crs  # a CRS in the URL (e.g. from a QGIS layer) wins
+    # Ask for the output grid's extent (not just the AOI's) so that its edge pixels have imagery.
+    out_bounds = rasterio.transform.array_bounds(out_grid.height, out_grid.width, out_grid.transform)
+    req_bounds = transform_bounds(crs, req_crs, *out_bounds)
+    res = wms.request_res(req_crs, params.gsd, lat)
+    span = wms.CHUNK * res
+    col0, row0, col1, row1 = wms.chunk_range(req_bounds, span)
+    count = (col1 - col0 + 1) * (row1 - row0 + 1)
+    check_caps(count, f"WMS images of {wms.CHUNK} px", EST_TILE_BYTES * (wms.CHUNK // 256) ** 2, params, reporter)
+    layout = Layout(req_crs, (col0 * span, -row0 * span), span, row1 - row0 + 1, col1 - col0 + 1)
+    crs_key = req_crs.replace(":", "-")
+    jobs = [Job(f"{crs_key}/{res!r}/{row}/{col}",
+                wms.getmap_url(source, req_crs, wms.chunk_bounds(col, row, span), wms.CHUNK, wms.CHUNK),
+                (row - row0, col - col0))
+            for row in range(row0, row1 + 1) for col in range(col0, col1 + 1)]
+    source_key = f"{source.base}?{sorted(source.params.items())}&VERSION={source.version}"
+    remote = make_remote(params, source_key, source.base, lambda data: decode_wms(data))
+    reporter.log(f"fetch: WMS {source.version} from {remote.host} in {req_crs}")
+    summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, params.gsd, "", None, started)
+    return StageResult(outputs={"mosaic": str(params.out)},
+                       summary={"zoom": None, **summary, "gsd_m": params.gsd, "crs": crs})
+
+
+def decode_wms(data: bytes) -> np.ndarray:
+    """A GetMap image of CHUNK x CHUNK px; a ServiceException (XML) is a ValueError with its text."""
+    if data.lstrip()[:1] == b"<":
+        text = data.decode("utf-8", "replace")
+        raise ValueError("WMS error: " + " ".join(text.split())[:200])
+    return decode_tile(data, (wms.CHUNK, wms.CHUNK))
 
 
 # --- Local raster -----------------------------------------------------------------------------------
@@ -485,7 +572,7 @@ def _outside(src: rasterio.DatasetReader) -> EngineError:
                        "Draw the AOI inside the imagery's extent, or give imagery that covers it.")
 
 
-def crop_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float, float]) -> rasterio.windows.Window:
+def crop_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float, float]) -> Window:
     """The pixel window of `bounds` (in the raster's CRS), widened to whole
     pixels and clipped to the raster; AOI_OUTSIDE_IMAGERY when empty."""
     window = rasterio.windows.from_bounds(*bounds, transform=src.transform)
@@ -494,7 +581,7 @@ def crop_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float, 
     row1 = min(src.height, math.ceil(window.row_off + window.height - 1e-6))
     if col1 <= col0 or row1 <= row0:
         raise _outside(src)
-    return rasterio.windows.Window(col0, row0, col1 - col0, row1 - row0)
+    return Window(col0, row0, col1 - col0, row1 - row0)
 
 
 def _per_dataset_mask(src: rasterio.DatasetReader) -> bool:
@@ -502,26 +589,45 @@ def _per_dataset_mask(src: rasterio.DatasetReader) -> bool:
     return src.nodata is None and MaskFlags.all_valid not in src.mask_flag_enums[0]
 
 
+def _in_metres(crs: rasterio.crs.CRS) -> bool:
+    return crs.is_projected and crs.linear_units_factor[1] == 1.0
+
+
 def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
+    """Crop (and, for --gsd or a CRS not in metres, warp) a local raster of any
+    band count and data type, window by window: never read whole."""
     started = time.monotonic()
     with open_raster(params.source) as src:
         if src.crs is None:
             raise EngineError("BAD_IMAGERY", f"{params.source} has no coordinate reference system.",
                               "Georeference the imagery (e.g. with QGIS's Georeferencer) first.")
-        src_crs = src.crs.to_string()
-        aoi_bounds = params.aoi.to_crs(src_crs).bounds
-        window = crop_window(src, aoi_bounds)
+        window = crop_window(src, params.aoi.to_crs(src.crs.to_string()).bounds)
         has_mask = _per_dataset_mask(src)
-        if params.gsd is None:
-            data, transform, crs = src.read(window=window), src.window_transform(window), src_crs
-            mask = src.dataset_mask(window=window) if has_mask else None
+        profile = {"count": src.count, "dtype": src.dtypes[0], "nodata": src.nodata}
+        if params.gsd is None and _in_metres(src.crs):
+            crs, transform = src.crs.to_string(), src.window_transform(window)
+            profile |= {"crs": crs, "transform": transform, "width": int(window.width), "height": int(window.height)}
+
+            def read(w: Window) -> tuple[np.ndarray, np.ndarray | None]:
+                at = Window(window.col_off + w.col_off, window.row_off + w.row_off, w.width, w.height)
+                return src.read(window=at), (src.dataset_mask(window=at) if has_mask else None)
+
+            write_windowed(params.out, profile, read, colorinterp=src.colorinterp,
+                           progress=lambda i, n: reporter.progress(STAGE, i, n))
         else:
-            data, mask, transform, crs = _resample_local(src, params.aoi, window, params.gsd, has_mask)
-        profile = {"crs": crs, "transform": transform, "nodata": src.nodata}
-        write_geotiff(params.out, data, profile, mask=mask, colorinterp=src.colorinterp)
-    reporter.progress(STAGE, 1, 1)
-    summary = {"zoom": None, "tiles": 0, "from_cache": 0, "downloaded": 0, "missing": 0, "failed": 0, "retried": 0,
-               "bytes": 0, "seconds": round(time.monotonic() - started, 2),
+            grid, resampling = _local_target(src, params.aoi, window, params.gsd)
+            crs, transform = grid.crs, grid.transform
+            profile |= {"crs": crs, "transform": transform, "width": grid.width, "height": grid.height}
+            with WarpedVRT(src, crs=crs, transform=transform, width=grid.width, height=grid.height,
+                           resampling=resampling, add_alpha=has_mask) as vrt:
+                def read(w: Window) -> tuple[np.ndarray, np.ndarray | None]:
+                    data = vrt.read(window=w)
+                    return (data[:-1], data[-1]) if has_mask else (data, None)
+
+                write_windowed(params.out, profile, read, colorinterp=src.colorinterp,
+                               progress=lambda i, n: reporter.progress(STAGE, i, n))
+    summary = {"zoom": None, "tiles": 0, "requested": 0, "from_cache": 0, "downloaded": 0, "missing": 0,
+               "blank": 0, "failed": 0, "retried": 0, "bytes": 0, "seconds": round(time.monotonic() - started, 2),
                "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs}
     return StageResult(outputs={"mosaic": str(params.out)}, summary=summary)
 
@@ -534,24 +640,20 @@ def pixel_metres(crs: str, transform: Affine) -> float:
     return abs(transform.e) * (crs_.linear_units_factor[1] if crs_.is_projected else 1.0)
 
 
-def _resample_local(src: rasterio.DatasetReader, aoi: AOI, window: rasterio.windows.Window, gsd: float,
-                    has_mask: bool) -> tuple[np.ndarray, np.ndarray | None, Affine, str]:
-    """The AOI at `gsd` m/px: in the raster's CRS when it is in metres, else
-    (degrees) in the UTM zone of the AOI's centre."""
-    if src.crs.is_projected and src.crs.linear_units_factor[1] == 1.0:
+def _local_target(src: rasterio.DatasetReader, aoi: AOI, window: Window,
+                  gsd: float | None) -> tuple[Grid, Resampling]:
+    """The output grid: in the raster's CRS when it is in metres, else (degrees,
+    feet) in the UTM zone of the AOI's centre; at `gsd`, or the native pixel size in metres."""
+    if _in_metres(src.crs):
         crs = src.crs.to_string()
     else:
         west, south, east, north = aoi.to_crs("EPSG:4326").bounds
         crs = utm_crs((west + east) / 2, (south + north) / 2)
+    native = pixel_metres(src.crs.to_string(), src.transform)
+    gsd = gsd or round(native, 6)
     # Only the part of the AOI the imagery covers.
     covered = transform_bounds(src.crs, crs, *rasterio.windows.bounds(window, src.transform))
     aoi_bounds = aoi.to_crs(crs).bounds
     grid = aoi_grid((max(covered[0], aoi_bounds[0]), max(covered[1], aoi_bounds[1]),
                      min(covered[2], aoi_bounds[2]), min(covered[3], aoi_bounds[3])), crs, gsd)
-    native = abs(src.transform.a) if crs == src.crs.to_string() else gsd
-    resampling = Resampling.bilinear if gsd <= native * 1.5 else Resampling.average
-    with WarpedVRT(src, crs=crs, transform=grid.transform, width=grid.width, height=grid.height,
-                   resampling=resampling, add_alpha=has_mask) as vrt:
-        if has_mask:
-            return vrt.read(list(range(1, src.count + 1))), vrt.read(src.count + 1), grid.transform, crs
-        return vrt.read(), None, grid.transform, crs
+    return grid, Resampling.bilinear if gsd <= native * 1.5 else Resampling.average

@@ -102,3 +102,29 @@ def nearest_zoom(gsd: float, lat: float, tile_size: int = 256, max_zoom: int = 2
     if gsd <= 0:
         raise ValueError(f"gsd must be positive, got {gsd}")
     return min(range(max_zoom + 1), key=lambda z: abs(math.log(ground_resolution(lat, z, tile_size) / gsd)))
+
+
+def quadkey(tile: Tile) -> str:
+    """Bing Maps quadkey of a tile: one base-4 digit per zoom level, from zoom 1 down."""
+    digits = []
+    for level in range(tile.z, 0, -1):
+        mask = 1 << (level - 1)
+        digits.append(str((1 if tile.x & mask else 0) + (2 if tile.y & mask else 0)))
+    return "".join(digits)
+
+
+def expand_template(template: str, tile: Tile, subdomains: str = "abc") -> str:
+    """The URL of `tile`: {z} {x} {y}; {-y} counts rows from the south (TMS, as in
+    QGIS's XYZ connections); {q} is the Bing quadkey; {s} rotates over `subdomains`
+    (by tile, so one tile always hits the same host and its cache entry)."""
+    url = (template.replace("{z}", str(tile.z)).replace("{x}", str(tile.x))
+           .replace("{-y}", str(2 ** tile.z - 1 - tile.y)).replace("{y}", str(tile.y))
+           .replace("{q}", quadkey(tile)))
+    if "{s}" in url and subdomains:
+        url = url.replace("{s}", subdomains[(tile.x + tile.y) % len(subdomains)])
+    return url
+
+
+def template_tile_size(template: str) -> int:
+    """512 for retina templates (`@2x`, `/512/`), else 256: the size the mosaic grid is laid out in."""
+    return 512 if "@2x" in template or "/512/" in template or "tilesize=512" in template.lower() else 256

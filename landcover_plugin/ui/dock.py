@@ -302,7 +302,10 @@ class LandcoverDock(QgsDockWidget):
             return None
         pipeline = write_pipeline(spec, spec.out.with_name(spec.out.stem + "-pipeline.yaml"))
         label = TASK_LABELS[spec.task].lower()
-        task = EngineTask(f"Landcover: {label}", EngineRun(location.python, ["run", str(pipeline)], cwd=out_dir),
+        imagery = self.imagery()
+        secrets = imagery.engine_env() if imagery else {}  # credentials: through the environment only
+        task = EngineTask(f"Landcover: {label}", EngineRun(location.python, ["run", str(pipeline)], cwd=out_dir,
+                                                           extra_env=secrets),
                           message_bar=self.iface.messageBar(),
                           on_success=lambda event: self._succeeded(event, label),
                           on_failure=self._failed)

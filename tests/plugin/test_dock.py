@@ -191,3 +191,39 @@ def test_cancel_button_stops_the_run(dock, osbs_layers, slow_tiles, tmp_path, wa
     assert "Cancelled" in dock.status_label.text()
     assert dock.run_button.isEnabled() and not dock.cancel_button.isEnabled()
     assert not list(tmp_path.glob("*.gpkg"))
+
+
+def test_wms_layer_becomes_an_engine_wms_source(qgis_iface):
+    """A QGIS WMS layer reaches the engine as a GetMap URL with its layers, format and CRS."""
+    from urllib.parse import parse_qs, urlsplit
+
+    from landcover_plugin.core.sources import raster_layer_source
+
+    uri = "crs=EPSG:4326&format=image/jpeg&layers=ortho&styles=&url=http://127.0.0.1:9/wms"
+    layer = QgsRasterLayer(uri, "agency WMS", "wms")  # unreachable: the layer's source is all we need
+    source = raster_layer_source(layer).source
+    query = parse_qs(urlsplit(source).query, keep_blank_values=True)
+    assert source.startswith("http://127.0.0.1:9/wms?")
+    assert query["SERVICE"] == ["WMS"] and query["LAYERS"] == ["ortho"] and query["CRS"] == ["EPSG:4326"]
+    assert query["FORMAT"] == ["image/jpeg"]
+
+
+def test_credentials_from_the_qgis_auth_database(qgis_iface):
+    """A layer's authcfg becomes an Authorization header for the engine's environment, kept out of
+    the source (which goes into the pipeline file) and out of repr (logs)."""
+    from qgis.core import QgsApplication, QgsAuthMethodConfig
+
+    from landcover_plugin.core.sources import HEADERS_ENV, raster_layer_source
+
+    manager = QgsApplication.authManager()
+    manager.setMasterPassword("test-master", True)
+    config = QgsAuthMethodConfig("Basic")
+    config.setName("agency")
+    config.setConfig("username", "field")
+    config.setConfig("password", "s3cret")
+    assert manager.storeAuthenticationConfig(config)
+    uri = f"authcfg={config.id()}&crs=EPSG:4326&format=image/png&layers=ortho&styles=&url=http://127.0.0.1:9/wms"
+    source = raster_layer_source(QgsRasterLayer(uri, "agency WMS", "wms"))
+    assert source.secret_headers == {"Authorization": "Basic ZmllbGQ6czNjcmV0"}  # field:s3cret
+    assert "s3cret" not in source.source + repr(source) and "ZmllbGQ6czNjcmV0" not in repr(source)
+    assert json.loads(source.engine_env()[HEADERS_ENV]) == source.secret_headers

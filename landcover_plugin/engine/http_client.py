@@ -1,0 +1,145 @@
+"""Polite HTTP for tile and map servers: keep-alive, a per-host rate limit,
+retries with exponential back-off and jitter that honour Retry-After.
+
+One retry loop of our own (not urllib3's) so that every retry is counted for
+the run report, every wait goes through the rate limit, and a cancelled run
+stops waiting at once.
+"""
+from __future__ import annotations
+
+import email.utils
+import random
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable
+from urllib.parse import urlsplit
+
+import requests
+from requests.adapters import HTTPAdapter
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+USER_AGENT = "landcover-plugin/0.2 (+https://github.com/landcover-plugin; QGIS land cover plugin)"
+TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes
+ATTEMPTS = 6  # tries per URL for 5xx/429, broken connections and bodies that do not validate
+BACKOFF_BASE = 0.2  # seconds; the n-th retry waits up to BACKOFF_BASE * 2**n ("full jitter")
+BACKOFF_CAP = 10.0
+RETRY_AFTER_CAP = 60.0  # a server asking for longer is treated as refusing
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+MISSING_STATUS = frozenset({204, 404})
+
+
+class Unreachable(Exception):
+    """Connection refused, unknown host or connect timeout: the server is not there."""
+
+
+@dataclass
+class Download:
+    body: bytes | None
+    status: str  # "ok", "missing" (404/204) or "failed"
+    retries: int = 0
+    error: str = ""
+    value: object = None  # what `validate` returned for the body
+
+
+def host_of(url: str) -> str:
+    """host[:port] of a URL, for messages and rate limits: never the path or query, which may hold API keys."""
+    parts = urlsplit(url)
+    return parts.hostname + (f":{parts.port}" if parts.port else "") if parts.hostname else "?"
+
+
+class RateLimiter:
+    """At most `rate` requests per second to each host, spaced evenly (0: no limit)."""
+
+    def __init__(self, rate: float) -> None:
+        self.interval = 1.0 / rate if rate and rate > 0 else 0.0
+        self._next: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def wait(self, host: str, stop: threading.Event) -> None:
+        if not self.interval:
+            return
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next.get(host, 0.0))
+            self._next[host] = slot + self.interval
+        if slot > now:
+            stop.wait(slot - now)
+
+
+def make_session(headers: dict[str, str], pool_size: int) -> requests.Session:
+    """A keep-alive session with a connection pool as large as the worker count."""
+    adapter = HTTPAdapter(max_retries=0, pool_connections=4, pool_maxsize=max(pool_size, 1))
+    session = requests.Session()
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.headers.update({"User-Agent": USER_AGENT, **headers})
+    return session
+
+
+def backoff(retry: int, rng: random.Random = random.Random()) -> float:
+    """Seconds before retry number `retry` (0-based): random up to an exponential cap,
+    so that many clients (or workers) do not retry in lockstep."""
+    return rng.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** retry))
+
+
+def retry_after(response: requests.Response) -> float | None:
+    """The Retry-After header in seconds (delta-seconds or an HTTP date), None if absent or unreadable."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _unreachable(exc: requests.ConnectionError) -> bool:
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(exc, requests.ConnectTimeout) or isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+
+
+def get(session: requests.Session, url: str, validate: Callable[[requests.Response], object],
+        limiter: RateLimiter, stop: threading.Event) -> Download:
+    """GET `url` until `validate(response)` accepts a 200 answer (it raises ValueError
+    on a bad body: truncated, garbage, wrong size), retrying transient failures.
+    Raises Unreachable when the server cannot be connected to at all."""
+    host, retries, error = host_of(url), 0, ""
+    for attempt in range(ATTEMPTS):
+        if attempt:
+            retries += 1
+        if stop.is_set():
+            return Download(None, "failed", retries, "stopped")
+        limiter.wait(host, stop)
+        wait = None
+        try:
+            response = session.get(url, timeout=TIMEOUT)
+        except requests.ConnectionError as exc:
+            if _unreachable(exc):
+                raise Unreachable(host) from None
+            error = type(exc).__name__  # not str(exc): it holds the URL, maybe with a key
+        except requests.RequestException as exc:  # read timeout, body cut short
+            error = type(exc).__name__
+        else:
+            if response.status_code in MISSING_STATUS:
+                return Download(None, "missing", retries)
+            if response.status_code == 200:
+                try:
+                    return Download(response.content, "ok", retries, value=validate(response))
+                except ValueError as exc:
+                    error = str(exc)
+            elif response.status_code in RETRY_STATUS:
+                error = f"HTTP {response.status_code}"
+                wait = retry_after(response) if response.status_code in (429, 503) else None
+                if wait is not None and wait > RETRY_AFTER_CAP:
+                    return Download(None, "failed", retries, f"{error}, Retry-After {wait:.0f} s")
+            else:  # 401, 403, ...: asking again will not help
+                return Download(None, "failed", retries, f"HTTP {response.status_code}")
+        if attempt + 1 < ATTEMPTS:
+            stop.wait(wait if wait is not None else backoff(attempt))
+    return Download(None, "failed", retries, error)

@@ -8,7 +8,9 @@ Tensor layout (Deepness's): input float32 NCHW [batch, bands, tile, tile],
 already normalised as ((raw / input_scale) - mean) / std; output float32 NCHW.
 - landcover: C = len(class_names), softmax class probabilities.
 - trees: C = 2, channel 0 crown probability, channel 1 tree-centre heatmap
-  (both sigmoid; the heatmap peaks at tree centres).
+  (both sigmoid; the heatmap peaks at tree centres); C = 3 when class_names
+  include "dead" (["crown", "dead"]): channel 2 the probability that a crown
+  pixel is dead.
 No TensorFlow here: predict reads packages in a process without it.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class ModelInfo:
     dataset: str = ""  # dataset folder name / id it was trained on
     metrics: dict = field(default_factory=dict)  # validation metrics
     threshold: float = 0.5  # crown probability threshold (trees)
+    nir_band: int | None = None  # 1-based imagery band holding near infrared, for NDVI (trees)
 
     def metadata_props(self) -> dict[str, str]:
         """The ONNX metadata: Deepness keys plus ours (all strings)."""

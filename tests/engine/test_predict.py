@@ -17,7 +17,7 @@ from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.model_package import ModelInfo, write_metadata
 from landcover_plugin.engine.predict import (PredictParams, aoi_window, open_session, predict,
-                                             predict_window, tile_origins)
+                                             predict_to_raster, tile_origins)
 
 PIXEL = 0.1  # metres, the tree scenes' resolution
 
@@ -100,16 +100,19 @@ def test_tile_cores_cover_each_pixel_once():
         assert (covered == 1).all()
 
 
-def test_tiles_are_seam_free(seam_case):
+def test_tiles_are_seam_free(seam_case, tmp_path):
     image, raster, model = seam_case
     reporter = json_reporter()
     info = landcover_info()
     session, provider = open_session(model, reporter)
     with rasterio.open(raster) as src:
-        window, mask = aoi_window(src, None)
-        values, valid, tiles = predict_window(session, src, info, window, mask, reporter)
+        window, aoi = aoi_window(src, None)
+        tiles = predict_to_raster(session, src, info, window, aoi, tmp_path / "pred.tif", reporter, batch_size=3)
+    with rasterio.open(tmp_path / "pred.tif") as pred:
+        values = pred.read()
+        assert pred.transform == from_origin(400000, 3300000, 1.0, 1.0) and pred.crs.to_epsg() == 32617
     assert tiles == 5 * 7
-    assert valid.all()
+    assert (values != 255).all()
     expected = box_sum_classes(image)
     assert len(np.unique(expected)) == 3
     np.testing.assert_array_equal(values[0], expected)

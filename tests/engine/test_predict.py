@@ -312,3 +312,35 @@ def test_output_channels_must_match_the_classes(tmp_path, constant_raster):
     with pytest.raises(EngineError) as err:
         predict(PredictParams(model=model, imagery=constant_raster, out=tmp_path / "lc.gpkg"), json_reporter())
     assert err.value.code == "BAD_MODEL" and "(n, 2, 64, 64)" in err.value.message
+
+
+def test_a_deepness_model_runs_unchanged(tmp_path, constant_raster):
+    """A model from outside the project: only Deepness's metadata keys, its normalisation
+    (raw / 255, then mean/std), its class names; no `landcover.*` keys."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # class 1 ("forest") where normalised band 1 > 0: x = (100/255 - 0.2) / 0.5 = 0.38
+    weights = np.zeros((2, 3, 1, 1), np.float32)
+    weights[1, 0] = 10.0
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["logits"], kernel_shape=[1, 1]),
+         helper.make_node("Softmax", ["logits"], ["y"], axis=1)], "deepness",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 128, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 128, 128])],
+        initializer=[numpy_helper.from_array(weights, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"model_type": "segmentation", "class_names": json.dumps({"0": "water", "1": "forest"}),
+                       "resolution": "100", "tiles_size": "128", "tiles_overlap": "25",
+                       "standardization_mean": "[0.2, 0.2, 0.2]", "standardization_std": "[0.5, 0.5, 0.5]"}.items():
+        model.metadata_props.add(key=key, value=value)
+    path = tmp_path / "deepness.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "lc.gpkg"
+    reporter = json_reporter()
+    result = predict(PredictParams(model=path, imagery=constant_raster, out=out), reporter)
+    assert result.summary["hectares"] == {"water": 0.0, "forest": pytest.approx(4.0)}
+    assert not [e for e in events(reporter) if e.get("level") == "warning"]  # 1 m model on 1 m imagery
+    with fiona.open(out, layer="landcover") as layer:
+        assert [f["properties"]["class"] for f in layer] == ["forest"]

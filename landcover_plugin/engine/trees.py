@@ -25,22 +25,12 @@ from scipy import ndimage
 from shapely.geometry import Point, shape
 from shapely.geometry.base import BaseGeometry
 
+from .health import HealthThresholds
 from .vectorize import Layer, _polygonal, areas_m2, find_seeds, pixel_size_m, split_crowns
 
 MIN_CROWN_M2 = 0.5  # smaller crowns are noise
 SEED_DISTANCE_M = 1.0  # two tree centres are at least this far apart
 STATUSES = ("healthy", "stressed", "dead")
-
-
-@dataclass(frozen=True)
-class HealthThresholds:
-    """Status thresholds (documented in README, `landcover predict --help`)."""
-
-    vari_stressed: float = 0.05  # green canopy has VARI ~0.1-0.4; yellowing ~0
-    vari_dead: float = -0.05  # grey/brown crowns: red above green
-    ndvi_stressed: float = 0.5
-    ndvi_dead: float = 0.25
-    dead_prob: float = 0.5  # mean dead-channel probability of a dead crown
 
 
 @dataclass(frozen=True)

@@ -143,3 +143,22 @@ def test_landcover_polygons_merge_across_blocks():
     assert union.area == pytest.approx(sum(g.area for g in geoms), rel=1e-6)  # no overlaps
     assert union.area == pytest.approx(valid.sum() * 4.0, rel=2e-3)  # no gaps
     assert stats.rows == stats_split.rows
+
+
+def test_cli_tree_options(tmp_path, capsys):
+    import json
+
+    from landcover_plugin.engine.cli import main
+
+    raster = write_raster(tmp_path / "scene.tif", health_scene(), from_origin(400000, 3300000, PIXEL, PIXEL))
+    model = health_model(tmp_path / "m.onnx", dead_channel=False)
+    out = tmp_path / "t.gpkg"
+    assert main(["--json", "predict", "--model", str(model), "--imagery", str(raster), "--out", str(out),
+                 "--nir-band", "4", "--ndvi-stressed", "0.1", "--no-orchard"]) == 0
+    assert "missing_trees" not in fiona.listlayers(out)
+    statuses = sorted(p["status"] for _, p in read_layer(out, "crowns"))
+    assert statuses == ["dead", "dead", "healthy"]  # NDVI 0.54; -0.07 and 0.03 are below ndvi_dead 0.25
+    capsys.readouterr()
+    assert main(["--json", "predict", "--model", str(model), "--imagery", str(raster), "--out", str(out),
+                 "--nir-band", "9"]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["code"] == "BAD_IMAGERY_BANDS"

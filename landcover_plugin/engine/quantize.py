@@ -59,8 +59,9 @@ class _Reader:
         return next(self.items, None)
 
 
-def quantize_file(src: Path, dst: Path, info: ModelInfo, imagery: Path | None, tiles: int) -> str:
-    """Write the int8 model of `src` to `dst`; returns the method used."""
+def quantize_file(src: Path, dst: Path, calibration: list[np.ndarray] | None) -> str:
+    """Write the int8 model of `src` to `dst`: static when calibration inputs are
+    given, else dynamic; returns the method used."""
     import onnxruntime as ort
     from onnxruntime.quantization import (QuantFormat, QuantType, quantize_dynamic, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -71,12 +72,12 @@ def quantize_file(src: Path, dst: Path, info: ModelInfo, imagery: Path | None, t
             quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         except Exception:  # noqa: BLE001 - optional step; the plain model quantizes too
             shutil.copy(src, prepared)
-        if imagery is None:
+        if calibration is None:
             quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8)
             method = "dynamic"
         else:
             name = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_inputs()[0].name
-            reader = _Reader(name, calibration_batches(imagery, info, tiles))
+            reader = _Reader(name, calibration)
             quantize_static(str(prepared), str(dst), reader, quant_format=QuantFormat.QDQ,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
             method = "static"
@@ -91,7 +92,9 @@ def quantize(params: QuantizeParams, reporter: Reporter) -> StageResult:
     with atomic_output(params.out, directory=not single_file) as tmp:
         target = tmp if single_file else tmp / ONNX_NAME
         try:
-            method = quantize_file(src, target, info, params.imagery, params.calibration_tiles)
+            calibration = (calibration_batches(params.imagery, info, params.calibration_tiles)
+                           if params.imagery else None)
+            method = quantize_file(src, target, calibration)
         except EngineError:
             raise
         except Exception as exc:  # onnxruntime's quantizer raises untyped errors on odd graphs

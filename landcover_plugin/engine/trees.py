@@ -22,11 +22,11 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import shapes
 from scipy import ndimage
-from shapely.geometry import Point, shape
+from shapely.geometry import Point
 from shapely.geometry.base import BaseGeometry
 
 from .health import HealthThresholds
-from .vectorize import Layer, _polygonal, areas_m2, find_seeds, pixel_size_m, split_crowns
+from .vectorize import Layer, _polygonal, areas_m2, find_seeds, pixel_size_m, polygon, split_crowns
 
 MIN_CROWN_M2 = 0.5  # smaller crowns are noise
 SEED_DISTANCE_M = 1.0  # two tree centres are at least this far apart
@@ -108,7 +108,7 @@ def block_trees(block: TreeBlock, crs: CRS, params: TreeParams) -> list[tuple[Ba
 
     parts: dict[int, list[BaseGeometry]] = {}
     for g, v in shapes(labels, mask=labels > 0, transform=block.transform, connectivity=4):
-        parts.setdefault(int(v), []).append(shape(g))
+        parts.setdefault(int(v), []).append(polygon(g))
     own = sorted(parts)
     geoms = [_polygonal(shapely.union_all(parts[i])) for i in own]
     areas = areas_m2(geoms, crs)

@@ -67,6 +67,13 @@ def pixel_size_m(transform: Affine, crs: CRS, height: int, width: int) -> float:
     return math.sqrt(float(row_pixel_areas(middle, crs, 1, width)[0]))
 
 
+def polygon(geojson: dict) -> BaseGeometry:
+    """A GeoJSON polygon from rasterio's shapes() as a shapely Polygon, through numpy
+    arrays (2-3x faster than shapely.geometry.shape)."""
+    rings = [shapely.linearrings(np.asarray(r, dtype=np.float64)) for r in geojson["coordinates"]]
+    return shapely.polygons(rings[0], rings[1:] or None)
+
+
 def _polygonal(geom: BaseGeometry) -> MultiPolygon:
     """A valid MultiPolygon (make_valid may return collections with lines)."""
     geom = shapely.make_valid(geom)
@@ -124,7 +131,7 @@ def landcover_blocks(read, shape_hw: tuple[int, int], transform: Affine, crs: CR
         rows = row_pixel_areas(transform * Affine.translation(0, r0), crs, r1 - r0, width)
         m2 += np.bincount(classes[valid].astype(np.int64), np.broadcast_to(rows[:, None], classes.shape)[valid],
                           minlength=len(class_names))[:len(class_names)]
-        regions = [(shape(g), int(v)) for g, v in
+        regions = [(polygon(g), int(v)) for g, v in
                    shapes(classes, mask=valid, transform=Affine.translation(c0, r0), connectivity=4)]
         inner = (c0 > 0, r0 > 0, c1 < width, r1 < height)  # left, top, right, bottom are block borders
 
@@ -220,13 +227,26 @@ def split_crowns(crown: np.ndarray, seeds: list[tuple[int, int]]) -> tuple[np.nd
 
 # --- writing ---------------------------------------------------------------
 
-def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
-    """Write the layers into one GeoPackage (the caller makes it atomic)."""
-    import fiona
+def _column(values: list, kind: str) -> np.ndarray:
+    """A field's values as the array pyogrio writes: floats with NaN for null, else objects."""
+    if kind == "float":
+        return np.array([np.nan if v is None else v for v in values], np.float64)
+    if kind == "int" and None not in values:
+        return np.array(values, np.int64)
+    return np.array(values, dtype=object)
 
-    for layer in layers:
-        schema = {"geometry": layer.geometry or "None", "properties": dict(layer.fields)}
-        with fiona.open(path, "w", driver="GPKG", layer=layer.name, schema=schema,
-                        crs_wkt=crs.to_wkt() if layer.geometry else None) as dst:
-            dst.writerecords({"geometry": mapping(g) if g is not None else None, "properties": props}
-                             for g, props in layer.rows)
+
+def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
+    """Write the layers into one GeoPackage (the caller makes it atomic). Geometries go
+    to GDAL as WKB arrays in one call per layer (pyogrio): fast for 100k polygons."""
+    from pyogrio.raw import write
+
+    for n, layer in enumerate(layers):
+        geoms = [g for g, _ in layer.rows]
+        wkb = shapely.to_wkb(np.array(geoms, dtype=object)) if layer.geometry else None
+        if layer.geometry and not geoms:
+            wkb = np.array([], dtype=object)
+        columns = [_column([props[name] for _, props in layer.rows], kind) for name, kind in layer.fields.items()]
+        write(str(path), wkb, columns, list(layer.fields), layer=layer.name, driver="GPKG",
+              geometry_type=layer.geometry, crs=crs.to_wkt() if layer.geometry else None, append=n > 0,
+              promote_to_multi=False)

@@ -157,7 +157,9 @@ def landcover_blocks(read, shape_hw: tuple[int, int], transform: Affine, crs: CR
         done.extend((g, v) for g in getattr(merged, "geoms", [merged]))
 
     to_crs = lambda xy: np.column_stack(transform * (xy[:, 0], xy[:, 1]))  # noqa: E731
-    geoms = [_polygonal(shapely.transform(g, to_crs)) for g, _ in done]
+    geoms = shapely.transform(np.array([g for g, _ in done], dtype=object), to_crs)  # all at once
+    ok = shapely.is_valid(geoms)
+    geoms = [g if k else _polygonal(g) for g, k in zip(geoms, ok)]  # repair only the rare invalid one
     areas = areas_m2(geoms, crs)
     landcover = Layer("landcover", "MultiPolygon", {"class": "str", "area_m2": "float"})
     for geom, (_, value), area in zip(geoms, done, areas):
@@ -249,4 +251,4 @@ def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
         columns = [_column([props[name] for _, props in layer.rows], kind) for name, kind in layer.fields.items()]
         write(str(path), wkb, columns, list(layer.fields), layer=layer.name, driver="GPKG",
               geometry_type=layer.geometry, crs=crs.to_wkt() if layer.geometry else None, append=n > 0,
-              promote_to_multi=False)
+              promote_to_multi=layer.geometry == "MultiPolygon")

@@ -20,10 +20,11 @@ TILE, N_TILES, BATCH = 256, 32, 8
 
 def ort_session(path: Path):
     """A session tuned as predict's (landcover_plugin.engine.predict.open_session)."""
+    import io
+
     from landcover_plugin.engine.events import Reporter
     from landcover_plugin.engine.predict import open_session
 
-    import io
     session, _ = open_session(path, Reporter(json_mode=True, out=io.StringIO()))
     return session
 

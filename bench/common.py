@@ -12,6 +12,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable  # the engine's venv
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # this checkout's engine, as the child processes get it
 
 
 def engine_env() -> dict[str, str]:

@@ -38,6 +38,7 @@ from .vectorize import BLOCK_SIZE, NODATA, Layer, blocks, landcover_blocks, pixe
 BATCH_SIZE = 8
 RESOLUTION_TOLERANCE = 0.25  # warn when the imagery's pixel size is off the model's by more
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
+GDAL_CACHE_BYTES = 128 * 2**20
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 
 
@@ -297,9 +298,7 @@ def predict_to_raster(session, src, info: ModelInfo, window: Window, aoi: AoiPix
     profile = prediction_profile(height, width, channels, stride, src.crs, src.window_transform(window))
     reporter.progress("predict", 0, len(tiles), "tiles")
     done = 0
-    # A small GDAL cache: the strips are written whole, a big cache would only grow the RSS.
-    with rasterio.Env(GDAL_CACHEMAX=64), rasterio.open(path, "w", **profile) as dst, \
-            ThreadPoolExecutor(max_workers=1) as pool:
+    with rasterio.open(path, "w", **profile) as dst, ThreadPoolExecutor(max_workers=1) as pool:
         writer = StripWriter(dst, channels, stride, info.tile_overlap)
         ahead = pool.submit(read_batch, src, window, batches[0], info, aoi) if batches else None
         for k, batch in enumerate(batches):
@@ -358,6 +357,13 @@ def vectorize_trees(pred: Path, src, window: Window, info: ModelInfo, params: "P
     return rows
 
 
+def buildings_layer(landcover: Layer, class_names: list[str]) -> Layer:
+    """A buildings model is a segmentation whose first class is the background:
+    layer `buildings` holds the polygons of the other class(es)."""
+    rows = [(g, p) for g, p in landcover.rows if p["class"] != class_names[0]]
+    return Layer("buildings", landcover.geometry, dict(landcover.fields), rows)
+
+
 # --- the stage -------------------------------------------------------------
 
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
@@ -367,7 +373,9 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)
     # The prediction raster lives next to the output and goes whatever happens (cancel included).
-    with open_raster(params.imagery) as src, \
+    # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
+    # are read through, so the RSS would grow with the area.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
             tempfile.TemporaryDirectory(prefix=f".{params.out.name}.", dir=params.out.parent) as tmp:
         check_imagery(src, info, reporter)
         window, aoi = aoi_window(src, params.aoi)
@@ -390,6 +398,9 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
             layers = vectorize_landcover(pred, info, params.block_size, reporter)
             summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
                        "polygons": len(layers[0].rows)}
+            if info.task == "buildings":
+                layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
+                summary["buildings"] = len(layers[0].rows)
     with atomic_output(params.out) as tmp_out:
         write_gpkg(tmp_out, layers, crs)
         h = params.health

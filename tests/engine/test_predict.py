@@ -344,3 +344,18 @@ def test_a_deepness_model_runs_unchanged(tmp_path, constant_raster):
     assert not [e for e in events(reporter) if e.get("level") == "warning"]  # 1 m model on 1 m imagery
     with fiona.open(out, layer="landcover") as layer:
         assert [f["properties"]["class"] for f in layer] == ["forest"]
+
+
+def test_buildings_layer(tmp_path, constant_raster):
+    """A buildings model: its non-background polygons go to layer `buildings`, styled."""
+    import sqlite3
+
+    info = landcover_info(task="buildings", class_names=["background", "building"], class_colors=[])
+    model = conv_model(tmp_path / "b.onnx", np.zeros((2, 3, 1, 1)), np.array([0.0, 1.0]), info, softmax=True)
+    out = tmp_path / "b.gpkg"
+    result = predict(PredictParams(model=model, imagery=constant_raster, out=out), json_reporter())
+    assert result.summary["buildings"] == 1
+    assert set(fiona.listlayers(out)) == {"buildings", "class_stats", "layer_styles"}
+    with sqlite3.connect(out) as db:
+        styled = {r[0] for r in db.execute("SELECT f_table_name FROM layer_styles")}
+    assert styled == {"buildings"}

@@ -7,6 +7,7 @@ No TensorFlow here: onnxruntime alone, in a process without TF (DESIGN.md).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import tempfile
@@ -364,11 +365,22 @@ def buildings_layer(landcover: Layer, class_names: list[str]) -> Layer:
     return Layer("buildings", landcover.geometry, dict(landcover.fields), rows)
 
 
+def steady_malloc() -> None:
+    """glibc raises its mmap threshold each time a big buffer is freed, then serves such
+    buffers from the heap, which fragments: the RSS grew with the number of tiles.
+    A fixed threshold hands every tile-sized buffer back to the system."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+
+
 # --- the stage -------------------------------------------------------------
 
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
+    steady_malloc()
     info = read_info(params.model)
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)

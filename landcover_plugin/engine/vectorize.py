@@ -17,7 +17,7 @@ from rasterio.crs import CRS
 from rasterio.features import shapes, sieve
 from rasterio.warp import transform_geom
 from scipy import ndimage
-from shapely.geometry import MultiPolygon, Point, box, mapping, shape
+from shapely.geometry import MultiPolygon, box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 MIN_REGION_PIXELS = 4  # land-cover regions smaller than this merge into their neighbours

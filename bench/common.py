@@ -33,10 +33,13 @@ def last_json(stdout: str) -> dict:
 
 
 def peak_rss_mb(argv: list[str]) -> float:
-    """Peak RSS (MB) of `landcover ARGV` run in a fresh process (no TensorFlow there)."""
-    code = ("import resource, sys; from landcover_plugin.engine.cli import main; "
+    """Peak RSS (MB) of `landcover ARGV` run in a fresh process (no TensorFlow there).
+    VmHWM, not getrusage's ru_maxrss: on Linux the latter keeps the forking parent's
+    peak across exec, so a big bench process would show in its child's number."""
+    code = ("import sys; from landcover_plugin.engine.cli import main; "
             f"code = main({argv!r}); "
-            "print('RSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024); sys.exit(code)")
+            "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]; "
+            "print('RSS', int(hwm) / 1024); sys.exit(code)")
     out = run_child([PYTHON, "-c", code])
     return float([line for line in out.splitlines() if line.startswith("RSS ")][-1].split()[1])
 

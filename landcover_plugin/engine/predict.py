@@ -39,7 +39,7 @@ from .vectorize import BLOCK_SIZE, NODATA, Layer, blocks, landcover_blocks, pixe
 BATCH_SIZE = 8
 RESOLUTION_TOLERANCE = 0.25  # warn when the imagery's pixel size is off the model's by more
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
-GDAL_CACHE_BYTES = 128 * 2**20
+GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 
 

@@ -251,4 +251,6 @@ def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
         columns = [_column([props[name] for _, props in layer.rows], kind) for name, kind in layer.fields.items()]
         write(str(path), wkb, columns, list(layer.fields), layer=layer.name, driver="GPKG",
               geometry_type=layer.geometry, crs=crs.to_wkt() if layer.geometry else None, append=n > 0,
-              promote_to_multi=layer.geometry == "MultiPolygon")
+              promote_to_multi=layer.geometry == "MultiPolygon",
+              # GPKG 1.3: QGIS 3.22's GDAL 3.6 warns on the 1.4 that pyogrio's GDAL writes by default
+              dataset_options={"VERSION": "1.3"} if n == 0 else None)

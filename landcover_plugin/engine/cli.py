@@ -17,6 +17,7 @@ from types import FrameType
 
 from .errors import Cancelled, EngineError
 from .events import Reporter
+from .health import HealthThresholds
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
@@ -130,6 +131,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imagery", type=Path, required=True, help="raster file")
     _add_aoi(p, required=False)
     p.add_argument("--out", type=Path, required=True, help="GeoPackage to write")
+    p.add_argument("--batch-size", type=int, default=8, help="tiles per model run (default 8)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--block-size", type=int, default=2048,
+                   help="vectorization block in pixels (default 2048; memory stays flat with the area)")
+    p.add_argument("--nir-band", type=int, help="trees: 1-based imagery band holding near infrared (NDVI)")
+    h = HealthThresholds()
+    p.add_argument("--vari-stressed", type=float, default=h.vari_stressed,
+                   help=f"trees: crowns with mean VARI below this are stressed (default {h.vari_stressed})")
+    p.add_argument("--vari-dead", type=float, default=h.vari_dead, help=f"... and below this dead (default {h.vari_dead})")
+    p.add_argument("--ndvi-stressed", type=float, default=h.ndvi_stressed,
+                   help=f"trees with a NIR band: NDVI below this is stressed (default {h.ndvi_stressed})")
+    p.add_argument("--ndvi-dead", type=float, default=h.ndvi_dead, help=f"... and below this dead (default {h.ndvi_dead})")
+    p.add_argument("--dead-prob", type=float, default=h.dead_prob,
+                   help=f"trees, models with a dead channel: mean dead probability of a dead crown (default {h.dead_prob})")
+    p.add_argument("--no-orchard", action="store_true", help="trees: skip the planting grid and missing trees")
+
+    p = sub.add_parser("quantize", help="write an int8 copy of a model (faster on CPUs)")
+    _add_common(p)
+    p.add_argument("--model", type=Path, required=True, help="model folder or .onnx file")
+    p.add_argument("--imagery", type=Path, help="raster to calibrate on (static int8); without it, dynamic")
+    p.add_argument("--calibration-tiles", type=int, default=16)
+    p.add_argument("--out", type=Path, required=True, help="model folder (or .onnx file) to write")
 
     p = sub.add_parser("run", help="run a whole pipeline described in a YAML file")
     _add_common(p)
@@ -200,8 +223,16 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
     if args.command == "predict":
         from .predict import PredictParams, predict
 
-        return predict(PredictParams(model=args.model, imagery=args.imagery, out=args.out,
-                                     aoi=_aoi(args)), reporter)
+        health = HealthThresholds(vari_stressed=args.vari_stressed, vari_dead=args.vari_dead,
+                                  ndvi_stressed=args.ndvi_stressed, ndvi_dead=args.ndvi_dead, dead_prob=args.dead_prob)
+        return predict(PredictParams(model=args.model, imagery=args.imagery, out=args.out, aoi=_aoi(args),
+                                     batch_size=args.batch_size, threads=args.threads, block_size=args.block_size,
+                                     nir_band=args.nir_band, health=health, orchard=not args.no_orchard), reporter)
+    if args.command == "quantize":
+        from .quantize import QuantizeParams, quantize
+
+        return quantize(QuantizeParams(model=args.model, out=args.out, imagery=args.imagery,
+                                       calibration_tiles=args.calibration_tiles), reporter)
     if args.command == "run":
         from .pipeline import load_pipeline, run_pipeline
 

@@ -9,7 +9,8 @@ already normalised as ((raw / input_scale) - mean) / std; output float32 NCHW.
 - landcover: C = len(class_names), softmax class probabilities.
 - trees: C = 2, channel 0 crown probability, channel 1 tree-centre heatmap
   (both sigmoid; the heatmap peaks at tree centres); C = 3 when class_names
-  is ["crown", "dead"]: channel 2 probability that a crown pixel is dead.
+  include "dead" (["crown", "dead"]): channel 2 the probability that a crown
+  pixel is dead.
 No TensorFlow here: predict reads packages in a process without it.
 """
 from __future__ import annotations
@@ -43,6 +44,7 @@ class ModelInfo:
     dataset_hash: str = ""  # sha256 of the dataset snapshot's dataset.json
     seed_distance_m: float = 1.0  # trees: two tree centres are at least this far apart
     min_crown_m2: float = 0.5  # trees: smaller crowns are noise
+    nir_band: int | None = None  # 1-based imagery band holding near infrared, for NDVI (trees)
 
     def metadata_props(self) -> dict[str, str]:
         """The ONNX metadata: Deepness keys plus ours (all strings)."""

@@ -7,17 +7,23 @@ No TensorFlow here: onnxruntime alone, in a process without TF (DESIGN.md).
 """
 from __future__ import annotations
 
+import ctypes
 import math
 import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+import rasterio
+import shapely
+from affine import Affine
 from rasterio.features import geometry_mask
 from rasterio.windows import Window, from_bounds
 from shapely.geometry import box
+from shapely.geometry.base import BaseGeometry
 
 from .aoi import AOI
 from .atomic import atomic_output
@@ -25,11 +31,16 @@ from .errors import EngineError
 from .events import Reporter, StageResult
 from .imagery import open_raster
 from .model_package import ModelInfo, onnx_path, read_info
+from .orchard import GridParams, orchard_layers
 from .styles import styles_for, write_styles
-from .vectorize import landcover_layers, pixel_size_m, tree_layers, write_gpkg
+from .trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_layers_from
+from .vectorize import BLOCK_SIZE, NODATA, Layer, blocks, landcover_blocks, pixel_size_m, write_gpkg
 
 BATCH_SIZE = 8
 RESOLUTION_TOLERANCE = 0.25  # warn when the imagery's pixel size is off the model's by more
+PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
+GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
+TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,13 @@ class PredictParams:
     imagery: Path
     out: Path
     aoi: AOI | None = None
+    batch_size: int = BATCH_SIZE
+    threads: int = 0  # onnxruntime intra-op threads; 0 = all cores
+    block_size: int = BLOCK_SIZE  # vectorization block, pixels per side
+    nir_band: int | None = None  # 1-based imagery band holding near infrared (else the model's)
+    health: HealthThresholds = HealthThresholds()
+    orchard: bool = True  # trees: look for a planting grid and missing trees
+    grid: GridParams = GridParams()
 
 
 @dataclass(frozen=True)
@@ -62,28 +80,45 @@ def tile_origins(length: int, size: int, overlap: int) -> list[int]:
     return [k * stride - overlap for k in range(math.ceil(length / stride))]
 
 
-def plan_tiles(height: int, width: int, size: int, overlap: int, aoi_mask: np.ndarray) -> list[Tile]:
-    """All tiles over a window, minus those whose core has no pixel in the AOI."""
+@dataclass(frozen=True)
+class AoiPixels:
+    """The AOI polygon in the window's pixel coordinates (x = column, y = row):
+    masks are rasterized per tile, never for the whole window (memory)."""
+
+    geometry: BaseGeometry | None  # None: the whole window
+
+    def covers(self, r0: int, c0: int, r1: int, c1: int) -> bool:
+        return self.geometry is None or self.geometry.intersects(box(c0, r0, c1, r1))
+
+    def mask(self, r0: int, c0: int, r1: int, c1: int) -> np.ndarray:
+        """Pixels of rows r0..r1, columns c0..c1 whose centre is inside the AOI."""
+        if self.geometry is None:
+            return np.ones((r1 - r0, c1 - c0), bool)
+        return geometry_mask([self.geometry], out_shape=(r1 - r0, c1 - c0),
+                             transform=Affine.translation(c0, r0), invert=True)
+
+
+def plan_tiles(height: int, width: int, size: int, overlap: int, aoi: AoiPixels) -> list[Tile]:
+    """All tiles over a window, row by row, minus those whose core misses the AOI."""
     stride = size - 2 * overlap
     tiles = []
     for r in tile_origins(height, size, overlap):
         for c in tile_origins(width, size, overlap):
-            r0, c0 = r + overlap, c + overlap
-            if aoi_mask[r0:r0 + stride, c0:c0 + stride].any():
+            if aoi.covers(r + overlap, c + overlap, r + overlap + stride, c + overlap + stride):
                 tiles.append(Tile(r, c, size, overlap))
     return tiles
 
 
 # --- model -----------------------------------------------------------------
 
-def open_session(model_file: Path, reporter: Reporter):
+def open_session(model_file: Path, reporter: Reporter, threads: int = 0):
     """An onnxruntime session on CUDA when it is there, else the CPU; returns (session, provider)."""
     import onnxruntime as ort
 
     wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
     try:
         session = ort.InferenceSession(str(model_file), options, providers=wanted)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
@@ -105,21 +140,29 @@ def normalise(raw: np.ndarray, info: ModelInfo) -> np.ndarray:
     return (x - mean) / std
 
 
+def output_channels(info: ModelInfo) -> int:
+    """Landcover: one per class. Trees: crown probability, centre heatmap, and a third
+    channel (probability that a crown pixel is dead) when the classes include "dead"."""
+    if info.task == "trees":
+        return 3 if "dead" in info.class_names else 2
+    return len(info.class_names)
+
+
 def check_output(shape: tuple[int, ...], info: ModelInfo) -> None:
     """The output must be (n, C, tile, tile) with C matching the task."""
-    channels = 2 if info.task == "trees" else len(info.class_names)
+    channels = output_channels(info)
     if len(shape) != 4 or shape[1] != channels or shape[2:] != (info.tile_size, info.tile_size):
         raise EngineError("BAD_MODEL", f"The model returns {tuple(shape)} for {info.tile_size} px tiles; "
                           f"a {info.task} model must return (n, {channels}, {info.tile_size}, {info.tile_size}).",
                           "Use a model made by `landcover train`, or fix its class_names metadata.")
 
 
-def _reduce(probs: np.ndarray, info: ModelInfo) -> np.ndarray:
-    """Model output (n, C, h, w) -> what we keep: the class index (landcover) or
-    crown probability and centre heatmap (trees)."""
+def encode(probs: np.ndarray, info: ModelInfo) -> np.ndarray:
+    """Model output (n, C, h, w) -> the uint8 prediction raster's bands: the class index
+    (landcover) or probabilities x PROB_SCALE (trees); NODATA is left for outside."""
     if info.task == "trees":
-        return probs[:, :2].astype(np.float32)
-    return np.argmax(probs, axis=1)[:, None].astype(np.int16)
+        return np.rint(np.clip(probs, 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
+    return np.argmax(probs, axis=1)[:, None].astype(np.uint8)
 
 
 # --- imagery ---------------------------------------------------------------
@@ -143,11 +186,11 @@ def check_imagery(src, info: ModelInfo, reporter: Reporter) -> None:
                      f"{info.resolution_m:.3g} m (--gsd) or use a model for this resolution.", level="warning")
 
 
-def aoi_window(src, aoi: AOI | None) -> tuple[Window, np.ndarray]:
-    """The imagery window covering the AOI and the mask of its pixels inside the AOI polygon."""
+def aoi_window(src, aoi: AOI | None) -> tuple[Window, AoiPixels]:
+    """The imagery window covering the AOI and the AOI polygon in that window's pixels."""
     full = Window(0, 0, src.width, src.height)
     if aoi is None:
-        return full, np.ones((src.height, src.width), bool)
+        return full, AoiPixels(None)
     geom = aoi.to_crs(src.crs.to_wkt()).geometry
     inside = geom.intersection(box(*src.bounds))
     if inside.is_empty or inside.area == 0:
@@ -158,12 +201,15 @@ def aoi_window(src, aoi: AOI | None) -> tuple[Window, np.ndarray]:
     col1 = min(src.width, math.ceil(w.col_off + w.width - 1e-6))
     row1 = min(src.height, math.ceil(w.row_off + w.height - 1e-6))
     window = Window(col0, row0, max(col1 - col0, 1), max(row1 - row0, 1))
-    mask = geometry_mask([geom], out_shape=(int(window.height), int(window.width)),
-                         transform=src.window_transform(window), invert=True)
-    if not mask.any():
+    inverse = ~src.window_transform(window)
+    pixels = shapely.transform(geom, lambda xy: np.column_stack(inverse * (xy[:, 0], xy[:, 1])))
+    shapely.prepare(pixels)
+    aoi_px = AoiPixels(pixels)
+    # Rasterized only when tiny (a big AOI holds pixel centres; its mask would cost memory).
+    if pixels.area < 16 and not aoi_px.mask(0, 0, int(window.height), int(window.width)).any():
         raise EngineError("AOI_OUTSIDE_IMAGERY", f"The AOI covers no whole pixel of {src.name}.",
                           "Draw a larger AOI over the imagery.")
-    return window, mask
+    return window, aoi_px
 
 
 def read_tile(src, window: Window, tile: Tile, bands: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,53 +229,150 @@ def read_tile(src, window: Window, tile: Tile, bands: int) -> tuple[np.ndarray, 
     return raw, ok
 
 
-def _batches(tiles: list[Tile], size: int) -> Iterator[list[Tile]]:
-    for i in range(0, len(tiles), size):
-        yield tiles[i:i + size]
+def read_batch(src, window: Window, batch: list[Tile], info: ModelInfo,
+               aoi: AoiPixels) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The model input (n, bands, size, size) of a batch and each tile's valid core
+    (imagery data inside the AOI). Runs in the prefetch thread."""
+    xs, oks = [], []
+    for t in batch:
+        raw, ok = read_tile(src, window, t, info.band_count)
+        xs.append(np.where(ok, normalise(raw, info), 0.0))
+        ys, cs = t.core
+        core = ok[ys, cs] & aoi.mask(t.row + ys.start, t.col + cs.start, t.row + ys.stop, t.col + cs.stop)
+        oks.append(core)
+    return np.stack(xs).astype(np.float32), oks
 
 
-def predict_window(session, src, info: ModelInfo, window: Window, aoi_mask: np.ndarray,
-                   reporter: Reporter) -> tuple[np.ndarray, np.ndarray, int]:
-    """Run the model over the window, tile by tile; returns (values, valid, tiles run).
-    values: (1, h, w) class indices (landcover) or (2, h, w) crown prob + heatmap (trees);
-    valid: pixels inside the AOI with imagery data."""
+class StripWriter:
+    """Collects the cores of one row of tiles and writes them as one strip, so the
+    prediction raster is written in windows and never held whole."""
+
+    def __init__(self, dst, channels: int, stride: int, overlap: int):
+        self.dst, self.channels, self.stride, self.overlap = dst, channels, stride, overlap
+        self.row: int | None = None
+        self.strip = np.empty(0)
+
+    def put(self, tile: Tile, values: np.ndarray, ok: np.ndarray) -> None:
+        if tile.row != self.row:
+            self.flush()
+            self.row = tile.row
+            self.strip = np.full((self.channels, self.stride, self.dst.width), NODATA, np.uint8)
+        ys, xs = tile.core
+        c0 = tile.col + self.overlap
+        w = min(self.stride, self.dst.width - c0)
+        h = min(self.stride, self.dst.height - (tile.row + self.overlap))
+        core = values[:, ys, xs][:, :h, :w]
+        self.strip[:, :h, c0:c0 + w] = np.where(ok[:h, :w], core, NODATA)
+
+    def flush(self) -> None:
+        if self.row is None:
+            return
+        r0 = self.row + self.overlap
+        h = min(self.stride, self.dst.height - r0)
+        self.dst.write(self.strip[:, :h], window=Window(0, r0, self.dst.width, h))
+        self.row = None
+
+
+def prediction_profile(height: int, width: int, channels: int, stride: int, crs, transform) -> dict:
+    """A tiled uint8 GeoTIFF whose blocks align with the tile cores when they can."""
+    block = next((b for b in (256, 128, 64, 32, 16) if stride % b == 0), 256)
+    return {"driver": "GTiff", "height": height, "width": width, "count": channels, "dtype": "uint8",
+            "nodata": NODATA, "crs": crs, "transform": transform, "tiled": True, "blockxsize": block,
+            "blockysize": block, "compress": "deflate", "zlevel": 1}
+
+
+def predict_to_raster(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, path: Path,
+                      reporter: Reporter, batch_size: int = BATCH_SIZE) -> int:
+    """Run the model over the window tile by tile and write the uint8 prediction raster
+    at `path` (see `encode`); returns the number of tiles run. The next batch is read
+    in a thread while the model runs on the current one."""
     if info.tile_size - 2 * info.tile_overlap <= 0:
         raise EngineError("BAD_MODEL", f"Tile overlap {info.tile_overlap} leaves nothing of a {info.tile_size} px tile.",
                           "Fix tile_overlap in the model's metadata (less than a quarter of the tile).")
-    height, width = aoi_mask.shape
-    channels, dtype = (2, np.float32) if info.task == "trees" else (1, np.int16)
-    values = np.zeros((channels, height, width), dtype)
-    valid = np.zeros((height, width), bool)
+    height, width = int(window.height), int(window.width)
+    stride = info.tile_size - 2 * info.tile_overlap
+    channels = output_channels(info) if info.task == "trees" else 1
     model_input = session.get_inputs()[0]
     fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
-    tiles = plan_tiles(height, width, info.tile_size, info.tile_overlap, aoi_mask)
-    done = 0
+    tiles = plan_tiles(height, width, info.tile_size, info.tile_overlap, aoi)
+    batches = [tiles[i:i + (fixed_batch or batch_size)] for i in range(0, len(tiles), fixed_batch or batch_size)]
+    profile = prediction_profile(height, width, channels, stride, src.crs, src.window_transform(window))
     reporter.progress("predict", 0, len(tiles), "tiles")
-    for batch in _batches(tiles, fixed_batch or BATCH_SIZE):
-        reads = [read_tile(src, window, t, info.band_count) for t in batch]
-        x = np.stack([np.where(ok, normalise(raw, info), 0.0) for raw, ok in reads]).astype(np.float32)
-        if fixed_batch and len(batch) < fixed_batch:  # a model exported with a fixed batch size
-            x = np.concatenate([x, np.zeros((fixed_batch - len(batch), *x.shape[1:]), np.float32)])
-        probs = session.run(None, {model_input.name: x})[0][:len(batch)]
-        check_output(probs.shape, info)
-        out = _reduce(probs, info)
-        for tile, result, (_, ok) in zip(batch, out, reads):
-            write_core(values, valid, aoi_mask, tile, result, ok)
-        done += len(batch)
-        reporter.progress("predict", done, len(tiles), "tiles")
-    return values, valid, len(tiles)
+    done = 0
+    with rasterio.open(path, "w", **profile) as dst, ThreadPoolExecutor(max_workers=1) as pool:
+        writer = StripWriter(dst, channels, stride, info.tile_overlap)
+        ahead = pool.submit(read_batch, src, window, batches[0], info, aoi) if batches else None
+        for k, batch in enumerate(batches):
+            x, oks = ahead.result()
+            if k + 1 < len(batches):
+                ahead = pool.submit(read_batch, src, window, batches[k + 1], info, aoi)
+            if fixed_batch and len(batch) < fixed_batch:  # a model exported with a fixed batch size
+                x = np.concatenate([x, np.zeros((fixed_batch - len(batch), *x.shape[1:]), np.float32)])
+            probs = session.run(None, {model_input.name: x})[0][:len(batch)]
+            check_output(probs.shape, info)
+            for tile, values, ok in zip(batch, encode(probs, info), oks):
+                writer.put(tile, values, ok)
+            done += len(batch)
+            reporter.progress("predict", done, len(tiles), "tiles")
+        writer.flush()
+    return len(tiles)
 
 
-def write_core(values: np.ndarray, valid: np.ndarray, aoi_mask: np.ndarray, tile: Tile,
-               result: np.ndarray, ok: np.ndarray) -> None:
-    """Write a tile's centre into the output window (clipped at the window's edges)."""
-    height, width = valid.shape
-    ys, xs = tile.core
-    r0, c0 = tile.row + ys.start, tile.col + xs.start
-    r1, c1 = min(tile.row + ys.stop, height), min(tile.col + xs.stop, width)
-    src = np.s_[ys.start:ys.start + r1 - r0, xs.start:xs.start + c1 - c0]
-    values[:, r0:r1, c0:c1] = result[(slice(None), *src)]
-    valid[r0:r1, c0:c1] = ok[src] & aoi_mask[r0:r1, c0:c1]
+# --- vectorizing the prediction raster ----------------------------------------
+
+def vectorize_landcover(pred: Path, info: ModelInfo, block_size: int, reporter: Reporter) -> list[Layer]:
+    with rasterio.open(pred) as ds:
+        read = lambda r0, c0, r1, c1: ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0))  # noqa: E731
+        progress = lambda n, total: reporter.progress("vectorize", n, total, "blocks")  # noqa: E731
+        return landcover_blocks(read, (ds.height, ds.width), ds.transform, ds.crs, info.class_names,
+                                block_size=block_size, on_block=progress)
+
+
+def vectorize_trees(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams",
+                    reporter: Reporter) -> list:
+    """Trees block by block; each block is read with a margin so that crowns cut by
+    its border are whole (a tree belongs to the block holding its centre)."""
+    rows = []
+    with rasterio.open(pred) as ds:
+        margin = max(8, math.ceil(TREE_MARGIN_M / pixel_size_m(ds.transform, ds.crs, ds.height, ds.width)))
+        rgb = src.count >= 3
+        nir = params.nir_band if params.nir_band is not None else info.nir_band
+        if nir is not None and not 1 <= nir <= src.count:
+            raise EngineError("BAD_IMAGERY_BANDS", f"NIR band {nir} does not exist in {src.name} ({src.count} bands).",
+                              "Give --nir-band between 1 and the imagery's band count, or leave it out.")
+        plan = blocks(ds.height, ds.width, params.block_size)
+        for n, (r0, c0, r1, c1) in enumerate(plan, start=1):
+            e0, f0 = max(r0 - margin, 0), max(c0 - margin, 0)
+            e1, f1 = min(r1 + margin, ds.height), min(c1 + margin, ds.width)
+            win = Window(f0, e0, f1 - f0, e1 - e0)
+            data = ds.read(window=win)
+            img = Window(f0 + window.col_off, e0 + window.row_off, f1 - f0, e1 - e0)
+            block = TreeBlock(
+                prob=data[0] / PROB_SCALE, heat=data[1] / PROB_SCALE, valid=data[0] != NODATA,
+                transform=ds.window_transform(win), core=np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0],
+                dead=data[2] / PROB_SCALE if data.shape[0] > 2 else None,
+                rgb=src.read([1, 2, 3], window=img).astype(np.float64) if rgb else None,
+                nir=src.read(nir, window=img).astype(np.float64) if nir else None)
+            rows.extend(block_trees(block, ds.crs, TreeParams(threshold=info.threshold, health=params.health)))
+            reporter.progress("vectorize", n, len(plan), "blocks")
+    return rows
+
+
+def buildings_layer(landcover: Layer, class_names: list[str]) -> Layer:
+    """A buildings model is a segmentation whose first class is the background:
+    layer `buildings` holds the polygons of the other class(es)."""
+    rows = [(g, p) for g, p in landcover.rows if p["class"] != class_names[0]]
+    return Layer("buildings", landcover.geometry, dict(landcover.fields), rows)
+
+
+def steady_malloc() -> None:
+    """glibc raises its mmap threshold each time a big buffer is freed, then serves such
+    buffers from the heap, which fragments: the RSS grew with the number of tiles.
+    A fixed threshold hands every tile-sized buffer back to the system."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
 
 
 # --- the stage -------------------------------------------------------------
@@ -237,24 +380,44 @@ def write_core(values: np.ndarray, valid: np.ndarray, aoi_mask: np.ndarray, tile
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
+    steady_malloc()
     info = read_info(params.model)
-    session, provider = open_session(onnx_path(params.model), reporter)
-    with open_raster(params.imagery) as src:
+    session, provider = open_session(onnx_path(params.model), reporter, params.threads)
+    params.out.parent.mkdir(parents=True, exist_ok=True)
+    # The prediction raster lives next to the output and goes whatever happens (cancel included).
+    # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
+    # are read through, so the RSS would grow with the area.
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
+            tempfile.TemporaryDirectory(prefix=f".{params.out.name}.", dir=params.out.parent) as tmp:
         check_imagery(src, info, reporter)
-        window, aoi_mask = aoi_window(src, params.aoi)
-        values, valid, tiles = predict_window(session, src, info, window, aoi_mask, reporter)
-        transform, crs = src.window_transform(window), src.crs
-    reporter.log("Vectorizing the predictions")
-    if info.task == "trees":
-        layers = tree_layers(values[0], values[1], valid, transform, crs, info.threshold)
-        crowns = layers[0].rows
-        summary = {"crowns": len(crowns), "canopy_m2": round(sum(r["area_m2"] for _, r in crowns), 2)}
-    else:
-        layers = landcover_layers(values[0], valid, transform, crs, info.class_names)
-        summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
-                   "polygons": len(layers[0].rows)}
-    with atomic_output(params.out) as tmp:
-        write_gpkg(tmp, layers, crs)
-        write_styles(tmp, styles_for(info))
+        window, aoi = aoi_window(src, params.aoi)
+        pred = Path(tmp) / "prediction.tif"
+        tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
+        reporter.log("Vectorizing the predictions")
+        crs = src.crs
+        if info.task == "trees":
+            rows = vectorize_trees(pred, src, window, info, params, reporter)
+            layers = tree_layers_from(rows)
+            crowns = layers[0].rows
+            summary = {"crowns": len(crowns), "canopy_m2": round(sum(r["area_m2"] for _, r in crowns), 2),
+                       "dead": sum(r["status"] == "dead" for _, r in crowns)}
+            if params.orchard:
+                orchard = orchard_layers(layers[1].rows, crs, params.grid)
+                layers += orchard.layers
+                summary |= {"missing_trees": orchard.missing, "orchard_blocks": orchard.grids}
+                reporter.log(orchard.message)
+        else:
+            layers = vectorize_landcover(pred, info, params.block_size, reporter)
+            summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
+                       "polygons": len(layers[0].rows)}
+            if info.task == "buildings":
+                layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
+                summary["buildings"] = len(layers[0].rows)
+    with atomic_output(params.out) as tmp_out:
+        write_gpkg(tmp_out, layers, crs)
+        h = params.health
+        nir = (params.nir_band or info.nir_band) is not None
+        write_styles(tmp_out, styles_for(info, [layer.name for layer in layers], "ndvi" if nir else "vari",
+                                         (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
     summary |= {"provider": provider, "tiles": tiles, "seconds": round(time.monotonic() - started, 2)}
     return StageResult(outputs={"gpkg": str(params.out)}, summary=summary)

@@ -72,7 +72,7 @@ def _single(symbol: ET.Element, geometry: str) -> str:
 
 def landcover_qml(class_names: list[str], class_colors: list[str], field: str = "class") -> str:
     """Polygons categorized on `field`, one category per class, in the model's colours."""
-    colors = class_colors if len(class_colors) >= len(class_names) else FALLBACK_COLORS
+    colors = class_colors_for(class_names, class_colors)
     renderer = ET.Element("renderer-v2", {"type": "categorizedSymbol", "attr": field, "symbollevels": "0",
                                           "enableorderby": "0", "forceraster": "0", "referencescale": "-1"})
     categories = ET.SubElement(renderer, "categories")
@@ -84,24 +84,92 @@ def landcover_qml(class_names: list[str], class_colors: list[str], field: str = 
     return _qml(renderer, "polygon")
 
 
-def crowns_qml() -> str:
-    """Semi-transparent green crowns with a darker outline, no labels."""
-    return _single(_fill("0", "51,160,44,110", "0,90,20,255", width="0.4"), "polygon")
+def _marker(name: str, shape: str, fill: str, outline: str, size: str, width: str = "0.2") -> ET.Element:
+    return _symbol(name, "marker", "SimpleMarker", {
+        "name": shape, "color": fill, "outline_color": outline, "outline_style": "solid",
+        "outline_width": width, "outline_width_unit": "MM", "size": size, "size_unit": "MM",
+        "angle": "0", "scale_method": "diameter"})
+
+
+# NLCD 2019 legend colours for the land-cover classes our presets (and Deepness models) name.
+NLCD_COLORS = {
+    "water": "#466b9f", "open water": "#466b9f", "ice": "#d1def8", "developed": "#eb0000",
+    "built": "#eb0000", "urban": "#eb0000", "buildings": "#ab0000", "building": "#ab0000", "road": "#ab0000",
+    "barren": "#b3ac9f", "bare": "#b3ac9f", "forest": "#1c5f2c", "forested": "#1c5f2c", "trees": "#1c5f2c",
+    "tree": "#1c5f2c", "deciduous": "#68ab5f", "evergreen": "#1c5f2c", "mixed forest": "#b5c58f",
+    "shrub": "#ccb879", "shrubland": "#ccb879", "scrub": "#ccb879", "herbaceous": "#dfdfc2",
+    "grassland": "#dfdfc2", "grass": "#dfdfc2", "pasture": "#dcd939", "cultivated": "#ab6c28",
+    "cropland": "#ab6c28", "crops": "#ab6c28", "agriculture": "#ab6c28", "wetland": "#6c9fb8",
+    "wetlands": "#6c9fb8",
+}
+
+
+def class_colors_for(class_names: list[str], model_colors: list[str]) -> list[str]:
+    """The model's colours when it has them; else NLCD colours by class name, then a fallback palette."""
+    if len(model_colors) >= len(class_names):
+        return model_colors
+    return [NLCD_COLORS.get(n.strip().lower(), FALLBACK_COLORS[i % len(FALLBACK_COLORS)])
+            for i, n in enumerate(class_names)]
+
+
+def crowns_qml(health_field: str = "vari", stressed: float = 0.05, dead: float = -0.05) -> str:
+    """Crowns graduated by health: red (dead) - orange (stressed) - light and dark green.
+    A crown without a health value (imagery without RGB) shows as healthy."""
+    top = stressed + 0.15
+    ranges = [(-1e9, dead, "dead", "#d7191c"), (dead, stressed, "stressed", "#fdae61"),
+              (stressed, top, "healthy", "#a6d96a"), (top, 1e9, "very healthy", "#1a9641")]
+    renderer = ET.Element("renderer-v2", {"type": "graduatedSymbol", "attr": f'coalesce("{health_field}", 1)',
+                                          "graduatedMethod": "GraduatedColor", "symbollevels": "0",
+                                          "enableorderby": "0", "forceraster": "0", "referencescale": "-1"})
+    xml_ranges = ET.SubElement(renderer, "ranges")
+    symbols = ET.SubElement(renderer, "symbols")
+    for i, (lo, hi, label, color) in enumerate(ranges):
+        ET.SubElement(xml_ranges, "range", {"lower": repr(float(lo)), "upper": repr(float(hi)), "symbol": str(i),
+                                            "label": f"{label} ({health_field})", "render": "true"})
+        symbols.append(_fill(str(i), rgba(color, 150), rgba(color, factor=0.6), width="0.4"))
+    return _qml(renderer, "polygon")
 
 
 def trees_qml() -> str:
-    """Small dark-green dots at tree centres."""
-    return _single(_symbol("0", "marker", "SimpleMarker", {
-        "name": "circle", "color": "0,100,0,255", "outline_color": "255,255,255,255", "outline_style": "solid",
-        "outline_width": "0.2", "outline_width_unit": "MM", "size": "1.6", "size_unit": "MM",
-        "angle": "0", "scale_method": "diameter"}), "point")
+    """Dots at tree centres by status; a dead tree is a bold black cross on red."""
+    renderer = ET.Element("renderer-v2", {"type": "categorizedSymbol", "attr": "status", "symbollevels": "0",
+                                          "enableorderby": "0", "forceraster": "0", "referencescale": "-1"})
+    categories = ET.SubElement(renderer, "categories")
+    symbols = ET.SubElement(renderer, "symbols")
+    looks = [("healthy", _marker("0", "circle", "0,100,0,255", "255,255,255,255", "1.6")),
+             ("stressed", _marker("1", "circle", "253,174,97,255", "0,0,0,255", "2.0")),
+             ("dead", _marker("2", "cross2", "0,0,0,255", "215,25,28,255", "3.0", width="0.8"))]
+    for i, (value, symbol) in enumerate(looks):
+        ET.SubElement(categories, "category", {"value": value, "symbol": str(i), "label": value, "render": "true"})
+        symbols.append(symbol)
+    return _qml(renderer, "point")
 
 
-def styles_for(info: ModelInfo) -> dict[str, str]:
-    """Layer name -> QML for the layers predict writes for this model's task."""
+def missing_qml() -> str:
+    """Missing trees: hollow magenta rings, visible on any imagery."""
+    return _single(_marker("0", "circle", "255,0,255,0", "255,0,255,255", "3.0", width="0.7"), "point")
+
+
+def blocks_qml() -> str:
+    """Orchard blocks: outline only, dashed."""
+    symbol = _symbol("0", "fill", "SimpleFill", {
+        "color": "0,0,0,0", "style": "no", "outline_color": "255,255,0,255", "outline_style": "dash",
+        "outline_width": "0.6", "outline_width_unit": "MM", "joinstyle": "bevel"})
+    return _single(symbol, "polygon")
+
+
+def styles_for(info: ModelInfo, layers: list[str] | None = None, health_field: str = "vari",
+               thresholds: tuple[float, float] = (0.05, -0.05)) -> dict[str, str]:
+    """Layer name -> QML for the layers predict writes for this model's task (only those in
+    `layers` when given). `thresholds`: (stressed, dead) of the health field."""
     if info.task == "trees":
-        return {"crowns": crowns_qml(), "trees": trees_qml()}
-    return {"landcover": landcover_qml(info.class_names, info.class_colors)}
+        styles = {"crowns": crowns_qml(health_field, *thresholds), "trees": trees_qml(),
+                  "missing_trees": missing_qml(), "orchard_blocks": blocks_qml()}
+    else:
+        styles = {"landcover": landcover_qml(info.class_names, info.class_colors)}
+        if info.task == "buildings":
+            styles["buildings"] = _single(_fill("0", "171,0,0,160", "90,0,0,255", width="0.3"), "polygon")
+    return {k: v for k, v in styles.items() if layers is None or k in layers}
 
 
 def write_styles(gpkg: Path, styles: dict[str, str], style_name: str = "landcover") -> None:

@@ -17,7 +17,7 @@ from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.model_package import ModelInfo, write_metadata
 from landcover_plugin.engine.predict import (PredictParams, aoi_window, open_session, predict,
-                                             predict_window, tile_origins)
+                                             predict_to_raster, tile_origins)
 
 PIXEL = 0.1  # metres, the tree scenes' resolution
 
@@ -100,16 +100,19 @@ def test_tile_cores_cover_each_pixel_once():
         assert (covered == 1).all()
 
 
-def test_tiles_are_seam_free(seam_case):
+def test_tiles_are_seam_free(seam_case, tmp_path):
     image, raster, model = seam_case
     reporter = json_reporter()
     info = landcover_info()
     session, provider = open_session(model, reporter)
     with rasterio.open(raster) as src:
-        window, mask = aoi_window(src, None)
-        values, valid, tiles = predict_window(session, src, info, window, mask, reporter)
+        window, aoi = aoi_window(src, None)
+        tiles = predict_to_raster(session, src, info, window, aoi, tmp_path / "pred.tif", reporter, batch_size=3)
+    with rasterio.open(tmp_path / "pred.tif") as pred:
+        values = pred.read()
+        assert pred.transform == from_origin(400000, 3300000, 1.0, 1.0) and pred.crs.to_epsg() == 32617
     assert tiles == 5 * 7
-    assert valid.all()
+    assert (values != 255).all()
     expected = box_sum_classes(image)
     assert len(np.unique(expected)) == 3
     np.testing.assert_array_equal(values[0], expected)
@@ -309,3 +312,50 @@ def test_output_channels_must_match_the_classes(tmp_path, constant_raster):
     with pytest.raises(EngineError) as err:
         predict(PredictParams(model=model, imagery=constant_raster, out=tmp_path / "lc.gpkg"), json_reporter())
     assert err.value.code == "BAD_MODEL" and "(n, 2, 64, 64)" in err.value.message
+
+
+def test_a_deepness_model_runs_unchanged(tmp_path, constant_raster):
+    """A model from outside the project: only Deepness's metadata keys, its normalisation
+    (raw / 255, then mean/std), its class names; no `landcover.*` keys."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    # class 1 ("forest") where normalised band 1 > 0: x = (100/255 - 0.2) / 0.5 = 0.38
+    weights = np.zeros((2, 3, 1, 1), np.float32)
+    weights[1, 0] = 10.0
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "W"], ["logits"], kernel_shape=[1, 1]),
+         helper.make_node("Softmax", ["logits"], ["y"], axis=1)], "deepness",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 128, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2, 128, 128])],
+        initializer=[numpy_helper.from_array(weights, "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"model_type": "segmentation", "class_names": json.dumps({"0": "water", "1": "forest"}),
+                       "resolution": "100", "tiles_size": "128", "tiles_overlap": "25",
+                       "standardization_mean": "[0.2, 0.2, 0.2]", "standardization_std": "[0.5, 0.5, 0.5]"}.items():
+        model.metadata_props.add(key=key, value=value)
+    path = tmp_path / "deepness.onnx"
+    onnx.save(model, str(path))
+    out = tmp_path / "lc.gpkg"
+    reporter = json_reporter()
+    result = predict(PredictParams(model=path, imagery=constant_raster, out=out), reporter)
+    assert result.summary["hectares"] == {"water": 0.0, "forest": pytest.approx(4.0)}
+    assert not [e for e in events(reporter) if e.get("level") == "warning"]  # 1 m model on 1 m imagery
+    with fiona.open(out, layer="landcover") as layer:
+        assert [f["properties"]["class"] for f in layer] == ["forest"]
+
+
+def test_buildings_layer(tmp_path, constant_raster):
+    """A buildings model: its non-background polygons go to layer `buildings`, styled."""
+    import sqlite3
+
+    info = landcover_info(task="buildings", class_names=["background", "building"], class_colors=[])
+    model = conv_model(tmp_path / "b.onnx", np.zeros((2, 3, 1, 1)), np.array([0.0, 1.0]), info, softmax=True)
+    out = tmp_path / "b.gpkg"
+    result = predict(PredictParams(model=model, imagery=constant_raster, out=out), json_reporter())
+    assert result.summary["buildings"] == 1
+    assert set(fiona.listlayers(out)) == {"buildings", "class_stats", "layer_styles"}
+    with sqlite3.connect(out) as db:
+        styled = {r[0] for r in db.execute("SELECT f_table_name FROM layer_styles")}
+    assert styled == {"buildings"}

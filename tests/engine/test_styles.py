@@ -35,6 +35,19 @@ for name in sys.argv[2:]:
     if info["renderer"] == "categorizedSymbol":
         info["attr"] = renderer.classAttribute()
         info["categories"] = [[c.value(), c.symbol().color().name()] for c in renderer.categories()]
+    elif info["renderer"] == "graduatedSymbol":
+        info["attr"] = renderer.classAttribute()
+        info["ranges"] = [[r.lowerValue(), r.upperValue(), r.symbol().color().name()] for r in renderer.ranges()]
+        # which range the one feature (health NULL -> shown as healthy) falls in
+        from qgis.core import QgsExpressionContextUtils, QgsRenderContext
+        ctx = QgsRenderContext()
+        ctx.expressionContext().appendScopes(QgsExpressionContextUtils.globalProjectLayerScopes(layer))
+        renderer.startRender(ctx, layer.fields())
+        feature = next(layer.getFeatures())
+        ctx.expressionContext().setFeature(feature)
+        symbol = renderer.symbolForFeature(feature, ctx)
+        info["feature_color"] = symbol.color().name() if symbol else None
+        renderer.stopRender(ctx)
     elif renderer:
         info["color"] = renderer.symbol().color().name()
         info["alpha"] = renderer.symbol().color().alpha()
@@ -79,7 +92,8 @@ def test_write_styles_registers_the_table(tmp_path):
         rows = db.execute("SELECT f_table_schema, f_table_name, f_geometry_column, useAsDefault "
                           "FROM layer_styles ORDER BY f_table_name").fetchall()
         contents = dict(db.execute("SELECT table_name, data_type FROM gpkg_contents"))
-    assert rows == [("", "crowns", "geom", 1), ("", "trees", None, 1)]
+    assert rows == [("", "crowns", "geom", 1), ("", "missing_trees", None, 1), ("", "orchard_blocks", None, 1),
+                    ("", "trees", None, 1)]
     assert contents == {"crowns": "features", "layer_styles": "attributes"}
 
 
@@ -93,8 +107,12 @@ def styled_gpkg(tmp_path) -> Path:
         Layer("landcover", "MultiPolygon", {"class": "str", "area_m2": "float"},
               [(square, {"class": "forest", "area_m2": 100.0})]),
         Layer("class_stats", None, {"class": "str", "hectares": "float"}, [(None, {"class": "forest", "hectares": 0.01})]),
-        Layer("crowns", "MultiPolygon", {"tree_id": "int"}, [(square, {"tree_id": 1})]),
-        Layer("trees", "Point", {"tree_id": "int"}, [(Point(400005, 3300005), {"tree_id": 1})]),
+        Layer("crowns", "MultiPolygon", {"tree_id": "int", "vari": "float"}, [(square, {"tree_id": 1, "vari": None})]),
+        Layer("trees", "Point", {"tree_id": "int", "status": "str"},
+              [(Point(400005, 3300005), {"tree_id": 1, "status": "dead"})]),
+        Layer("missing_trees", "Point", {"block_id": "int"}, [(Point(400008, 3300005), {"block_id": 1})]),
+        Layer("orchard_blocks", "Polygon", {"block_id": "int"}, [(box(400000, 3300000, 400010, 3300010),
+                                                                  {"block_id": 1})]),
     ], crs)
     trees = ModelInfo(task="trees", class_names=["crown"], class_colors=[], band_count=3, resolution_m=0.1,
                       tile_size=256, tile_overlap=32)
@@ -112,7 +130,7 @@ def test_styles_load_in_real_qgis(styled_gpkg, tmp_path):
     env.pop("PYTHONPATH", None)
     env.pop("VIRTUAL_ENV", None)
     proc = subprocess.run([QGIS_PYTHON, "-c", QGIS_SCRIPT, str(styled_gpkg), "landcover", "class_stats",
-                           "crowns", "trees"], env=env, capture_output=True, text=True, timeout=120)
+                           "crowns", "trees", "missing_trees", "orchard_blocks"], env=env, capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     report = json.loads(lines[0][len("REPORT "):])
@@ -120,9 +138,21 @@ def test_styles_load_in_real_qgis(styled_gpkg, tmp_path):
     landcover = report["landcover"]
     assert landcover["renderer"] == "categorizedSymbol" and landcover["attr"] == "class"
     assert landcover["categories"] == [[n, c] for n, c in zip(NAMES, COLORS)]
-    crowns = report["crowns"]  # QGIS's default would be a single symbol in a random colour, opaque
-    assert crowns["renderer"] == "singleSymbol" and crowns["alpha"] == 110 and crowns["color"] == "#33a02c"
+    crowns = report["crowns"]  # graduated by health: red (dead) to green
+    assert crowns["renderer"] == "graduatedSymbol" and crowns["attr"] == 'coalesce("vari", 1)'
+    assert [r[2] for r in crowns["ranges"]] == ["#d7191c", "#fdae61", "#a6d96a", "#1a9641"]
+    assert crowns["ranges"][0][1] == -0.05 and crowns["ranges"][1][1] == 0.05
+    assert crowns["feature_color"] == "#1a9641"  # no health value: drawn, as healthy
     assert crowns["labels"] is False
     trees = report["trees"]
-    assert trees["renderer"] == "singleSymbol" and trees["marker"] and trees["color"] == "#006400"
+    assert trees["renderer"] == "categorizedSymbol" and trees["attr"] == "status"
+    assert [c[0] for c in trees["categories"]] == ["healthy", "stressed", "dead"]
+    assert report["missing_trees"]["renderer"] == "singleSymbol" and report["missing_trees"]["marker"]
+    assert report["orchard_blocks"]["renderer"] == "singleSymbol"
     assert report["class_stats"]["renderer"] is None  # a plain table
+
+
+def test_landcover_without_model_colours_gets_nlcd_colours():
+    root = ET.fromstring(landcover_qml(["Water", "forest", "unknown"], []).split("\n", 1)[1])
+    colors = [o.get("value") for o in root.iter("Option") if o.get("name") == "color"]
+    assert colors[:2] == ["70,107,159,255", "28,95,44,255"]  # NLCD open water, evergreen forest

@@ -1,0 +1,164 @@
+"""Per-tree analytics through `predict`: health from RGB and NIR, status, dead channel,
+trees and land cover identical whatever the vectorization block size (no seams)."""
+from __future__ import annotations
+
+import math
+
+import fiona
+import numpy as np
+import pytest
+import shapely
+from rasterio.crs import CRS
+from rasterio.transform import from_origin
+from shapely.geometry import Point, shape
+
+from landcover_plugin.engine.model_package import ModelInfo
+from landcover_plugin.engine.predict import PredictParams, predict
+from landcover_plugin.engine.trees import HealthThresholds, tree_status, vari
+from landcover_plugin.engine.vectorize import landcover_layers
+
+from test_predict import PIXEL, conv_model, json_reporter, tree_scene, write_raster
+
+# (row, col, (R, G, B, NIR), dead-channel) of three 1.5 m crowns; 0.1 m pixels
+CROWNS = [(60, 60, (60, 140, 50, 200), 0.0),  # green: VARI 0.53, NDVI 0.54
+          (60, 200, (150, 150, 60, 130), 0.0),  # yellowing: VARI 0, NDVI -0.07
+          (200, 120, (140, 100, 80, 150), 0.9)]  # brown, and the model says dead
+
+
+def health_scene(size: int = 260) -> np.ndarray:
+    """Bands R, G, B, NIR (0-255), crown probability, heatmap, dead probability."""
+    yy, xx = np.mgrid[:size, :size]
+    bands = np.zeros((7, size, size), np.float32)
+    bands[:4] = 30.0  # dark soil
+    for r, c, colour, dead in CROWNS:
+        d2 = (yy - r) ** 2 + (xx - c) ** 2
+        disk = d2 <= 15 ** 2
+        for b, value in enumerate(colour):
+            bands[b][disk] = value
+        bands[4][disk] = 0.9
+        bands[5] = np.maximum(bands[5], np.exp(-d2 / (2 * 7.5 ** 2)))
+        bands[6][disk] = dead
+    return bands
+
+
+def health_model(path, dead_channel: bool, nir_band: int | None = None):
+    """Passes bands 5-7 (or 5-6) through as the model's output."""
+    c_out = 3 if dead_channel else 2
+    weights = np.zeros((c_out, 7, 1, 1))
+    for k in range(c_out):
+        weights[k, 4 + k] = 1.0
+    info = ModelInfo(task="trees", class_names=["crown", "dead"] if dead_channel else ["crown"], class_colors=[],
+                     band_count=7, resolution_m=PIXEL, tile_size=64, tile_overlap=8, input_scale=1.0,
+                     mean=[0.0] * 7, std=[1.0] * 7, nir_band=nir_band)
+    return conv_model(path, weights, np.zeros(c_out), info)
+
+
+def read_layer(gpkg, name):
+    with fiona.open(gpkg, layer=name) as layer:
+        return [(shape(f["geometry"]), dict(f["properties"])) for f in layer]
+
+
+def crown_at(crowns, transform, r, c):
+    (props,) = [p for g, p in crowns if g.contains(Point(transform @ (c + 0.5, r + 0.5)))]
+    return props
+
+
+def test_health_and_status_from_rgb_and_dead_channel(tmp_path):
+    transform = from_origin(400000, 3300000, PIXEL, PIXEL)
+    raster = write_raster(tmp_path / "scene.tif", health_scene(), transform)
+    out = tmp_path / "trees.gpkg"
+    result = predict(PredictParams(model=health_model(tmp_path / "m.onnx", dead_channel=True), imagery=raster,
+                                   out=out), json_reporter())
+    crowns = read_layer(out, "crowns")
+    assert len(crowns) == 3 and result.summary["dead"] == 1
+    green, yellow, brown = (crown_at(crowns, transform, r, c) for r, c, _, _ in CROWNS)
+    assert green["vari"] == pytest.approx(80 / 150, abs=0.01) and green["status"] == "healthy"
+    assert yellow["vari"] == pytest.approx(0.0, abs=0.01) and yellow["status"] == "stressed"
+    assert brown["status"] == "dead" and brown["ndvi"] is None
+    assert green["area_m2"] == pytest.approx(math.pi * 1.5 ** 2, rel=0.05)
+    assert {p["status"] for _, p in read_layer(out, "trees")} == {"healthy", "stressed", "dead"}
+    assert set(fiona.listlayers(out)) >= {"crowns", "trees", "missing_trees", "orchard_blocks"}
+
+
+def test_ndvi_with_a_nir_band_and_custom_thresholds(tmp_path):
+    transform = from_origin(400000, 3300000, PIXEL, PIXEL)
+    raster = write_raster(tmp_path / "scene.tif", health_scene(), transform)
+    out = tmp_path / "trees.gpkg"
+    strict = HealthThresholds(ndvi_stressed=0.6, ndvi_dead=-0.5)
+    predict(PredictParams(model=health_model(tmp_path / "m.onnx", dead_channel=False), imagery=raster, out=out,
+                          nir_band=4, health=strict), json_reporter())
+    crowns = read_layer(out, "crowns")
+    green, yellow, brown = (crown_at(crowns, transform, r, c) for r, c, _, _ in CROWNS)
+    assert green["ndvi"] == pytest.approx(140 / 260, abs=0.01) and green["status"] == "stressed"  # 0.54 < 0.6
+    assert yellow["ndvi"] == pytest.approx(-20 / 280, abs=0.01) and yellow["status"] == "stressed"
+    assert brown["status"] == "stressed"  # no dead channel; NDVI 0.03 is above the -0.5 set here
+
+
+def test_status_rules():
+    th = HealthThresholds()
+    assert tree_status(0.3, None, None, th) == "healthy"
+    assert tree_status(0.0, None, None, th) == "stressed"
+    assert tree_status(-0.2, None, None, th) == "dead"
+    assert tree_status(-0.2, 0.7, None, th) == "healthy"  # NDVI wins over VARI
+    assert tree_status(0.3, 0.7, 0.6, th) == "dead"  # the model's dead channel wins
+    assert tree_status(None, None, None, th) == "healthy"
+    assert vari(np.array([10.0]), np.array([10.0]), np.array([20.0]))[0] == 0.0  # zero denominator
+
+
+@pytest.mark.parametrize("block", [48, 100])
+def test_trees_do_not_depend_on_the_block_size(tmp_path, block):
+    """Crowns cut by vectorization block borders are measured whole, once."""
+    from test_predict import trees_model
+
+    transform = from_origin(400000, 3300000, PIXEL, PIXEL)
+    raster = write_raster(tmp_path / "scene.tif", tree_scene(), transform)
+    model = trees_model(tmp_path / "t.onnx")
+    whole, split = tmp_path / "whole.gpkg", tmp_path / "split.gpkg"
+    predict(PredictParams(model=model, imagery=raster, out=whole), json_reporter())
+    predict(PredictParams(model=model, imagery=raster, out=split, block_size=block), json_reporter())
+    a, b = read_layer(whole, "crowns"), read_layer(split, "crowns")
+    key = lambda rows: sorted((round(g.centroid.x, 2), round(g.centroid.y, 2), p["area_m2"]) for g, p in rows)  # noqa: E731
+    assert len(a) == 6 and key(a) == key(b)
+
+
+def test_landcover_polygons_merge_across_blocks():
+    rng = np.random.default_rng(0)
+    # blobs of 3 classes, larger than the blocks
+    classes = (np.add.outer(np.sin(np.arange(150) / 9.0), np.cos(np.arange(170) / 7.0)) * 1.5 + 1.5).astype(np.int16)
+    classes = np.clip(classes, 0, 2)
+    classes[rng.random(classes.shape) < 0.01] = 1  # specks, sieved away
+    valid = np.ones(classes.shape, bool)
+    valid[60:80, 30:50] = False
+    transform = from_origin(500000, 4000000, 2.0, 2.0)
+    crs = CRS.from_epsg(32617)
+    whole, stats = landcover_layers(classes, valid, transform, crs, ["a", "b", "c"], block_size=1000)
+    split, stats_split = landcover_layers(classes, valid, transform, crs, ["a", "b", "c"], block_size=40)
+    assert len(split.rows) == len(whole.rows) > 5  # no region cut into pieces at the block borders
+    for name in "abc":
+        area = lambda layer: sum(p["area_m2"] for _, p in layer.rows if p["class"] == name)  # noqa: E731
+        assert area(split) == pytest.approx(area(whole), rel=0.01)
+    geoms = [g for g, _ in split.rows]
+    assert all(g.is_valid for g in geoms)
+    union = shapely.union_all(geoms)
+    assert union.area == pytest.approx(sum(g.area for g in geoms), rel=1e-6)  # no overlaps
+    assert union.area == pytest.approx(valid.sum() * 4.0, rel=2e-3)  # no gaps
+    assert stats.rows == stats_split.rows
+
+
+def test_cli_tree_options(tmp_path, capsys):
+    import json
+
+    from landcover_plugin.engine.cli import main
+
+    raster = write_raster(tmp_path / "scene.tif", health_scene(), from_origin(400000, 3300000, PIXEL, PIXEL))
+    model = health_model(tmp_path / "m.onnx", dead_channel=False)
+    out = tmp_path / "t.gpkg"
+    assert main(["--json", "predict", "--model", str(model), "--imagery", str(raster), "--out", str(out),
+                 "--nir-band", "4", "--ndvi-stressed", "0.1", "--no-orchard"]) == 0
+    assert "missing_trees" not in fiona.listlayers(out)
+    statuses = sorted(p["status"] for _, p in read_layer(out, "crowns"))
+    assert statuses == ["dead", "dead", "healthy"]  # NDVI 0.54; -0.07 and 0.03 are below ndvi_dead 0.25
+    capsys.readouterr()
+    assert main(["--json", "predict", "--model", str(model), "--imagery", str(raster), "--out", str(out),
+                 "--nir-band", "9"]) == 2
+    assert json.loads(capsys.readouterr().out.splitlines()[-1])["code"] == "BAD_IMAGERY_BANDS"

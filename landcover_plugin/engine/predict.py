@@ -340,6 +340,9 @@ def vectorize_trees(pred: Path, src, window: Window, info: ModelInfo, params: "P
         if nir is not None and not 1 <= nir <= src.count:
             raise EngineError("BAD_IMAGERY_BANDS", f"NIR band {nir} does not exist in {src.name} ({src.count} bands).",
                               "Give --nir-band between 1 and the imagery's band count, or leave it out.")
+        # the crown post-processing the model was tuned with travels in its metadata
+        tree_params = TreeParams(threshold=info.threshold, min_area_m2=info.min_crown_m2,
+                                 seed_distance_m=info.seed_distance_m, health=params.health)
         plan = blocks(ds.height, ds.width, params.block_size)
         for n, (r0, c0, r1, c1) in enumerate(plan, start=1):
             e0, f0 = max(r0 - margin, 0), max(c0 - margin, 0)
@@ -353,7 +356,7 @@ def vectorize_trees(pred: Path, src, window: Window, info: ModelInfo, params: "P
                 dead=data[2] / PROB_SCALE if data.shape[0] > 2 else None,
                 rgb=src.read([1, 2, 3], window=img).astype(np.float64) if rgb else None,
                 nir=src.read(nir, window=img).astype(np.float64) if nir else None)
-            rows.extend(block_trees(block, ds.crs, TreeParams(threshold=info.threshold, health=params.health)))
+            rows.extend(block_trees(block, ds.crs, tree_params))
             reporter.progress("vectorize", n, len(plan), "blocks")
     return rows
 

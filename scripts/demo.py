@@ -74,8 +74,8 @@ def summary() -> str:
         rows = sorted(((f["properties"]["class"], f["properties"]["hectares"]) for f in stats), key=lambda r: -r[1])
     lines = ["", "Summary", f"  trees: {len(areas)} crowns found, total canopy {sum(areas):,.0f} m²"]
     lines += ["  land cover (hectares per class):"] + [f"    {c:<12} {ha:>10,.1f} ha" for c, ha in rows]
-    lines += ["", f"Results in {OUT.relative_to(ROOT)}/: trees.gpkg (crowns, trees), landcover.gpkg (landcover, "
-              "class_stats), map.png", "Open the GeoPackages in QGIS: the styles are stored inside them."]
+    lines += ["", f"Results in {OUT.relative_to(ROOT)}/: trees.gpkg (crowns, trees, missing_trees, orchard_blocks), "
+              "landcover.gpkg (landcover, class_stats), map.png", "Open the GeoPackages in QGIS: the styles are stored inside them."]
     return "\n".join(lines)
 
 

@@ -7,7 +7,6 @@ clean environment, as a user would run it.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -61,7 +60,7 @@ def timed(args: list[str], env: dict | None = None) -> tuple[float, str]:
 def run(workdir: Path) -> dict:
     raster = class_raster(workdir / "classes.tif")
     ours, out = timed([PYTHON, "-c", OURS, str(raster), str(workdir / "ours.gpkg")])
-    clean = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), "LANG": "C.UTF-8"}
+    clean = {"PATH": "/usr/bin:/bin", "HOME": str(Path.home()), "LANG": "C.UTF-8"}
     gdal, _ = timed(["/usr/bin/python3", GDAL_POLYGONIZE, "-q", str(raster), "-f", "GPKG",
                      str(workdir / "gdal.gpkg"), "classes", "class"], env=clean)
     return {"pixels_m": round(SIZE * SIZE / 1e6, 2), "polygons": int(out.split()[-1]),

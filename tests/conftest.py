@@ -39,6 +39,26 @@ def landsat_polygons() -> Path:
     return _need(DATA / "nc_landsat" / "landsat96_polygons.shp")
 
 
+def crop_raster(src_path: Path, window, out: Path) -> Path:
+    """A windowed copy of a raster (same CRS and resolution)."""
+    import rasterio
+
+    with rasterio.open(src_path) as src:
+        profile = src.profile | {"width": window.width, "height": window.height,
+                                 "transform": src.window_transform(window), "tiled": False}
+        profile.pop("blockxsize", None), profile.pop("blockysize", None)
+        data = src.read(window=window)
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out
+
+
+@pytest.fixture(scope="session")
+def crop():
+    """crop(raster, rasterio Window, out_path) -> out_path: a small piece of a sample raster."""
+    return crop_raster
+
+
 @pytest.fixture(scope="session")
 def landsat_stack(landsat_bands, tmp_path_factory) -> Path:
     """The six Landsat bands stacked into one 6-band GeoTIFF."""

@@ -25,6 +25,12 @@ class AOI:
         return AOI(reproject_geometry(self.geometry, self.crs, crs), crs)
 
 
+def utm_crs(lon: float, lat: float) -> str:
+    """The WGS84 UTM zone holding (lon, lat), e.g. EPSG:32617: a metric CRS for areas and mosaics."""
+    zone = min(int((lon + 180) // 6) + 1, 60)
+    return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
+
+
 def reproject_geometry(geometry: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
     from rasterio.warp import transform_geom
 

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .labels import Labels, read_labels

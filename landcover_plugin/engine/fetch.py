@@ -41,7 +41,7 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from . import http_client, wms
-from .aoi import AOI
+from .aoi import AOI, utm_crs
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .http_client import host_of
@@ -377,12 +377,6 @@ def check_counts(counts: Counter, total: int, host: str, where: str, reporter: R
     if counts["failed"]:
         reporter.log(f"{counts['failed']} of {total} tiles failed ({counts['first_error']}); they are left empty "
                      "in the mosaic. Run again to retry them (the others come from the cache).", level="warning")
-
-
-def utm_crs(lon: float, lat: float) -> str:
-    """The WGS84 UTM zone holding (lon, lat), e.g. EPSG:32617."""
-    zone = int((lon + 180) // 6) % 60 + 1
-    return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
 
 
 def aoi_grid(bounds: tuple[float, float, float, float], crs: str, res: float) -> Grid:

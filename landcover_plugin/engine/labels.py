@@ -24,6 +24,7 @@ from shapely.geometry import Polygon, box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
+from .aoi import AOI, utm_crs
 from .errors import EngineError
 from .events import Reporter, StageResult
 
@@ -280,7 +281,7 @@ INFO_TABLE = "landcover_info"  # key/value provenance table in our GeoPackages
 
 @dataclass(frozen=True)
 class LabelsParams:
-    aoi: "AOI | None"  # None: the whole OSM file
+    aoi: AOI | None  # None: the whole OSM file
     preset: str
     out: Path
     osm_file: Path | None = None
@@ -346,8 +347,6 @@ def _now() -> str:
 
 
 def _local_utm(aoi: BaseGeometry | None, geoms: list) -> str:
-    from .fetch import utm_crs
-
     centre = (aoi if aoi is not None else unary_union([g.envelope for g in geoms])).centroid
     return utm_crs(centre.x, centre.y)
 

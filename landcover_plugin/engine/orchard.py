@@ -25,7 +25,8 @@ from scipy.cluster.hierarchy import DisjointSet
 from scipy.spatial import cKDTree
 from shapely.geometry import MultiPoint, Point
 
-from .vectorize import Layer, utm_crs
+from .aoi import utm_crs
+from .vectorize import Layer
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def _to_metres(xy: np.ndarray, crs: CRS) -> tuple[np.ndarray, CRS]:
     if not crs.is_geographic or not len(xy):
         return xy * crs.linear_units_factor[1] if len(xy) else xy, crs
     lon, lat = xy.mean(axis=0)
-    utm = utm_crs(float(lon), float(lat))
+    utm = CRS.from_string(utm_crs(float(lon), float(lat)))
     x, y = warp_points(crs, utm, xy[:, 0].tolist(), xy[:, 1].tolist())
     return np.column_stack([x, y]), utm
 

@@ -18,7 +18,9 @@ from typing import Callable
 from shapely import wkb
 from shapely.geometry.base import BaseGeometry
 
+from .atomic import atomic_output
 from .errors import EngineError
+from .http_client import retry_after
 from .presets import ANY, Preset
 
 ATTRIBUTION = "© OpenStreetMap contributors"
@@ -175,7 +177,7 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
                                   f"Overpass API answered HTTP {response.status_code}: {_remark(response.text)}",
                                   "Check the URL (it ends in /api/interpreter) and the preset's tags.")
             problem = f"HTTP {response.status_code} ({'too many requests' if response.status_code == 429 else 'busy or timed out'})"
-            wait = max(wait, _retry_after(response))
+            wait = max(wait, min(retry_after(response) or 0.0, 120.0))
         if attempt == params.retries:
             raise EngineError("OVERPASS_BUSY",
                               f"Overpass API at {params.url} failed {params.retries + 1} times; last: {problem}.",
@@ -185,18 +187,10 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
         time.sleep(wait)
         wait *= 2
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = osm_path.with_suffix(f".partial-{os.getpid()}.osm")
-    write_osm_xml(document, tmp)
-    tmp.replace(osm_path)
+    with atomic_output(osm_path) as tmp:
+        write_osm_xml(document, tmp)
     (cache / f"{key}.query").write_text(f"{params.url}\n{query}")
     return osm_path
-
-
-def _retry_after(response) -> float:
-    try:
-        return min(float(response.headers.get("Retry-After", 0)), 120.0)
-    except ValueError:
-        return 0.0
 
 
 def _remark(text: str) -> str:

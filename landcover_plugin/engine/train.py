@@ -315,7 +315,8 @@ def load_base(base: Path, manifest: dict, task: str):
     path = folder / KERAS_NAME
     if not path.is_file():
         raise EngineError("MODEL_NOT_FOUND", f"No {KERAS_NAME} in {base} to fine-tune from.",
-                          "Give a model folder made by `landcover train` (or a shipped model's name).")
+                          "Give a model folder made by `landcover train`; for trees-base, first run "
+                          "scripts/train_trees_base.py, which writes its Keras weights.")
     info = read_info(folder)
     if info.band_count != manifest["band_count"]:
         raise EngineError("BASE_MISMATCH", f"The base model reads {info.band_count} bands; the dataset's imagery "

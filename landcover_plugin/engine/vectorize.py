@@ -20,6 +20,8 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from .aoi import utm_crs
+
 MIN_REGION_PIXELS = 4  # land-cover regions smaller than this merge into their neighbours
 SEED_MIN_HEAT = 0.3  # a heatmap peak below this is not a tree centre
 
@@ -35,11 +37,6 @@ class Layer:
 
 
 # --- measuring -------------------------------------------------------------
-
-def utm_crs(lon: float, lat: float) -> CRS:
-    zone = min(int((lon + 180) // 6) + 1, 60)
-    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
-
 
 def areas_m2(geoms: list[BaseGeometry], crs: CRS) -> np.ndarray:
     """Areas in m² of geometries in `crs` (degrees are measured in the local UTM zone)."""

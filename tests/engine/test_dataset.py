@@ -22,18 +22,6 @@ from landcover_plugin.engine.labels import read_labels
 CHIP = 64
 
 
-def crop(src_path: Path, window: Window, out: Path) -> Path:
-    """A windowed copy of a raster (same CRS and resolution)."""
-    with rasterio.open(src_path) as src:
-        profile = src.profile | {"width": window.width, "height": window.height,
-                                 "transform": src.window_transform(window), "tiled": False}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None)
-        data = src.read(window=window)
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(data)
-    return out
-
-
 def run(params: DatasetParams) -> tuple[dict, list[dict], dict]:
     out = io.StringIO()
     result = build_dataset(params, Reporter(json_mode=True, out=out))
@@ -53,7 +41,7 @@ def sample(dataset: Path, manifest: dict, x: float, y: float) -> tuple[dict, np.
 
 
 @pytest.fixture(scope="module")
-def landcover_ds(landsat_stack, landsat_polygons, tmp_path_factory):
+def landcover_ds(landsat_stack, landsat_polygons, tmp_path_factory, crop):
     tmp = tmp_path_factory.mktemp("lc")
     imagery = crop(landsat_stack, Window(64, 64, 256, 256), tmp / "crop.tif")
     params = DatasetParams(imagery=imagery, labels=landsat_polygons, task="landcover", out=tmp / "ds",
@@ -197,7 +185,7 @@ def test_trees_masks_crown_and_heatmap(trees_ds, osbs_csv, osbs_tif):
     assert outside > 0 and inside_background > 0
 
 
-def test_tiny_image_falls_back_and_logs(osbs_tif, osbs_csv, tmp_path):
+def test_tiny_image_falls_back_and_logs(osbs_tif, osbs_csv, tmp_path, crop):
     imagery = crop(osbs_tif, Window(0, 0, 128, 64), tmp_path / "tiny.tif")
     params = DatasetParams(imagery=imagery, labels=osbs_csv, task="trees", out=tmp_path / "ds", chip_size=CHIP)
     manifest, events, summary = run(params)

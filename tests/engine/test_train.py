@@ -25,17 +25,6 @@ ROOT = Path(__file__).resolve().parents[2]
 CHIP = 64
 
 
-def crop(src_path: Path, window: Window, out: Path) -> Path:
-    with rasterio.open(src_path) as src:
-        profile = src.profile | {"width": window.width, "height": window.height,
-                                 "transform": src.window_transform(window), "tiled": False}
-        profile.pop("blockxsize", None), profile.pop("blockysize", None)
-        data = src.read(window=window)
-    with rasterio.open(out, "w", **profile) as dst:
-        dst.write(data)
-    return out
-
-
 def quiet() -> Reporter:
     return Reporter(json_mode=True, out=io.StringIO())
 
@@ -45,7 +34,7 @@ def events_of(reporter: Reporter) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def trees_dataset(osbs_tif, osbs_csv, tmp_path_factory) -> Path:
+def trees_dataset(osbs_tif, osbs_csv, tmp_path_factory, crop) -> Path:
     tmp = tmp_path_factory.mktemp("trees")
     imagery = crop(osbs_tif, Window(0, 0, 192, 192), tmp / "crop.tif")
     build_dataset(DatasetParams(imagery=imagery, labels=osbs_csv, task="trees", out=tmp / "ds",
@@ -54,7 +43,7 @@ def trees_dataset(osbs_tif, osbs_csv, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def landcover_dataset(landsat_stack, landsat_polygons, tmp_path_factory) -> Path:
+def landcover_dataset(landsat_stack, landsat_polygons, tmp_path_factory, crop) -> Path:
     tmp = tmp_path_factory.mktemp("landcover")
     imagery = crop(landsat_stack, Window(64, 64, 256, 256), tmp / "crop.tif")
     build_dataset(DatasetParams(imagery=imagery, labels=landsat_polygons, task="landcover", out=tmp / "ds",
@@ -147,7 +136,7 @@ def test_landcover_model_package(landcover_model, landcover_dataset):
     assert 0 <= result.summary["val_accuracy"] <= 1 and "val_miou" in result.summary
 
 
-def test_fine_tune_from_a_base_model(trees_model, osbs_tif, osbs_csv, landcover_dataset, tmp_path):
+def test_fine_tune_from_a_base_model(trees_model, osbs_tif, osbs_csv, landcover_dataset, tmp_path, crop):
     """Fine-tune on another part of the orthophoto; the base's input normalisation is kept."""
     base = trees_model[0]
     imagery = crop(osbs_tif, Window(208, 208, 192, 192), tmp_path / "other.tif")

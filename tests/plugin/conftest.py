@@ -1,7 +1,6 @@
 """Fixtures for the plugin tests, run in real QGIS (pytest-qgis, offscreen):
 
-    cd /work/main && QT_QPA_PLATFORM=offscreen XDG_RUNTIME_DIR=$(mktemp -d) \
-        .venv-test/bin/pytest -q -p pytest_qgis tests/plugin
+    make test-plugin    (from the repository root; see the Makefile for the environment it sets)
 """
 from __future__ import annotations
 

@@ -83,7 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--imagery", type=Path, help="raster file")
     p.add_argument("--labels", type=Path,
-                   help="vector file (polygons with a class field), DeepForest CSV or Pascal VOC XML of boxes")
+                   help="vector file (polygons with a class field), DeepForest CSV or Pascal VOC XML of boxes; "
+                   "for --task trees also tree positions: a vector file of points, or a CSV with columns x,y "
+                   "(the imagery's CRS) or lon,lat (WGS84) -- detected by geometry type / header; only the "
+                   "centre heatmap is learnt from points (the crown channel is ignored)")
     p.add_argument("--class-field", help="attribute holding the class (land cover)")
     p.add_argument("--class-map", metavar="VALUE=CLASS,...",
                    help="rename class values, e.g. \"1=water,2=forested\" (unmapped values are an error)")
@@ -95,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the labels map the area completely: unlabelled pixels are background (else ignored)")
     p.add_argument("--offset", default="0,0", metavar="DX,DY",
                    help="move the labels by DX,DY metres (east, north) onto the imagery")
+    p.add_argument("--crown-radius", type=float, default=2.0,
+                   help="trees from points: crown radius in metres the centre heatmap assumes (default 2)")
     p.add_argument("--background-ratio", type=float, default=0.0,
                    help="with --complete: background-only chips kept per labelled chip (default 0)")
     p.add_argument("--from", dest="source", type=Path, metavar="DATASET",
@@ -203,7 +208,8 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                            chip_size=args.chip_size, val_share=args.val_share,
                                            preset=args.preset, complete=args.complete, offset=_offset(args.offset),
                                            background_ratio=args.background_ratio, source=args.source,
-                                           where=args.where, class_map=parse_class_map(args.class_map)),
+                                           where=args.where, class_map=parse_class_map(args.class_map),
+                                           crown_radius_m=args.crown_radius),
                              reporter)
     if args.command == "train":
         from .train import params_from_config, train

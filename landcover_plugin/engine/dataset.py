@@ -8,7 +8,9 @@ Masks (uint8 GeoTIFF, same grid as the chip):
 - trees: band 1 crown (1 inside the ellipse inscribed in each box/polygon, 0
   background, 255 = ignore: nodata or outside the annotated image's footprint);
   band 2 tree-centre heatmap (gaussian at each crown centre, sigma = crown
-  radius / 3, 0..255), ignored wherever band 1 is 255.
+  radius / 3, 0..255), ignored wherever band 1 is 255 -- except in a dataset made
+  from tree positions (points, `centres_only` in dataset.json): band 1 is 255
+  throughout (crowns unknown) and band 2 holds gaussians of --crown-radius.
 
 Validation split by spatial blocks: whole 2x2-chip blocks, grown nearest-first
 around a random block into one compact area, go to validation, and train chips touching a validation chip (8-neighbourhood) become "buffer"
@@ -35,7 +37,8 @@ import numpy as np
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .labels import Labels, read_labels
-from .rasterize import IGNORE, class_fractions, draw_order, landcover_mask, offset_in_crs, shift, trees_mask
+from .rasterize import (IGNORE, centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
+                        trees_mask)
 
 TASKS = ("trees", "landcover")
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
@@ -67,6 +70,7 @@ class DatasetParams:
     source: Path | None = None  # --from: a dataset to take a subset of
     where: str | None = None  # --where: SQL condition on the source's catalog
     class_map: dict[str, str] | None = None  # label value -> class name (e.g. codes -> names)
+    crown_radius_m: float = 2.0  # tree positions (points): the crown radius their heatmap assumes
 
 
 def class_color(name: str) -> str:
@@ -161,6 +165,9 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
 
     labels = read_labels(params.labels, params.imagery, params.task, params.class_field, params.class_map)
     class_names, colors, values, priorities = _classes(labels, params)
+    if labels.points:
+        reporter.log(f"{len(labels.geometries)} tree positions (points): centre heatmap only "
+                     f"(crown radius {params.crown_radius_m} m), crown channel ignored")
     reporter.log(f"{len(labels.geometries)} labels, classes: {', '.join(class_names)}"
                  + (f"; invalid geometries: {labels.repaired} repaired, {labels.skipped} skipped"
                     if labels.repaired or labels.skipped else ""))
@@ -188,7 +195,7 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
                       "offset_x": params.offset[0], "offset_y": params.offset[1]}
         manifest = {"task": params.task, "class_names": class_names, "class_colors": colors, **meta,
                     "split": how, "imagery": str(params.imagery), "labels": str(params.labels),
-                    "crs": labels.crs, "complete": params.complete, "offset_m": list(params.offset),
+                    "crs": labels.crs, "centres_only": labels.points, "complete": params.complete, "offset_m": list(params.offset),
                     "background_ratio": params.background_ratio, "provenance": provenance,
                     "attribution": info.get("attribution", ""), **balance,
                     "content_hash": content_hash(chips), "chips": [_chip_entry(c) for c in chips]}
@@ -220,6 +227,9 @@ def _check(params: DatasetParams) -> None:
     if not 0 < params.val_share < 1:
         raise EngineError("BAD_VAL_SHARE", f"Validation share {params.val_share} is not between 0 and 1.",
                           "Use e.g. --val-share 0.25.")
+    if params.crown_radius_m <= 0:
+        raise EngineError("BAD_CROWN_RADIUS", f"Crown radius {params.crown_radius_m} m is not positive.",
+                          "Use e.g. --crown-radius 2 (metres, the typical crown radius of the trees).")
     if params.background_ratio < 0:
         raise EngineError("BAD_BACKGROUND_RATIO", f"Background ratio {params.background_ratio} is negative.",
                           "Use e.g. --background-ratio 0.2 (one background chip per five labelled ones).")
@@ -326,12 +336,14 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
     dx, dy = offset_in_crs(*params.offset, src.crs, (src.bounds.bottom + src.bounds.top) / 2)
     geoms = shift(labels.geometries, dx, dy)
     footprint = shift([labels.footprint], dx, dy)[0] if labels.footprint is not None else None
-    if trees:
+    if trees and not labels.points:
         geoms = [inscribed_ellipse(g) for g in geoms]
+    radius = offset_in_crs(params.crown_radius_m, 0, src.crs, (src.bounds.bottom + src.bounds.top) / 2)[0]
     order = draw_order(priorities)  # burnt low priority first: the highest wins overlaps
     geoms, values = [geoms[i] for i in order], [values[i] for i in order]
     tree = STRtree(geoms)
     margin = max((math.sqrt(g.area / math.pi) for g in geoms), default=0.0) if trees else 0.0
+    margin = radius if labels.points else margin
     background = class_names.index(BACKGROUND) if params.complete and not trees else None
     n_rows, n_cols = math.ceil(src.height / size), math.ceil(src.width / size)
     chips = _resume(out)
@@ -352,13 +364,15 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
                 continue
             bounds = rasterio.windows.bounds(window, src.transform)
             near = sorted(tree.query(box(*bounds).buffer(margin)))  # sorted: keep the priority order
-            if trees:
+            if labels.points:
+                mask = centres_mask([geoms[i] for i in near], radius, transform, size)
+            elif trees:
                 mask = trees_mask([geoms[i] for i in near], transform, size, valid, footprint)
             else:
                 mask = landcover_mask([geoms[i] for i in near], [values[i] for i in near], transform, size, valid,
                                       background)
             fractions, ignored = class_fractions(mask, len(class_names), trees)
-            labelled = 1.0 - ignored
+            labelled = float(valid.mean()) if labels.points else 1.0 - ignored  # points: the heatmap is known
             background_only = background is not None and fractions[background] >= labelled - 1e-9
             if labelled == 0:
                 continue

@@ -7,7 +7,10 @@ Sources for a dataset:
   PIXEL coordinates of a georeferenced image beside the CSV. The boxes go to map
   coordinates through that image's transform, then to the imagery's CRS (the
   imagery may be a fetched mosaic in another CRS and resolution). Pascal VOC
-  XML boxes are read the same way.
+  XML boxes are read the same way;
+- tree positions (trees only): a vector file of points (any CRS), or a CSV with
+  columns x,y (in the imagery's CRS) or lon,lat (WGS84). Only the centre heatmap
+  is learnt from them (see rasterize.py): `Labels.points` is True.
 
 Invalid polygons are repaired (make_valid) or skipped, and counted. Our OSM
 labels carry a `priority` field (overlap order) and a `landcover_info` table
@@ -46,6 +49,7 @@ class Labels:
     info: dict | None = None  # provenance of our labels GeoPackages (source, preset, date)
     repaired: int = 0  # invalid geometries repaired
     skipped: int = 0  # features without a usable polygon
+    points: bool = False  # the geometries are tree positions (Points), not crowns or areas
 
 
 def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None,
@@ -65,12 +69,19 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
                           "Georeference the imagery (e.g. gdal_translate -a_srs) before training.")
     crs_wkt = crs.to_wkt()
     priorities, counts = None, {"repaired": 0, "skipped": 0}
-    if path.suffix.lower() in (".csv", ".xml"):
+    points = False
+    if path.suffix.lower() == ".csv" and _is_points_csv(path):
+        geoms, footprint, points = _read_csv_points(path, crs_wkt), None, True
+        classes = ["crown"] * len(geoms)
+    elif path.suffix.lower() in (".csv", ".xml"):
         read_boxes = _read_csv_boxes if path.suffix.lower() == ".csv" else _read_voc_boxes
         geoms, classes, footprint = read_boxes(path, crs_wkt)
     else:
         geoms, classes, priorities, counts = _read_vector(path, crs_wkt, task, class_field)
-        footprint = None
+        footprint, points = None, geoms[0].geom_type == "Point"
+    if points and task != "trees":
+        raise EngineError("POINT_LABELS_NEED_TREES", f"{path.name} holds points (tree positions), which carry "
+                          "no area to learn land cover from.", "Use --task trees, or give polygons.")
     if class_map:
         classes = _map_classes(classes, class_map, path)
     # Only labels over the imagery count: a model's classes are those it saw.
@@ -83,7 +94,7 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
     if priorities is not None:
         priorities = [priorities[i] for i in inside]
     return Labels(geoms, classes, sorted(set(classes)), crs_wkt, footprint, priorities, read_info(path),
-                  counts["repaired"], counts["skipped"])
+                  counts["repaired"], counts["skipped"], points)
 
 
 def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
@@ -100,6 +111,7 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
     import fiona
 
     geoms, classes, priorities, counts = [], [], [], {"repaired": 0, "skipped": 0}
+    points = []  # tree positions: used when the file has no polygon (trees)
     try:
         with fiona.open(path) as src:
             fields = list(src.schema["properties"])
@@ -113,18 +125,26 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
                 if geometry is None or value is None:
                     counts["skipped"] += 1
                     continue
-                geom = _polygonal(shape(geometry), counts)
+                geom = shape(geometry)
+                if task == "trees" and geom.geom_type in ("Point", "MultiPoint") and not geom.is_empty:
+                    points.extend(getattr(geom, "geoms", [geom]))
+                    continue
+                geom = _polygonal(geom, counts)
                 if geom is None:
-                    continue  # points and lines carry no area to learn from
+                    continue  # lines (and, for land cover, points) carry no area to learn from
                 geoms.append(geom)
                 classes.append(str(value))
                 priorities.append(int(feature["properties"].get("priority") or 0) if has_priority else 0)
     except fiona.errors.FionaError as exc:
         raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
                           "Give a vector file GDAL can open, or a DeepForest CSV.") from None
+    if not geoms and points:  # a file of tree positions; beside polygons, points are skipped
+        return _reproject_all(points, src_crs, crs_wkt), ["crown"] * len(points), None, counts
+    counts["skipped"] += len(points)
     if not geoms:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no polygon with a class.",
-                          "Draw or download polygons (with a class value) first.")
+                          "Draw or download polygons (with a class value) first"
+                          + (" (or points of tree positions, with --task trees)." if task != "trees" else "."))
     return _reproject_all(geoms, src_crs, crs_wkt), classes, priorities if has_priority else None, counts
 
 
@@ -194,6 +214,44 @@ def parse_class_map(text: str | None) -> dict[str, str] | None:
         raise EngineError("BAD_CLASS_MAP", f"--class-map '{text}' is not VALUE=CLASS,VALUE=CLASS.",
                           "E.g. --class-map \"Forest=forested,Open water=water\".")
     return {k.strip(): v.strip() for k, v in pairs}
+
+
+POINT_COLUMNS = {("x", "y"): None, ("lon", "lat"): "EPSG:4326", ("longitude", "latitude"): "EPSG:4326"}
+
+
+def _csv_header(path: Path) -> list[str]:
+    try:
+        with open(path, newline="") as f:
+            return [h.strip().lower() for h in next(csv.reader(f), [])]
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
+                          "Give a DeepForest CSV (image_path,xmin,ymin,xmax,ymax,label) or a CSV of points (x,y).") from None
+
+
+def _is_points_csv(path: Path) -> bool:
+    header = _csv_header(path)
+    return "image_path" not in header and any(set(cols) <= set(header) for cols in POINT_COLUMNS)
+
+
+def _read_csv_points(path: Path, crs_wkt: str) -> list:
+    """Tree positions from a CSV: x,y in the imagery's CRS, or lon,lat in WGS84."""
+    from shapely.geometry import Point
+
+    header = _csv_header(path)
+    (xcol, ycol), crs = next((cols, crs) for cols, crs in POINT_COLUMNS.items() if set(cols) <= set(header))
+    points = []
+    with open(path, newline="") as f:
+        for n, row in enumerate(csv.DictReader(f, fieldnames=header), start=1):
+            if n == 1:
+                continue  # the header
+            try:
+                points.append(Point(float(row[xcol]), float(row[ycol])))
+            except (TypeError, ValueError):
+                raise EngineError("BAD_LABELS", f"CSV {path.name} line {n} has no numeric {xcol},{ycol}: "
+                                  f"{row[xcol]!r}, {row[ycol]!r}.", f"Give numbers in the columns {xcol},{ycol}.") from None
+    if not points:
+        raise EngineError("LABELS_EMPTY", f"Label file {path} has no points.", "Add one row per tree: x,y.")
+    return _reproject_all(points, crs or crs_wkt, crs_wkt)
 
 
 def _read_voc_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:

@@ -6,6 +6,8 @@ Masks (uint8, the chip's grid):
   completely mapped, where uncovered pixels take the background class. Where
   labels overlap, the higher priority wins (drawn last).
 - trees: band 1 crown (0 background, 1.. crown classes, IGNORE), band 2 centre heatmap.
+  From tree positions (points) only the heatmap is known: band 1 is IGNORE throughout,
+  so the unannotated crown is not taught as background.
 """
 from __future__ import annotations
 
@@ -65,14 +67,30 @@ def trees_mask(crowns: list, transform, size: int, valid: np.ndarray, footprint,
         inside = rasterize([(footprint, 1)], out_shape=(size, size), transform=transform, fill=0, dtype="uint8")
         crown[inside == 0] = IGNORE
     crown[~valid] = IGNORE
+    centres = [(g.centroid.x, g.centroid.y) for g in crowns]
+    radii = [math.sqrt(g.area / math.pi) for g in crowns]
+    return np.stack([crown, centre_heatmap(centres, radii, transform, size)])
+
+
+def centre_heatmap(centres: list[tuple[float, float]], radii: list[float], transform, size: int) -> np.ndarray:
+    """(size, size) uint8: max of gaussians (0..255) at the tree centres (map x, y),
+    sigma = crown radius (CRS units) / 3, at least one pixel."""
     heat = np.zeros((size, size), np.float64)
     rows, cols = np.mgrid[0:size, 0:size] + 0.5  # pixel centres
     pixel = abs(transform.a)
-    for g in crowns:
-        col, row = ~transform @ (g.centroid.x, g.centroid.y)
-        sigma = max(math.sqrt(g.area / math.pi) / pixel / 3, 1.0)
+    for (x, y), radius in zip(centres, radii):
+        col, row = ~transform @ (x, y)
+        sigma = max(radius / pixel / 3, 1.0)
         heat = np.maximum(heat, np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / (2 * sigma**2)))
-    return np.stack([crown, np.round(heat * 255).astype(np.uint8)])
+    return np.round(heat * 255).astype(np.uint8)
+
+
+def centres_mask(points: list, radius: float, transform, size: int) -> np.ndarray:
+    """(2, size, size) from tree positions: crown all IGNORE (not known), and the centre
+    heatmap as for crowns of `radius` (CRS units)."""
+    crown = np.full((size, size), IGNORE, np.uint8)
+    heat = centre_heatmap([(p.x, p.y) for p in points], [radius] * len(points), transform, size)
+    return np.stack([crown, heat])
 
 
 def class_fractions(mask: np.ndarray, n_classes: int, trees: bool) -> tuple[list[float], float]:

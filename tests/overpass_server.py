@@ -6,7 +6,9 @@ extract (read with pyosmium) and answers with what lies in the query's
 `[bbox:south,west,north,east]`: nodes inside, ways touching it (with all their
 nodes) and relations with such members (with their other members too), as
 `(._;>;); out body;` would. Faults can be scripted: HTTP statuses answered
-before the real answer (429, 504 ...), or a runtime-error remark.
+before the real answer (429, 504 ...), a Retry-After for the 429s, a
+runtime-error remark, or stalls: the first `stalls` requests get no answer
+for `stall_s` seconds (a server stuck past the client's read timeout).
 
     with serve_overpass(Path("data/osm/test.osm.pbf"), statuses=[429, 504]) as server:
         server.url          # "http://127.0.0.1:PORT/api/interpreter"
@@ -75,6 +77,10 @@ class OverpassStandIn:
     queries: list[str] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)  # answered (and consumed) before real answers
     remark: str | None = None  # e.g. "runtime error: Query timed out in \"query\" at line 3"
+    retry_after: str = "0"  # Retry-After of the 429 answers
+    stalls: int = 0  # requests (the first ones) answered only after stall_s, or at shutdown
+    stall_s: float = 0.0
+    release: threading.Event = field(default_factory=threading.Event)  # set at shutdown: stalls end
 
 
 def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
@@ -86,10 +92,14 @@ def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
             with lock:
                 state.queries.append(query)
                 status = state.statuses.pop(0) if state.statuses else 200
+                stall = state.stalls > 0
+                state.stalls -= stall
+            if stall:
+                state.release.wait(state.stall_s)  # the client's read timeout fires meanwhile
             if self.path != "/api/interpreter":
                 return self._answer(404, "text/html", "<p><strong>Error</strong>: not found</p>")
             if status != 200:
-                headers = {"Retry-After": "0"} if status == 429 else {}
+                headers = {"Retry-After": state.retry_after} if status == 429 else {}
                 return self._answer(status, "text/html", f"<p><strong>Error</strong>: status {status}</p>", headers)
             bbox = re.search(r"\[bbox:([-\d.]+),([-\d.]+),([-\d.]+),([-\d.]+)\]", query)
             if not query.startswith("[out:json]") or not bbox:
@@ -102,13 +112,16 @@ def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
 
         def _answer(self, status: int, ctype: str, body: str, headers: dict | None = None) -> None:
             raw = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(raw)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            self.wfile.write(raw)
+            try:
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(raw)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(raw)
+            except OSError:  # the client gave up waiting (a stall) and closed the connection
+                pass
 
         def log_message(self, *args) -> None:  # quiet tests
             pass
@@ -117,9 +130,10 @@ def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
 
 
 @contextmanager
-def serve_overpass(osm_file: Path, statuses: list[int] | None = None,
-                   remark: str | None = None) -> Iterator[OverpassStandIn]:
-    state = OverpassStandIn(statuses=list(statuses or []), remark=remark)
+def serve_overpass(osm_file: Path, statuses: list[int] | None = None, remark: str | None = None,
+                   retry_after: str = "0", stalls: int = 0, stall_s: float = 0.0) -> Iterator[OverpassStandIn]:
+    state = OverpassStandIn(statuses=list(statuses or []), remark=remark, retry_after=retry_after,
+                            stalls=stalls, stall_s=stall_s)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(load_osm(osm_file), state, threading.Lock()))
     state.url = f"http://127.0.0.1:{server.server_address[1]}/api/interpreter"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -127,5 +141,6 @@ def serve_overpass(osm_file: Path, statuses: list[int] | None = None,
     try:
         yield state
     finally:
+        state.release.set()
         server.shutdown()
         server.server_close()

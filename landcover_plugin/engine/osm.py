@@ -107,6 +107,7 @@ class OverpassParams:
     cache_dir: Path | None = None
     retries: int = 4
     backoff_s: float = 2.0  # first wait; doubles each retry
+    http_timeout_s: float | None = None  # seconds without a byte before giving up; None: timeout_s + 30
 
 
 def default_cache_dir() -> Path:
@@ -159,12 +160,15 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
         log(f"Overpass: answer from the cache ({osm_path})")
         return osm_path
     wait = params.backoff_s
+    # The server stops the query after [timeout:]; past that (plus the transfer) it is stuck or overloaded.
+    http_timeout = params.http_timeout_s or params.timeout_s + 30
     for attempt in range(params.retries + 1):
+        timed_out = False
         try:
-            response = requests.post(params.url, data={"data": query}, timeout=params.timeout_s + 30,
+            response = requests.post(params.url, data={"data": query}, timeout=http_timeout,
                                      headers={"User-Agent": "landcover-plugin/0.1"})
         except requests.Timeout:
-            problem = f"no answer within {params.timeout_s + 30} s"
+            problem, timed_out = f"no answer within {http_timeout:g} s", True
         except requests.ConnectionError as exc:
             raise EngineError("OVERPASS_UNREACHABLE", f"Cannot reach the Overpass API at {params.url}: {exc}",
                               "Check the URL and the network, or use a local OSM file with --osm-file.") from None
@@ -178,6 +182,13 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
                                   "Check the URL (it ends in /api/interpreter) and the preset's tags.")
             problem = f"HTTP {response.status_code} ({'too many requests' if response.status_code == 429 else 'busy or timed out'})"
             wait = max(wait, min(retry_after(response) or 0.0, 120.0))
+        if attempt == params.retries and timed_out:
+            raise EngineError("OVERPASS_TIMEOUT",
+                              f"Overpass API at {params.url} gave no answer within {http_timeout:g} s, "
+                              f"{params.retries + 1} times: the server is overloaded or the query too large.",
+                              "Use a smaller area, another Overpass server (--overpass URL, e.g. "
+                              "https://overpass.kumi.systems/api/interpreter), or a local OSM extract "
+                              "(--osm-file area.osm.pbf, e.g. from download.geofabrik.de).")
         if attempt == params.retries:
             raise EngineError("OVERPASS_BUSY",
                               f"Overpass API at {params.url} failed {params.retries + 1} times; last: {problem}.",

@@ -180,6 +180,40 @@ def test_overpass_retries_429_and_504_then_caches(test_pbf, tmp_path):
     assert len(inside) > 100
 
 
+def test_overpass_backoff_doubles_and_honours_retry_after(test_pbf, tmp_path, monkeypatch):
+    """429 (Retry-After 0.05 s) then 504 twice: waits max(backoff, Retry-After), then doubling."""
+    from landcover_plugin.engine import osm
+
+    waits: list[float] = []
+    monkeypatch.setattr(osm.time, "sleep", waits.append)  # record the waits instead of sleeping
+    with serve_overpass(test_pbf, statuses=[429, 504, 504], retry_after="0.05") as server:
+        fetch_overpass(load_preset("buildings"), overpass_params(server.url, tmp_path), print)
+        assert len(server.queries) == 4
+    assert waits == pytest.approx([0.05, 0.1, 0.2])
+
+
+def test_overpass_stalled_past_the_read_timeout_is_retried(test_pbf, tmp_path):
+    logs: list[str] = []
+    with serve_overpass(test_pbf, stalls=1, stall_s=30) as server:
+        path = fetch_overpass(load_preset("buildings"), overpass_params(server.url, tmp_path, http_timeout_s=0.3),
+                              logs.append)
+        assert len(server.queries) == 2
+    assert "no answer within 0.3 s; retrying" in logs[0]
+    assert read_osm_file(path, load_preset("buildings")).features
+
+
+def test_overpass_that_keeps_stalling_fails_with_the_fixes(test_pbf, tmp_path):
+    with serve_overpass(test_pbf, stalls=10, stall_s=30) as server:
+        with pytest.raises(EngineError) as err:
+            fetch_overpass(load_preset("buildings"),
+                           overpass_params(server.url, tmp_path, http_timeout_s=0.3, retries=2), print)
+        assert len(server.queries) == 3
+    e = err.value
+    assert e.code == "OVERPASS_TIMEOUT" and server.url in e.message and "no answer within 0.3 s" in e.message
+    assert "smaller area" in e.hint and "--overpass URL" in e.hint and "--osm-file" in e.hint and ".osm.pbf" in e.hint
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.osm"))
+
+
 def test_overpass_gives_up_with_a_clear_error(test_pbf, tmp_path):
     with serve_overpass(test_pbf, statuses=[504] * 10) as server:
         with pytest.raises(EngineError) as err:

@@ -1,7 +1,10 @@
 """`landcover run PIPELINE.yaml`: the stages chained for one job.
 
-imagery (fetch, or a local raster as is) -> dataset -> train -> predict.
-With a `model` instead of `labels`, dataset and train are skipped.
+imagery (fetch, or a local raster as is) -> [labels] -> dataset -> train -> predict.
+With a `model` instead of `labels`, dataset and train are skipped. Labels are a
+file (vector, DeepForest CSV, Pascal VOC, points), or OpenStreetMap: a preset
+with an `osm_file` or an `overpass` endpoint (and `date`), made into a labels
+GeoPackage by the labels stage, over the AOI (or the imagery's extent).
 
 Each stage's output lands in `workdir` and is recorded with a fingerprint of
 its inputs; a rerun (after a cancel or a failure) skips stages whose output
@@ -27,7 +30,9 @@ from .errors import EngineError
 from .events import Reporter, StageResult, parse_event
 
 STAGES_TRAIN = ("fetch", "dataset", "train", "predict")
+STAGES_OSM = ("fetch", "labels", "dataset", "train", "predict")
 STAGES_PREDICT = ("fetch", "predict")
+LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,10 @@ class Pipeline:
     aoi: AOI | None = None
     labels: Path | None = None
     class_field: str | None = None
+    preset: str | None = None  # fixes the classes; with osm_file/overpass, selects the OSM features
+    osm_file: Path | None = None  # OSM labels: .osm, .osm.bz2, .osm.pbf
+    overpass: str | None = None  # OSM labels: Overpass API interpreter URL
+    date: str | None = None  # Overpass: OSM as it was on this date (the imagery's)
     model: Path | None = None
     epochs: int = 20
     batch_size: int = 8
@@ -84,7 +93,8 @@ def load_pipeline(path: Path) -> Pipeline:
     labels, model = spec.get("labels") or {}, spec.get("model")
     if isinstance(labels, str):
         labels = {"path": labels}
-    if not labels.get("path") and not model:
+    _check_labels(labels)
+    if not (labels.get("path") or labels.get("osm_file") or labels.get("overpass")) and not model:
         raise EngineError("BAD_PIPELINE", "The pipeline has neither labels nor a model.",
                           "Give labels (to train a model) or a model (to predict with it).")
     if spec["task"] not in ("trees", "landcover"):
@@ -98,12 +108,47 @@ def load_pipeline(path: Path) -> Pipeline:
         aoi=parse_aoi(str(spec["aoi"]), spec.get("aoi_crs", "EPSG:4326")) if spec.get("aoi") else None,
         labels=_path(base, labels.get("path")),
         class_field=labels.get("class_field"),
+        preset=labels.get("preset"),
+        osm_file=_path(base, labels.get("osm_file")),
+        overpass=labels.get("overpass"),
+        date=str(labels["date"]) if labels.get("date") else None,  # YAML reads 2020-06-01 as a date
         model=_path(base, model),
         epochs=int(train.get("epochs", 20)),
         batch_size=int(train.get("batch_size", 8)),
         chip_size=int(train.get("chip_size", 128)),
         seed=int(train.get("seed", 0)),
     )
+
+
+def _check_labels(labels: dict) -> None:
+    """One source of labels: a file, or OSM (a preset with an OSM file or an Overpass endpoint)."""
+    hint = ("E.g. labels: {path: crowns.gpkg}, or labels: {preset: landcover, overpass: "
+            "https://overpass-api.de/api/interpreter, date: 2020-06-01}, or {preset: trees, osm_file: area.osm.pbf}.")
+    if not isinstance(labels, dict):
+        raise EngineError("BAD_PIPELINE", "labels is neither a file name nor a mapping.", hint)
+    unknown = sorted(set(labels) - set(LABEL_KEYS))
+    if unknown:
+        raise EngineError("BAD_PIPELINE", f"Unknown labels key(s): {', '.join(unknown)}; "
+                          f"known: {', '.join(LABEL_KEYS)}.", hint)
+    sources = [k for k in ("path", "osm_file", "overpass") if labels.get(k)]
+    if len(sources) > 1:
+        raise EngineError("BAD_PIPELINE", f"labels has {' and '.join(sources)}: give only one source.", hint)
+    if sources and sources[0] != "path" and not labels.get("preset"):
+        raise EngineError("BAD_PIPELINE", "OpenStreetMap labels need a preset (which features, which classes).",
+                          "Add preset: landcover, buildings or trees (or a preset YAML file). " + hint)
+    if labels.get("date") and sources != ["overpass"]:
+        raise EngineError("BAD_PIPELINE", "labels date applies to Overpass only (OSM as it was on that date).",
+                          "Use date with overpass: URL, or take an OSM file of that date.")
+
+
+def _imagery_aoi(imagery: Path) -> AOI:
+    """The imagery's extent, where OSM labels are taken when the pipeline has no aoi."""
+    from shapely.geometry import box
+
+    from .imagery import open_raster
+
+    with open_raster(imagery) as src:
+        return AOI(box(*src.bounds), src.crs.to_wkt())
 
 
 def _fingerprint(params: Any) -> str:
@@ -142,7 +187,8 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
     from .predict import PredictParams, predict
 
     p.workdir.mkdir(parents=True, exist_ok=True)
-    stages = STAGES_PREDICT if p.model else STAGES_TRAIN
+    osm = p.osm_file is not None or p.overpass is not None
+    stages = STAGES_PREDICT if p.model else STAGES_OSM if osm else STAGES_TRAIN
     summary: dict[str, Any] = {}
     outputs: dict[str, Any] = {}
 
@@ -165,10 +211,25 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
     outputs["imagery"] = str(imagery)
 
     model = p.model
+    attribution = ""
     if model is None:
+        labels = p.labels
+        if osm:
+            begin("labels")
+            from .labels import LabelsParams, build_labels
+
+            lp = LabelsParams(aoi=p.aoi or _imagery_aoi(imagery), preset=str(p.preset), out=p.workdir / "labels.gpkg",
+                              osm_file=p.osm_file, overpass=p.overpass, date=p.date)
+            res = _run_stage("labels", lp, lp.out, lambda: build_labels(lp, reporter), p.workdir, reporter)
+            labels = Path(res.outputs["labels"])
+            summary["labels"] = res.summary
+            outputs["labels"] = str(labels)
+        from .labels import read_info
+
+        attribution = read_info(labels).get("attribution", "") if labels else ""
         begin("dataset")
-        dp = DatasetParams(imagery=imagery, labels=p.labels, task=p.task, out=p.workdir / "dataset",
-                           class_field=p.class_field, chip_size=p.chip_size)
+        dp = DatasetParams(imagery=imagery, labels=labels, task=p.task, out=p.workdir / "dataset",
+                           class_field=p.class_field, chip_size=p.chip_size, preset=p.preset)
         res = _run_stage("dataset", dp, dp.out, lambda: build_dataset(dp, reporter), p.workdir, reporter)
         summary["dataset"] = res.summary
 
@@ -189,6 +250,9 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
     res = predict(pp, reporter)  # always rerun: it is the user's final output
     summary["predict"] = res.summary
     outputs.update(res.outputs)
+    if attribution:  # the model learnt from OSM: say so with the result (ODbL)
+        reporter.log(f"Labels: data {attribution} (ODbL)")
+        summary["attribution"] = attribution
     reporter.progress("pipeline", len(stages), len(stages), "done")
     return StageResult(outputs, summary)
 

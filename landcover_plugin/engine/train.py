@@ -137,8 +137,8 @@ def load_chips(dataset: Path, manifest: dict, split: str, norm: dict) -> tuple[n
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def check_labels(task: str, class_names: list[str], y: np.ndarray) -> None:
-    """Refuse training that cannot learn anything: one class, or no crown at all."""
+def check_labels(task: str, class_names: list[str], y: np.ndarray, centres_only: bool = False) -> None:
+    """Refuse training that cannot learn anything: one class, or no crown (no tree centre) at all."""
     if task == "landcover":
         present = np.unique(y[..., 0][y[..., 0] != IGNORE]).astype(int)
         if len(class_names) < 2 or len(present) < 2:
@@ -146,6 +146,10 @@ def check_labels(task: str, class_names: list[str], y: np.ndarray) -> None:
             raise EngineError("ONE_CLASS", f"The training chips hold only one class ({', '.join(names) or 'none'}): "
                               "a land-cover model needs at least two to tell apart.",
                               "Label more classes (or a larger area) and rebuild the dataset.")
+    elif centres_only:
+        if not np.any(y[..., 1] > 0):
+            raise EngineError("ONE_CLASS", "The training chips hold no tree position.",
+                              "Mark tree positions inside the imagery and rebuild the dataset.")
     elif not np.any((y[..., 0] == 1) | (y[..., 0] == 2)):
         raise EngineError("ONE_CLASS", "The training chips hold no tree crown: only background.",
                           "Annotate crowns inside the imagery and rebuild the dataset.")
@@ -158,10 +162,11 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.clip(weights, 0.1, 10.0).astype(np.float32)
 
 
-def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False):
+def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False, centres_only: bool = False):
     """The training loss; pixels marked IGNORE in the mask count for nothing.
     Trees: BCE + Dice on crowns, weighted MSE on the centre heatmap, and (with a
-    "dead" class) BCE of the dead channel on crown pixels."""
+    "dead" class) BCE of the dead channel on crown pixels. `centres_only` (a dataset
+    of tree positions: crowns all IGNORE): the heatmap counts on every pixel."""
     import keras
     import tensorflow as tf
 
@@ -187,7 +192,8 @@ def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False):
         bce = tf.reduce_sum(keras.losses.binary_crossentropy(target[..., None], p[..., None]) * valid) / n
         dice = 1.0 - (2.0 * tf.reduce_sum(p * target * valid) + 1.0) / (
             tf.reduce_sum(p * valid) + tf.reduce_sum(target * valid) + 1.0)
-        heat_w = valid * (1.0 + 9.0 * heat)  # the peaks matter more than the flat background
+        heat_valid = tf.ones_like(valid) if centres_only else valid
+        heat_w = heat_valid * (1.0 + 9.0 * heat)  # the peaks matter more than the flat background
         mse = tf.reduce_sum(heat_w * (y_pred[..., 1] - heat) ** 2) / tf.maximum(tf.reduce_sum(heat_w), 1.0)
         loss = bce + dice + 10.0 * mse
         if dead:  # channel 2: is this crown pixel dead? Judged on crown pixels only.
@@ -485,6 +491,11 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if params.freeze_encoder and not params.base:
         raise EngineError("BAD_PARAMS", "--freeze-encoder needs --base: a fresh encoder has learnt nothing to keep.",
                           "Give --base MODEL, or leave out --freeze-encoder.")
+    centres_only = bool(manifest.get("centres_only"))
+    if centres_only and not params.base:
+        raise EngineError("CENTRES_ONLY_NEEDS_BASE", "This dataset holds tree positions only (no crowns): a new "
+                          "model would learn where trees stand but not their crowns.",
+                          "Fine-tune a model that knows crowns on it: --base trees-base (or a model of yours).")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     import keras
 
@@ -511,10 +522,10 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
         rate = params.learning_rate or LEARNING_RATE
     x_train, y_train = load_chips(params.dataset, manifest, "train", norm)
     x_val, y_val = load_chips(params.dataset, manifest, "val", norm)
-    check_labels(task, class_names, y_train)
+    check_labels(task, class_names, y_train, centres_only)
     weights = class_weights(y_train, len(class_names)) if task == "landcover" else None
     optimizer = keras.optimizers.Adam(rate)
-    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead), metrics=[make_metric(task)])
+    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only), metrics=[make_metric(task)])
 
     manifest_hash = dataset_hash(params.dataset)
     fingerprint = _fingerprint(params, manifest_hash)

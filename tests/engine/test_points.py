@@ -170,3 +170,29 @@ def test_dataset_command_from_tree_positions(osbs_tif, osbs_csv, tmp_path, capsy
     assert peaks == in_chips > 40
     with fiona.open(tmp_path / "ds" / "catalog.gpkg") as cat:
         assert len(cat) == len(manifest["chips"])
+
+
+def test_training_on_tree_positions_learns_the_heatmap_only_and_needs_a_base(imagery, tmp_path):
+    from landcover_plugin.engine.train import TrainParams, check_labels, make_loss, train
+
+    params = DatasetParams(imagery=imagery, labels=points_gpkg(tmp_path / "trees.gpkg"), task="trees",
+                           out=tmp_path / "ds", chip_size=64, crown_radius_m=3.0)
+    build_dataset(params, Reporter(out=io.StringIO()))
+    with pytest.raises(EngineError) as err:  # refused before TensorFlow loads
+        train(TrainParams(dataset=params.out, out=tmp_path / "model"), Reporter(out=io.StringIO()))
+    assert err.value.code == "CENTRES_ONLY_NEEDS_BASE" and "--base" in err.value.hint
+
+    import tensorflow as tf
+
+    y = np.stack(mosaic(params.out)[:2], axis=-1)[None, :, :64].astype(np.float32)  # (1, 64, 64, 2)
+    check_labels("trees", ["crown"], y, centres_only=True)  # tree positions, no crown: accepted
+    with pytest.raises(EngineError):
+        check_labels("trees", ["crown"], y)
+    right = np.stack([np.full((64, 64), 0.5), y[0, ..., 1] / 255], axis=-1)[None].astype(np.float32)
+    wrong = np.stack([np.full((64, 64), 0.5), np.zeros((64, 64))], axis=-1)[None].astype(np.float32)
+    loss = make_loss("trees", centres_only=True)
+    assert float(loss(tf.constant(y), tf.constant(right))) < 1e-6  # crowns count for nothing, the heatmap fits
+    assert float(loss(tf.constant(y), tf.constant(wrong))) > 0.05  # a missed tree costs
+    # Without the flag every pixel is IGNORE: nothing would be learnt.
+    plain = make_loss("trees")
+    assert float(plain(tf.constant(y), tf.constant(wrong))) == float(plain(tf.constant(y), tf.constant(right)))

@@ -195,7 +195,8 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
                       "offset_x": params.offset[0], "offset_y": params.offset[1]}
         manifest = {"task": params.task, "class_names": class_names, "class_colors": colors, **meta,
                     "split": how, "imagery": str(params.imagery), "labels": str(params.labels),
-                    "crs": labels.crs, "centres_only": labels.points, "complete": params.complete, "offset_m": list(params.offset),
+                    "crs": labels.crs, "centres_only": labels.points, "complete": params.complete,
+                    "offset_m": list(params.offset),
                     "background_ratio": params.background_ratio, "provenance": provenance,
                     "attribution": info.get("attribution", ""), **balance,
                     "content_hash": content_hash(chips), "chips": [_chip_entry(c) for c in chips]}

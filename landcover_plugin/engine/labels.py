@@ -225,7 +225,8 @@ def _csv_header(path: Path) -> list[str]:
             return [h.strip().lower() for h in next(csv.reader(f), [])]
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
-                          "Give a DeepForest CSV (image_path,xmin,ymin,xmax,ymax,label) or a CSV of points (x,y).") from None
+                          "Give a DeepForest CSV (image_path,xmin,ymin,xmax,ymax,label) "
+                          "or a CSV of points (x,y).") from None
 
 
 def _is_points_csv(path: Path) -> bool:
@@ -248,7 +249,8 @@ def _read_csv_points(path: Path, crs_wkt: str) -> list:
                 points.append(Point(float(row[xcol]), float(row[ycol])))
             except (TypeError, ValueError):
                 raise EngineError("BAD_LABELS", f"CSV {path.name} line {n} has no numeric {xcol},{ycol}: "
-                                  f"{row[xcol]!r}, {row[ycol]!r}.", f"Give numbers in the columns {xcol},{ycol}.") from None
+                                  f"{row[xcol]!r}, {row[ycol]!r}.",
+                                  f"Give numbers in the columns {xcol},{ycol}.") from None
     if not points:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no points.", "Add one row per tree: x,y.")
     return _reproject_all(points, crs or crs_wkt, crs_wkt)

@@ -148,6 +148,9 @@ def _imagery_aoi(imagery: Path) -> AOI:
     from .imagery import open_raster
 
     with open_raster(imagery) as src:
+        if src.crs is None:
+            raise EngineError("BAD_IMAGERY", f"Imagery {imagery} has no CRS: OSM labels cannot be placed on it.",
+                              "Georeference the imagery (e.g. gdal_translate -a_srs), or add aoi: to the pipeline.")
         return AOI(box(*src.bounds), src.crs.to_wkt())
 
 

@@ -77,18 +77,19 @@ def _open_rings_with_nodes(polys: PixelPolygons, nodes: np.ndarray, origin: tupl
     """Block-local corners of each ring, without the closing one, with the nodes that lie
     on a straight edge added (a T-junction is a vertex of two regions, not of the third)."""
     ring_of = np.repeat(np.arange(len(polys.ring_len)), polys.ring_len)
-    ij = polys.xy.astype(np.int64) - origin
-    seg = np.delete(np.arange(len(ij)), np.cumsum(polys.ring_len) - 1)  # every corner but the closing one
-    a, b = ij[seg], ij[seg + 1]
+    x = polys.xy[:, 0].astype(np.int64) - origin[0]
+    y = polys.xy[:, 1].astype(np.int64) - origin[1]
+    seg = np.delete(np.arange(len(x)), np.cumsum(polys.ring_len) - 1)  # every corner but the closing one
     # The nodes strictly inside each (axis-parallel) segment, found by bisection in one
     # sorted list: nodes by rows (for horizontal segments), then by columns (vertical).
     h1, w1 = nodes.shape
     by_row = np.flatnonzero(nodes)
     table = np.concatenate([by_row, h1 * w1 + np.sort(by_row % w1 * h1 + by_row // w1)])
-    long = np.flatnonzero(np.abs(b - a).sum(axis=1) > 1)  # a unit segment has no corner inside
-    flat = a[long, 1] == b[long, 1]
-    line = np.where(flat, a[long, 1] * w1, h1 * w1 + a[long, 0] * h1)
-    along_a, along_b = np.where(flat, a[long, 0], a[long, 1]), np.where(flat, b[long, 0], b[long, 1])
+    dx, dy = x[seg + 1] - x[seg], y[seg + 1] - y[seg]
+    long = seg[np.abs(dx + dy) > 1]  # a unit segment has no corner inside (one of dx, dy is 0)
+    flat = y[long] == y[long + 1]
+    line = np.where(flat, y[long] * w1, h1 * w1 + x[long] * h1)
+    along_a, along_b = np.where(flat, x[long], y[long]), np.where(flat, x[long + 1], y[long + 1])
     lo = np.searchsorted(table, line + np.minimum(along_a, along_b), "right")
     hi = np.searchsorted(table, line + np.maximum(along_a, along_b), "left")
     count = hi - lo
@@ -98,8 +99,9 @@ def _open_rings_with_nodes(polys: PixelPolygons, nodes: np.ndarray, origin: tupl
     row_key = key < h1 * w1
     col_key = key - h1 * w1
     inside = np.where(row_key[:, None], np.c_[key % w1, key // w1], np.c_[col_key // h1, col_key % h1])
-    at = long[owner]
-    return np.insert(a, at + 1, inside, axis=0), np.insert(ring_of[seg], at + 1, ring_of[seg][at])
+    at = np.searchsorted(seg, long[owner])  # the segment's place among the open rings' corners
+    pts = np.insert(np.c_[x[seg], y[seg]], at + 1, inside, axis=0)
+    return pts, np.insert(ring_of[seg], at + 1, ring_of[long[owner]])
 
 
 def simplify_coverage(polys: PixelPolygons, labels: np.ndarray, origin: tuple[int, int],

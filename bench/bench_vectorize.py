@@ -1,5 +1,5 @@
-"""Vectorization: ours (sieve, polygons merged across blocks, coverage-simplified,
-areas, GeoPackage) vs GDAL's `gdal_polygonize.py` (polygons only) on the same class
+"""Vectorization: ours (sieve, polygons merged across blocks, simplified as a coverage,
+areas, class statistics, GeoPackage) vs GDAL's `gdal_polygonize.py` (polygons only) on the same class
 raster, each in a fresh process so both pay their start-up.
 
 gdal_polygonize.py is Debian's (/usr/bin, GDAL 3.6) run with /usr/bin/python3 and a

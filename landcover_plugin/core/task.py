@@ -20,8 +20,11 @@ def summary_text(summary: dict[str, Any]) -> str:
     """The result's headline numbers for the message bar: the predict stage's
     (crowns, canopy m², hectares per class), or a single command's own."""
     main = summary.get("predict", summary)
-    return ", ".join(f"{k}: {_fmt(v)}" for k, v in main.items()
+    text = ", ".join(f"{k}: {_fmt(v)}" for k, v in main.items()
                      if k not in _QUIET and not isinstance(v, (dict, list)))
+    if main.get("provider"):  # a GPU user sees whether it was used (onnxruntime falls back to the CPU silently)
+        text += f" (model ran on {str(main['provider']).removesuffix('ExecutionProvider')})"
+    return text
 
 
 def _fmt(value: Any) -> str:

@@ -21,8 +21,6 @@ import numpy as np
 import shapely
 from rasterio.crs import CRS
 from rasterio.warp import transform as warp_points
-from scipy.cluster.hierarchy import DisjointSet
-from scipy.spatial import cKDTree
 from shapely.geometry import MultiPoint, Point
 
 from .aoi import utm_crs
@@ -68,6 +66,8 @@ def _axial_mode(angles: np.ndarray, tolerance: float) -> tuple[float, float]:
 
 def fit_grid(xy: np.ndarray, params: GridParams) -> Grid | None:
     """The planting grid of one block's tree positions (metres), or None when it has none."""
+    from scipy.spatial import cKDTree  # here, not at the top: scipy.spatial costs every `landcover` run 0.4 s
+
     tree = cKDTree(xy)
     dist, idx = tree.query(xy, k=min(5, len(xy)))
     nn = xy[idx[:, 1]] - xy
@@ -108,6 +108,9 @@ def link_blocks(xy: np.ndarray, params: GridParams) -> list[np.ndarray]:
     """Indices of the trees of each block (single linkage), biggest first."""
     if len(xy) < 2:
         return [np.arange(len(xy))] if len(xy) else []
+    from scipy.cluster.hierarchy import DisjointSet
+    from scipy.spatial import cKDTree
+
     tree = cKDTree(xy)
     d, _ = tree.query(xy, k=2)
     eps = params.link_factor * float(np.median(d[:, 1]))
@@ -140,6 +143,8 @@ BLOCK_FIELDS = {"block_id": "int", "trees": "int", "dead": "int", "missing": "in
 
 def orchard_layers(tree_rows: list[tuple[Point, dict]], crs: CRS, params: GridParams = GridParams()) -> OrchardResult:
     """`missing_trees` (points) and `orchard_blocks` (polygons with the per-block summary)."""
+    from scipy.spatial import cKDTree
+
     missing_layer = Layer("missing_trees", "Point", {"block_id": "int"})
     blocks_layer = Layer("orchard_blocks", "Polygon", dict(BLOCK_FIELDS))
     xy = np.array([[p.x, p.y] for p, _ in tree_rows]).reshape(-1, 2)

@@ -21,7 +21,6 @@ import shapely
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import shapes
-from scipy import ndimage
 from shapely.geometry import Point
 from shapely.geometry.base import BaseGeometry
 
@@ -86,6 +85,8 @@ class TreeBlock:
 
 def block_trees(block: TreeBlock, crs: CRS, params: TreeParams) -> list[tuple[BaseGeometry, Point, dict]]:
     """(crown polygon, centre point, fields) for each tree whose centre lies in the block's core."""
+    from scipy import ndimage  # here: a land-cover run does not pay scipy's import
+
     crown = (block.prob > params.threshold) & block.valid
     if not crown.any():
         return []

@@ -16,11 +16,11 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.features import shapes, sieve
 from rasterio.warp import transform_geom
-from scipy import ndimage
 from shapely.geometry import MultiPolygon, box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
 from .aoi import utm_crs
+from .coverage import PixelPolygons, simplify_coverage
 
 MIN_REGION_PIXELS = 4  # land-cover regions smaller than this merge into their neighbours
 SEED_MIN_HEAT = 0.3  # a heatmap peak below this is not a tree centre
@@ -52,6 +52,8 @@ def areas_m2(geoms: list[BaseGeometry], crs: CRS) -> np.ndarray:
 def row_pixel_areas(transform: Affine, crs: CRS, height: int, width: int) -> np.ndarray:
     """m² of one pixel in each row (constant when projected; shrinks towards the poles
     in degrees). Measured at the middle column."""
+    if not crs.is_geographic:  # the same everywhere: no geometry needed
+        return np.full(height, abs(transform.determinant) * crs.linear_units_factor[1] ** 2)
     col = width // 2
     pixels = [box(*(transform @ (col, r)), *(transform @ (col + 1, r + 1))) for r in range(height)]
     return areas_m2(pixels, crs)
@@ -84,6 +86,7 @@ def _polygonal(geom: BaseGeometry) -> MultiPolygon:
 NODATA = 255  # class raster value of pixels outside the AOI or without imagery
 BLOCK_SIZE = 2048  # pixels per side of a vectorization block: memory stays flat with the area
 SIEVE_MARGIN = 8  # context read around a block so that sieving sees whole specks
+SIMPLIFY_PX = 0.75  # Douglas-Peucker tolerance of the polygons' shared edges: removes the pixel staircase
 
 
 def blocks(height: int, width: int, size: int) -> list[tuple[int, int, int, int]]:
@@ -122,31 +125,30 @@ def landcover_blocks(read, shape_hw: tuple[int, int], transform: Affine, crs: CR
         valid_ext = raw != NODATA
         # Sieve rather than drop: small specks join their largest neighbour, so the
         # polygons still tile the area and match the statistics.
-        sieved = sieve(np.where(valid_ext, raw, 0).astype(np.int16), min_pixels, mask=valid_ext, connectivity=4)
+        sieved = sieve(raw, min_pixels, mask=valid_ext, connectivity=4)  # NODATA stays: its own label
         core = np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0]
         classes, valid = sieved[core], valid_ext[core]
         rows = row_pixel_areas(transform * Affine.translation(0, r0), crs, r1 - r0, width)
-        m2 += np.bincount(classes[valid].astype(np.int64), np.broadcast_to(rows[:, None], classes.shape)[valid],
-                          minlength=len(class_names))[:len(class_names)]
-        regions = [(polygon(g), int(v)) for g, v in
-                   shapes(classes, mask=valid, transform=Affine.translation(c0, r0), connectivity=4)]
-        inner = (c0 > 0, r0 > 0, c1 < width, r1 < height)  # left, top, right, bottom are block borders
-
-        def at_border(g: BaseGeometry) -> bool:
-            x0, y0, x1, y1 = g.bounds
-            return (inner[0] and x0 <= c0) or (inner[1] and y0 <= r0) or (inner[2] and x1 >= c1) or \
-                (inner[3] and y1 >= r1)
-
-        border = [at_border(g) for g, _ in regions]
-        kept = [(g, v, b) for (g, v), b in zip(regions, border) if b or g.area >= min_pixels * 0.999]  # isolated specks
-        # Coverage simplification keeps shared edges shared (no slivers or gaps) and
-        # nodes on the block border in place; 0.75 px removes the pixel staircase.
-        geoms = shapely.coverage_simplify([g for g, _, _ in kept], 0.75) if kept else []
-        for geom, (_, v, b) in zip(geoms, kept):
+        if (rows == rows[0]).all():  # projected: count pixels, no weights
+            m2 += np.bincount(classes.ravel(), minlength=256)[:len(class_names)] * rows[0]
+        else:
+            m2 += np.bincount(classes[valid], np.broadcast_to(rows[:, None], classes.shape)[valid],
+                              minlength=len(class_names))[:len(class_names)]
+        traced = list(shapes(classes, mask=valid, transform=Affine.translation(c0, r0), connectivity=4))
+        pixels = PixelPolygons.from_geojson([g for g, _ in traced])
+        geoms = simplify_coverage(pixels, classes, (c0, r0), SIMPLIFY_PX)
+        x0, y0, x1, y1 = shapely.bounds(geoms).T if len(geoms) else np.zeros((4, 0))
+        # pieces touching an inner block border (left, top, right, bottom) wait for their other parts
+        border = ((c0 > 0) & (x0 <= c0)) | ((r0 > 0) & (y0 <= r0)) | ((c1 < width) & (x1 >= c1)) | \
+            ((r1 < height) & (y1 >= r1))
+        kept = border | (pixels.areas() >= min_pixels * 0.999)  # isolated specks (no neighbour to join) go
+        for geom, (_, v), b, k in zip(geoms, traced, border, kept):
+            if not k:
+                continue
             if b:
-                pending.setdefault(v, []).append(geom)
+                pending.setdefault(int(v), []).append(geom)
             else:
-                done.append((geom, v))
+                done.append((geom, int(v)))
         if on_block:
             on_block(n, len(plan))
     for v, pieces in pending.items():
@@ -186,6 +188,8 @@ def find_seeds(heat: np.ndarray, crown: np.ndarray, radius_px: int,
                min_heat: float = SEED_MIN_HEAT) -> list[tuple[int, int]]:
     """Tree centres: heatmap maxima within `radius_px`, above `min_heat`, inside crowns.
     A plateau of equal maxima gives one seed."""
+    from scipy import ndimage  # here: a land-cover run does not pay scipy's import (0.3 s)
+
     size = 2 * radius_px + 1
     peaks = (heat == ndimage.maximum_filter(heat, size=size, mode="constant", cval=0.0))
     peaks &= (heat > min_heat) & crown
@@ -202,6 +206,8 @@ def split_crowns(crown: np.ndarray, seeds: list[tuple[int, int]]) -> tuple[np.nd
     """Label each tree: every connected crown region is split between the seeds in it
     (each pixel goes to its nearest seed); a region without a seed is one tree.
     Returns the tree-id raster (0 = no tree) and each tree's seed (None when it had none)."""
+    from scipy import ndimage
+
     components, _ = ndimage.label(crown)
     by_component: dict[int, list[tuple[int, int]]] = {}
     for r, c in seeds:

@@ -346,3 +346,22 @@ def test_shipped_trees_base_runs_by_name():
     assert session.run(None, {session.get_inputs()[0].name: x})[0].shape == (1, 2, info.tile_size, info.tile_size)
     card = (onnx_path("trees-base").parent / "MODEL_CARD.md").read_text()
     assert "Leave-one-image-out" in card and "SOAP_061" in card
+
+
+def test_channel_softmax_written_as_ops_gives_the_same_output():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from landcover_plugin.engine.train import channel_softmax_as_ops
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4, 8, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = np.random.default_rng(0).normal(0, 30, (2, 4, 8, 8)).astype(np.float32)  # large logits: exp must not overflow
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]  # noqa: E731
+    want = run(model)
+    rewritten = channel_softmax_as_ops(model)
+    onnx.checker.check_model(rewritten)
+    assert "Softmax" not in {n.op_type for n in rewritten.graph.node}
+    assert np.allclose(run(rewritten), want, atol=1e-6)

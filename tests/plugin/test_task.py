@@ -78,8 +78,9 @@ def test_cancel_stops_the_engine_and_leaves_no_output(engine_python, slow_tiles,
 
 
 def test_summary_text_shows_the_results():
-    summary = {"fetch": {"tiles": 4}, "predict": {"crowns": 61, "canopy_m2": 1234.5, "seconds": 3.2}}
-    assert summary_text(summary) == "crowns: 61, canopy_m2: 1,234.5"
+    summary = {"fetch": {"tiles": 4}, "predict": {"crowns": 61, "canopy_m2": 1234.5, "seconds": 3.2,
+                                                  "provider": "CPUExecutionProvider"}}
+    assert summary_text(summary) == "crowns: 61, canopy_m2: 1,234.5 (model ran on CPU)"
     assert summary_text({"tiles": 3, "zoom": 18}) == "zoom: 18"
 
 

@@ -87,8 +87,9 @@ def load_pipeline(path: Path) -> Pipeline:
     if not labels.get("path") and not model:
         raise EngineError("BAD_PIPELINE", "The pipeline has neither labels nor a model.",
                           "Give labels (to train a model) or a model (to predict with it).")
-    if spec["task"] not in ("trees", "landcover"):
-        raise EngineError("BAD_PIPELINE", f"Unknown task '{spec['task']}'.", "Use task: trees or task: landcover.")
+    if spec["task"] not in ("trees", "landcover", "buildings", "classification"):
+        raise EngineError("BAD_PIPELINE", f"Unknown task '{spec['task']}'.",
+                          "Use task: trees, landcover, buildings or classification.")
     return Pipeline(
         task=spec["task"],
         imagery=Imagery(source=source, gsd=imagery.get("gsd"), zoom=imagery.get("zoom"),
@@ -136,6 +137,19 @@ def _run_stage(name: str, params: Any, output: Path, run: Callable[[], StageResu
     return result
 
 
+def can_resume(tp) -> bool:
+    """An interrupted training of these very options left its checkpoint: resume it
+    (a checkpoint of other options would be refused by train, so start over)."""
+    from .checkpoint import STATE, checkpoint_dir
+    from .train import _fingerprint, dataset_hash
+
+    try:
+        state = json.loads((checkpoint_dir(tp.out) / STATE).read_text())
+        return state.get("fingerprint") == _fingerprint(tp, dataset_hash(tp.dataset))
+    except (OSError, ValueError):
+        return False
+
+
 def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
     from .dataset import DatasetParams, build_dataset
     from .fetch import FetchParams, fetch
@@ -179,6 +193,9 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
                          batch_size=p.batch_size, seed=p.seed)
         args = ["train", "--dataset", str(tp.dataset), "--out", str(tp.out), "--task", p.task,
                 "--epochs", str(tp.epochs), "--batch-size", str(tp.batch_size), "--seed", str(tp.seed)]
+        if can_resume(tp):
+            reporter.log("train: going on from the checkpoint of an interrupted run")
+            args.append("--resume")
         res = _run_stage("train", tp, tp.out, lambda: run_in_child(args, reporter), p.workdir, reporter)
         model = Path(res.outputs["model"])
         summary["train"] = res.summary

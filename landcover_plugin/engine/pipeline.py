@@ -137,19 +137,6 @@ def _run_stage(name: str, params: Any, output: Path, run: Callable[[], StageResu
     return result
 
 
-def can_resume(tp) -> bool:
-    """An interrupted training of these very options left its checkpoint: resume it
-    (a checkpoint of other options would be refused by train, so start over)."""
-    from .checkpoint import STATE, checkpoint_dir
-    from .train import _fingerprint, dataset_hash
-
-    try:
-        state = json.loads((checkpoint_dir(tp.out) / STATE).read_text())
-        return state.get("fingerprint") == _fingerprint(tp, dataset_hash(tp.dataset))
-    except (OSError, ValueError):
-        return False
-
-
 def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
     from .dataset import DatasetParams, build_dataset
     from .fetch import FetchParams, fetch
@@ -187,13 +174,13 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
         summary["dataset"] = res.summary
 
         begin("train")
-        from .train import TrainParams
+        from .train import TrainParams, can_resume
 
         tp = TrainParams(dataset=dp.out, out=p.workdir / "model", task=p.task, epochs=p.epochs,
                          batch_size=p.batch_size, seed=p.seed)
         args = ["train", "--dataset", str(tp.dataset), "--out", str(tp.out), "--task", p.task,
                 "--epochs", str(tp.epochs), "--batch-size", str(tp.batch_size), "--seed", str(tp.seed)]
-        if can_resume(tp):
+        if can_resume(tp):  # an interrupted training of the same options left its checkpoint
             reporter.log("train: going on from the checkpoint of an interrupted run")
             args.append("--resume")
         res = _run_stage("train", tp, tp.out, lambda: run_in_child(args, reporter), p.workdir, reporter)

@@ -537,6 +537,18 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
             "encoder": params.encoder, "encoder_weights": str(params.encoder_weights)}
 
 
+def can_resume(params: TrainParams) -> bool:
+    """Whether an interrupted run of these very options left its checkpoint, so that
+    `--resume` goes on from it (`landcover run` asks; train refuses another run's)."""
+    from .checkpoint import STATE, checkpoint_dir
+
+    try:
+        state = json.loads((checkpoint_dir(params.out) / STATE).read_text())
+        return state.get("fingerprint") == _fingerprint(params, dataset_hash(params.dataset))
+    except (OSError, ValueError):
+        return False
+
+
 def train(params: TrainParams, reporter: Reporter) -> StageResult:
     manifest = load_manifest(params.dataset)
     task = params.task or manifest["task"]

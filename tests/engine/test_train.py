@@ -198,7 +198,7 @@ def test_sigterm_keeps_the_last_checkpoint_and_resume_finishes(trees_dataset, tm
     ckpt = tmp_path / ".model.checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.checkpoint"]  # no partial folder either
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
-    from landcover_plugin.engine.pipeline import can_resume  # what `landcover run` checks to pass --resume
+    from landcover_plugin.engine.train import can_resume  # what `landcover run` checks to pass --resume
 
     assert can_resume(TrainParams(dataset=trees_dataset, out=out, epochs=3, batch_size=1))
     assert not can_resume(TrainParams(dataset=trees_dataset, out=out, epochs=3, batch_size=2))

@@ -2,6 +2,7 @@
 weights file: nothing is downloaded; tests use a stand-in file of random weights."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def test_mobilenet_unet_random_init_exports(tmp_path, encoder_weights):
     assert err.value.code == "BAD_CHIP_SIZE"
 
 
-def test_bad_encoder_options(classification_dataset, tmp_path):
+def test_bad_encoder_options(classification_dataset, tmp_path, capsys):
     def code_of(**kw) -> str:
         with pytest.raises(EngineError) as err:
             train(TrainParams(dataset=classification_dataset, out=tmp_path / "m", epochs=1, **kw), quiet())
@@ -94,3 +95,9 @@ def test_bad_encoder_options(classification_dataset, tmp_path):
     assert code_of(freeze_encoder=True) == "BAD_PARAMS"  # nothing pretrained to keep
     assert code_of(encoder="resnet") == "BAD_PARAMS"
     assert code_of(encoder="mobilenetv2", encoder_weights=tmp_path / "nope.h5") == "ENCODER_WEIGHTS_NOT_FOUND"
+    from landcover_plugin.engine.cli import main
+
+    code = main(["--json", "train", "--dataset", str(classification_dataset), "--out", str(tmp_path / "m"),
+                 "--encoder", "mobilenetv2", "--encoder-weights", str(tmp_path / "nope.h5"), "--freeze-encoder"])
+    error = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert code == 2 and error["code"] == "ENCODER_WEIGHTS_NOT_FOUND" and "--encoder-weights" in error["hint"]

@@ -154,8 +154,8 @@ def check_labels(task: str, class_names: list[str], y: np.ndarray) -> None:
             what = "chips" if task == "classification" else "chips' pixels"
             raise EngineError("ONE_CLASS", f"The training {what} hold only one class ({', '.join(names) or 'none'}): "
                               f"a {task} model needs at least two to tell apart.",
-                              "Label more classes (or a larger area, with buildings and ground) and rebuild "
-                              "the dataset.")
+                              "Label more classes (or a larger area; for buildings, one with buildings and "
+                              "open ground) and rebuild the dataset.")
     elif not np.any((y[..., 0] == 1) | (y[..., 0] == 2)):
         raise EngineError("ONE_CLASS", "The training chips hold no tree crown: only background.",
                           "Annotate crowns inside the imagery and rebuild the dataset.")

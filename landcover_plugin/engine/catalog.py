@@ -46,6 +46,9 @@ def write_catalog(path: Path, chips: list[dict], crs_wkt: str, class_names: list
              "label_source": "str", "label_date": "str", "preset": "str", "offset_x": "float",
              "offset_y": "float", "hash": "str", "band_sum": "str", "band_sumsq": "str", "pixel_count": "int",
              "pixel_max": "float"}
+    by_chip = "class" in chips[0]  # classification: the chip's own class, to select on
+    if by_chip:
+        props["chip_class"] = "str"
     with fiona.open(path, "w", driver="GPKG", layer=LAYER, crs_wkt=crs_wkt,
                     schema={"geometry": "Polygon", "properties": props}) as dst:
         dst.writerecords({"geometry": mapping(box(*c["bounds"])), "properties": {
@@ -53,7 +56,7 @@ def write_catalog(path: Path, chips: list[dict], crs_wkt: str, class_names: list
             **{f: round(v, 6) for f, v in zip(fractions, c["fractions"])}, "frac_ignore": round(c["ignored"], 6),
             "background_only": int(c["background_only"]), **provenance, "hash": c["hash"],
             "band_sum": json.dumps(c["sum"]), "band_sumsq": json.dumps(c["sumsq"]), "pixel_count": c["count"],
-            "pixel_max": c["max"]}} for c in chips)
+            "pixel_max": c["max"], **({"chip_class": class_names[c["class"]]} if by_chip else {})}} for c in chips)
     write_styles(path, {LAYER: landcover_qml(list(SPLIT_COLORS), list(SPLIT_COLORS.values()), field="split")},
                  "chips by split")
     facts = {k: v for k, v in manifest.items() if k != "chips"}

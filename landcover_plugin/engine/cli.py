@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-field", help="attribute holding the class (land cover)")
     p.add_argument("--class-map", metavar="VALUE=CLASS,...",
                    help="rename class values, e.g. \"1=water,2=forested\" (unmapped values are an error)")
-    p.add_argument("--task", choices=("trees", "landcover"), default="landcover")
+    p.add_argument("--task", choices=("trees", "landcover", "buildings", "classification"), default="landcover",
+                   help="buildings: any polygons are buildings, the rest background; classification: "
+                   "one class per chip, the majority of its labelled pixels (default landcover)")
     p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
     p.add_argument("--val-share", type=float, default=0.25, help="share of spatial blocks for validation")
     p.add_argument("--preset", help="preset the labels were made with: fixes classes, colours, overlap priority")
@@ -110,14 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a dataset and export it to ONNX")
     _add_common(p)
     p.add_argument("--dataset", type=Path, help="dataset folder from `landcover dataset` (or in --config)")
-    p.add_argument("--task", choices=("trees", "landcover", "buildings"), help="default: the dataset's task")
+    p.add_argument("--task", choices=("trees", "landcover", "buildings", "classification"),
+                   help="default: the dataset's task")
     p.add_argument("--base", type=Path, help="model folder, .onnx beside model.keras, or shipped model name "
                    "(e.g. trees-base) to fine-tune from")
     p.add_argument("--config", type=Path, help="YAML/JSON file of train options (options given here win)")
     p.add_argument("--epochs", type=int, help="default 20")
     p.add_argument("--batch-size", type=int, help="default 8; 0 picks it from free GPU memory")
     p.add_argument("--learning-rate", type=float, help="default 1e-3, or 1e-4 with --base")
-    p.add_argument("--freeze-encoder", action="store_true", default=None, help="with --base: train the decoder only")
+    p.add_argument("--freeze-encoder", action="store_true", default=None,
+                   help="with --base or --encoder-weights: train the decoder only")
+    p.add_argument("--encoder", choices=("unet", "mobilenetv2"),
+                   help="the network's encoder: the compact U-Net's own (default) or Keras's MobileNetV2")
+    p.add_argument("--encoder-weights", type=Path, metavar="PATH",
+                   help="local ImageNet weights for --encoder mobilenetv2 (Keras's "
+                   "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5); nothing is downloaded")
     p.add_argument("--resume", action="store_true", default=None,
                    help="go on from the checkpoint an interrupted run left beside --out")
     p.add_argument("--seed", type=int, help="default 0")
@@ -215,7 +224,8 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         from .train import params_from_config, train
 
         options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
-                                                 "learning_rate", "freeze_encoder", "resume")}
+                                                 "learning_rate", "freeze_encoder", "resume", "encoder",
+                                                 "encoder_weights")}
         if args.config:
             return train(params_from_config(args.config, **options), reporter)
         if args.dataset is None or args.out is None:

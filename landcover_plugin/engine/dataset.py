@@ -5,6 +5,12 @@ Masks (uint8 GeoTIFF, same grid as the chip):
   "background" first with --complete), 255 = ignore
   (unlabelled or nodata: OSM-like labels are incomplete, so "no polygon" is
   not a class).
+- buildings: like land cover with the classes fixed to background (0) and
+  building (1); any polygons are buildings, and uncovered pixels are background
+  (a building layer maps its area completely, as Label Maker assumes).
+- classification: the land-cover mask, plus one class per chip (`class` in
+  dataset.json, `chip_class` in the catalog): the majority class of its
+  labelled pixels.
 - trees: band 1 crown (1 inside the ellipse inscribed in each box/polygon, 0
   background, 255 = ignore: nodata or outside the annotated image's footprint);
   band 2 tree-centre heatmap (gaussian at each crown centre, sigma = crown
@@ -40,8 +46,9 @@ from .labels import Labels, read_labels
 from .rasterize import (IGNORE, centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
                         trees_mask)
 
-TASKS = ("trees", "landcover")
+TASKS = ("trees", "landcover", "buildings", "classification")
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
+BUILDING, BUILDING_COLOR = "building", "#d62728"  # as the buildings preset
 BLOCK = 2  # chips per block side in the spatial split
 MIN_VALID = 0.5  # chips with less valid imagery are skipped
 CACHE_MB = 64  # GDAL block cache while cutting chips
@@ -58,7 +65,7 @@ Cell = tuple[int, int]  # (row, col) of a chip in the chip grid
 class DatasetParams:
     imagery: Path | None  # None with `source` (a snapshot of another dataset)
     labels: Path | None
-    task: str  # "trees" | "landcover"
+    task: str  # one of TASKS
     out: Path
     class_field: str | None = None
     chip_size: int = 128
@@ -187,6 +194,8 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
         reporter.log(f"validation split: {how}")
         for chip in chips:
             chip["split"] = split[tuple(chip["cell"])]
+            if params.task == "classification":
+                chip["class"] = chip_class(chip["fractions"])
         meta |= band_stats(chips, meta["dtype"])
         balance = class_balance(chips, class_names)
         provenance = {"imagery": str(params.imagery), "imagery_date": imagery_date,
@@ -242,6 +251,8 @@ def _classes(labels: Labels, params: DatasetParams) -> tuple[list[str], list[str
     without one: the sorted names found, NLCD-like colours, file order."""
     if params.task == "trees":
         return ["crown"], [class_color("crown")], [1] * len(labels.classes), [0] * len(labels.classes)
+    if params.task == "buildings":  # binary: every polygon is a building, whatever its class value
+        return [BACKGROUND, BUILDING], ["#9e9e9e", BUILDING_COLOR], [1] * len(labels.classes), [0] * len(labels.classes)
     if params.preset:
         from .presets import load_preset
 
@@ -345,7 +356,8 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
     tree = STRtree(geoms)
     margin = max((math.sqrt(g.area / math.pi) for g in geoms), default=0.0) if trees else 0.0
     margin = radius if labels.points else margin
-    background = class_names.index(BACKGROUND) if params.complete and not trees else None
+    complete = params.complete or params.task == "buildings"
+    background = class_names.index(BACKGROUND) if complete and not trees else None
     n_rows, n_cols = math.ceil(src.height / size), math.ceil(src.width / size)
     chips = _resume(out)
     if chips:
@@ -473,7 +485,13 @@ def band_stats(chips: list[dict], dtype: str) -> dict:
             "std": [float(max(s / scale, 1e-6)) for s in std]}
 
 
+def chip_class(fractions: list[float]) -> int:
+    """Classification: a chip's class is the majority class of its labelled pixels."""
+    return int(np.argmax(fractions))
+
+
 def _chip_entry(chip: dict) -> dict:
-    return {"id": chip["id"], "image": f"images/{chip['id']}.tif", "mask": f"masks/{chip['id']}.tif",
-            "split": chip["split"], "bounds": chip["bounds"], "labelled": round(chip["labelled"], 4),
-            "hash": chip["hash"]}
+    entry = {"id": chip["id"], "image": f"images/{chip['id']}.tif", "mask": f"masks/{chip['id']}.tif",
+             "split": chip["split"], "bounds": chip["bounds"], "labelled": round(chip["labelled"], 4),
+             "hash": chip["hash"]}
+    return entry | ({"class": chip["class"]} if "class" in chip else {})

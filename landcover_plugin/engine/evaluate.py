@@ -4,7 +4,9 @@ Runs the ONNX model with onnxruntime (no TensorFlow), on the chips of one split,
 normalised the way the model's metadata says. Land cover: per-class IoU, mIoU
 and the pixel confusion matrix. Trees: crown pixel confusion (background /
 crown, and dead when the model has that channel) and crown precision / recall /
-F1 at IoU 0.4 (one-to-one box matching, crown_metrics.py). Plots: confusion
+F1 at IoU 0.4 (one-to-one box matching, crown_metrics.py). Buildings: as land
+cover (IoU of class building). Classification: chip accuracy, balanced accuracy,
+per-class recall and the chip confusion matrix. Plots: confusion
 matrix, the model's training curves, predictions over imagery. Written whole or
 not at all.
 """
@@ -80,7 +82,7 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
                           f"The model ({info.task}, {info.band_count} bands) does not fit the dataset "
                           f"({manifest['task']}, {manifest['band_count']} bands).",
                           "Evaluate on a dataset made for this model's task and imagery bands.")
-    if info.task == "landcover" and manifest["class_names"] != info.class_names:
+    if info.task != "trees" and manifest["class_names"] != info.class_names:
         raise EngineError("MODEL_DATASET_MISMATCH", f"The model's classes {info.class_names} are not the "
                           f"dataset's {manifest['class_names']}.", "Evaluate on a dataset with the same classes.")
     chips = [c for c in manifest["chips"] if params.split == "all" and c["split"] != "buffer" or c["split"] == params.split]
@@ -100,9 +102,13 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
         for chip, (_, y), out in zip(batch, pairs, outs):
             mask = y.transpose(2, 0, 1)
             truth = mask[0].astype(np.int64)
+            if info.task == "classification":  # one label per chip: the counts are chips
+                truth, guess = np.full(1, chip["class"]), np.full(1, out.argmax())
+            else:
+                guess = _labels(info, out)
             if info.task == "trees" and len(names) == 2:
                 truth = np.where(truth == 2, 1, truth)  # a live/dead-blind model: dead is crown
-            m = confusion(truth, _labels(info, out), len(names))
+            m = confusion(truth, guess, len(names))
             matrix = m if matrix is None else matrix + m
             if info.task == "trees":
                 valid = mask[0] != IGNORE
@@ -110,15 +116,14 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
                                    seed_radius_px=max(1, round(info.seed_distance_m / info.resolution_m)),
                                    min_pixels=max(1, round(info.min_crown_m2 / info.resolution_m**2)))
                 score = score.add(match_boxes(pred, truth_boxes_from_mask(mask)))
-            if len(examples) < EXAMPLES:
-                examples.append((chip, mask[0], _labels(info, out)))
+            if len(examples) < EXAMPLES:  # a chip's class is shown as a square of its colour
+                examples.append((chip, mask[0], guess) if guess.ndim == 2 else
+                                (chip, np.full(mask[0].shape, truth[0]), np.full(mask[0].shape, guess[0])))
         reporter.progress("eval", min(start + BATCH, len(chips)), len(chips), "chips")
-    ious = class_iou(matrix)
-    metrics = {"pixel_accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
-               "miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else 0.0,
-               **{f"iou_{n}": float(v) for n, v in zip(names, ious) if np.isfinite(v)}}
+    metrics = chip_metrics(matrix, names) if info.task == "classification" else pixel_metrics(matrix, names)
     if info.task == "trees":
         metrics |= score.as_dict("crown_")
+    unit = "chips" if info.task == "classification" else "pixels"
     with atomic_output(params.out, directory=True) as tmp:
         plot_confusion(matrix, names, tmp / "confusion_matrix.png")
         curves = onnx_path(params.model).parent / "training_curves.png"
@@ -126,11 +131,28 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
             shutil.copy(curves, tmp / "training_curves.png")
         plot_examples(params.dataset, examples, info, names, tmp / "examples.png")
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        md, page = report(params, info, metrics, matrix, names, len(chips), curves.is_file())
+        md, page = report(params, info, metrics, matrix, names, len(chips), curves.is_file(), unit)
         (tmp / "report.md").write_text(md)
         (tmp / "report.html").write_text(page)
     return StageResult(outputs={"report": str(params.out / "report.md"), "html": str(params.out / "report.html")},
                        summary={"chips": len(chips), **metrics})
+
+
+def pixel_metrics(matrix: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Pixel accuracy, mIoU and IoU per class (classes absent from truth and prediction left out)."""
+    ious = class_iou(matrix)
+    return {"pixel_accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+            "miou": float(np.nanmean(ious)) if np.isfinite(ious).any() else 0.0,
+            **{f"iou_{n}": float(v) for n, v in zip(names, ious) if np.isfinite(v)}}
+
+
+def chip_metrics(matrix: np.ndarray, names: list[str]) -> dict[str, float]:
+    """Chip accuracy, balanced accuracy (mean recall over the classes present) and recall per class."""
+    rows = matrix.sum(1)
+    recall = {n: float(matrix[i, i] / rows[i]) for i, n in enumerate(names) if rows[i]}
+    return {"accuracy": float(np.trace(matrix) / max(matrix.sum(), 1)),
+            "balanced_accuracy": float(np.mean(list(recall.values()))) if recall else 0.0,
+            **{f"recall_{n}": v for n, v in recall.items()}}
 
 
 def plot_confusion(matrix: np.ndarray, names: list[str], path: Path) -> None:
@@ -183,7 +205,7 @@ def plot_examples(dataset: Path, examples: list, info: ModelInfo, names: list[st
 
 
 def report(params: EvalParams, info: ModelInfo, metrics: dict, matrix: np.ndarray, names: list[str],
-           n_chips: int, curves: bool) -> tuple[str, str]:
+           n_chips: int, curves: bool, unit: str = "pixels") -> tuple[str, str]:
     """The same report as Markdown and as a standalone HTML page (images beside it)."""
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in metrics.items()]
     images = [("Confusion matrix (share of each true class)", "confusion_matrix.png")] + \
@@ -196,7 +218,7 @@ def report(params: EvalParams, info: ModelInfo, metrics: dict, matrix: np.ndarra
     matrix_md = "| true \\ predicted | " + " | ".join(names) + " |\n|---|" + "---|" * len(names) + "\n" + \
         "\n".join(f"| {n} | " + " | ".join(str(int(v)) for v in r) + " |" for n, r in zip(names, matrix))
     md = "\n".join([f"# Evaluation: {Path(params.model).name}", "", head, crown_note, "", "| metric | value |",
-                    "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", "## Confusion matrix (pixels)", "",
+                    "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "", f"## Confusion matrix ({unit})", "",
                     matrix_md, "", *[f"## {t}\n\n![{t}]({f})\n" for t, f in images]])
     e = html.escape
     table = "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in rows)
@@ -206,7 +228,7 @@ def report(params: EvalParams, info: ModelInfo, metrics: dict, matrix: np.ndarra
             "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{border:1px solid #ccc;"
             "padding:2px 8px}table{border-collapse:collapse}</style></head><body>"
             f"<h1>Evaluation: {e(Path(params.model).name)}</h1><p>{e(head)}</p><p>{e(crown_note)}</p>"
-            f"<table><tr><th>metric</th><th>value</th></tr>{table}</table><h2>Confusion matrix (pixels)</h2>"
+            f"<table><tr><th>metric</th><th>value</th></tr>{table}</table><h2>Confusion matrix ({unit})</h2>"
             f"<table>{cm}</table>" + "".join(f"<h2>{e(t)}</h2><img src='{f}' alt='{e(t)}'>" for t, f in images)
             + "</body></html>")
     return md, page

@@ -121,7 +121,7 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
             has_priority = "priority" in fields  # our OSM labels: the preset's overlap order
             for feature in src:  # streamed: only the shapely geometries stay in memory
                 geometry = feature["geometry"]
-                value = feature["properties"].get(field) if field else "crown"
+                value = feature["properties"].get(field) if field else ("building" if task == "buildings" else "crown")
                 if geometry is None or value is None:
                     counts["skipped"] += 1
                     continue
@@ -176,7 +176,7 @@ def _reproject_all(geoms: list, src_crs: str, dst_crs: str) -> list:
 
 
 def _class_field(fields: list[str], task: str, class_field: str | None, path: Path) -> str | None:
-    """The attribute holding the class; None for trees without one (all crowns)."""
+    """The attribute holding the class; None for trees and buildings without one (one class)."""
     if class_field:
         if class_field not in fields:
             raise EngineError("CLASS_FIELD_MISSING",
@@ -184,7 +184,7 @@ def _class_field(fields: list[str], task: str, class_field: str | None, path: Pa
                               f"{', '.join(fields) or '(none)'}.",
                               "Pick one of those with --class-field.")
         return class_field
-    if task == "trees":
+    if task in ("trees", "buildings"):
         return None
     for name in DEFAULT_CLASS_FIELDS:
         if name in fields:

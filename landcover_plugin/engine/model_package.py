@@ -7,6 +7,9 @@ tools and theirs in ours) plus our own `landcover.*` keys.
 Tensor layout (Deepness's): input float32 NCHW [batch, bands, tile, tile],
 already normalised as ((raw / input_scale) - mean) / std; output float32 NCHW.
 - landcover: C = len(class_names), softmax class probabilities.
+- buildings: the same with class_names ["background", "building"].
+- classification: output (n, C), one softmax per chip (tile); tiles_overlap 0;
+  Deepness model_type "classification" (Deepness itself cannot run it).
 - trees: C = 2, channel 0 crown probability, channel 1 tree-centre heatmap
   (both sigmoid; the heatmap peaks at tree centres); C = 3 when class_names
   include "dead" (["crown", "dead"]): channel 2 the probability that a crown
@@ -21,7 +24,7 @@ from pathlib import Path
 
 from .errors import EngineError
 
-TASKS = ("trees", "landcover")
+TASKS = ("trees", "landcover", "buildings", "classification")
 ONNX_NAME = "model.onnx"
 KERAS_NAME = "model.keras"
 
@@ -49,7 +52,7 @@ class ModelInfo:
     def metadata_props(self) -> dict[str, str]:
         """The ONNX metadata: Deepness keys plus ours (all strings)."""
         deepness = {
-            "model_type": "segmentation",
+            "model_type": "classification" if self.task == "classification" else "segmentation",
             "class_names": json.dumps({str(i): n for i, n in enumerate(self.class_names)}),
             "resolution": str(self.resolution_m * 100.0),  # Deepness: cm/px
             "tiles_size": str(self.tile_size),

@@ -97,8 +97,9 @@ def load_pipeline(path: Path) -> Pipeline:
     if not (labels.get("path") or labels.get("osm_file") or labels.get("overpass")) and not model:
         raise EngineError("BAD_PIPELINE", "The pipeline has neither labels nor a model.",
                           "Give labels (to train a model) or a model (to predict with it).")
-    if spec["task"] not in ("trees", "landcover"):
-        raise EngineError("BAD_PIPELINE", f"Unknown task '{spec['task']}'.", "Use task: trees or task: landcover.")
+    if spec["task"] not in ("trees", "landcover", "buildings", "classification"):
+        raise EngineError("BAD_PIPELINE", f"Unknown task '{spec['task']}'.",
+                          "Use task: trees, landcover, buildings or classification.")
     return Pipeline(
         task=spec["task"],
         imagery=Imagery(source=source, gsd=imagery.get("gsd"), zoom=imagery.get("zoom"),
@@ -237,12 +238,15 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
         summary["dataset"] = res.summary
 
         begin("train")
-        from .train import TrainParams
+        from .train import TrainParams, can_resume
 
         tp = TrainParams(dataset=dp.out, out=p.workdir / "model", task=p.task, epochs=p.epochs,
                          batch_size=p.batch_size, seed=p.seed)
         args = ["train", "--dataset", str(tp.dataset), "--out", str(tp.out), "--task", p.task,
                 "--epochs", str(tp.epochs), "--batch-size", str(tp.batch_size), "--seed", str(tp.seed)]
+        if can_resume(tp):  # an interrupted training of the same options left its checkpoint
+            reporter.log("train: going on from the checkpoint of an interrupted run")
+            args.append("--resume")
         res = _run_stage("train", tp, tp.out, lambda: run_in_child(args, reporter), p.workdir, reporter)
         model = Path(res.outputs["model"])
         summary["train"] = res.summary

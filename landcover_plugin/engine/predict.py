@@ -34,13 +34,14 @@ from .model_package import ModelInfo, onnx_path, read_info
 from .orchard import GridParams, orchard_layers
 from .styles import styles_for, write_styles
 from .trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_layers_from
-from .vectorize import BLOCK_SIZE, NODATA, Layer, blocks, landcover_blocks, pixel_size_m, write_gpkg
+from .vectorize import BLOCK_SIZE, NODATA, Layer, areas_m2, blocks, landcover_blocks, pixel_size_m, write_gpkg
 
 BATCH_SIZE = 8
 RESOLUTION_TOLERANCE = 0.25  # warn when the imagery's pixel size is off the model's by more
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
+CHIP_MIN_VALID = 0.5  # classification: chips with less valid imagery are not classified (as dataset.py)
 
 
 @dataclass(frozen=True)
@@ -141,16 +142,23 @@ def normalise(raw: np.ndarray, info: ModelInfo) -> np.ndarray:
 
 
 def output_channels(info: ModelInfo) -> int:
-    """Landcover: one per class. Trees: crown probability, centre heatmap, and a third
-    channel (probability that a crown pixel is dead) when the classes include "dead"."""
+    """Landcover, buildings, classification: one per class. Trees: crown probability,
+    centre heatmap, and a third channel (probability that a crown pixel is dead) when
+    the classes include "dead"."""
     if info.task == "trees":
         return 3 if "dead" in info.class_names else 2
     return len(info.class_names)
 
 
 def check_output(shape: tuple[int, ...], info: ModelInfo) -> None:
-    """The output must be (n, C, tile, tile) with C matching the task."""
+    """The output must be (n, C, tile, tile) with C matching the task ((n, C) for classification)."""
     channels = output_channels(info)
+    if info.task == "classification":
+        if len(shape) != 2 or shape[1] != channels:
+            raise EngineError("BAD_MODEL", f"The model returns {tuple(shape)}; a classification model must "
+                              f"return (n, {channels}): one probability per class and chip.",
+                              "Use a model made by `landcover train --task classification`.")
+        return
     if len(shape) != 4 or shape[1] != channels or shape[2:] != (info.tile_size, info.tile_size):
         raise EngineError("BAD_MODEL", f"The model returns {tuple(shape)} for {info.tile_size} px tiles; "
                           f"a {info.task} model must return (n, {channels}, {info.tile_size}, {info.tile_size}).",
@@ -281,6 +289,61 @@ def prediction_profile(height: int, width: int, channels: int, stride: int, crs,
             "blockysize": block, "compress": "deflate", "zlevel": 1}
 
 
+def run_batches(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, tiles: list[Tile],
+                batch_size: int, reporter: Reporter):
+    """Yield (tiles, model output, valid cores) batch by batch; the next batch is read
+    in a thread while the model runs on the current one."""
+    model_input = session.get_inputs()[0]
+    fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
+    step = fixed_batch or batch_size
+    batches = [tiles[i:i + step] for i in range(0, len(tiles), step)]
+    reporter.progress("predict", 0, len(tiles), "tiles")
+    done = 0
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = pool.submit(read_batch, src, window, batches[0], info, aoi) if batches else None
+        for k, batch in enumerate(batches):
+            x, oks = ahead.result()
+            if k + 1 < len(batches):
+                ahead = pool.submit(read_batch, src, window, batches[k + 1], info, aoi)
+            if fixed_batch and len(batch) < fixed_batch:  # a model exported with a fixed batch size
+                x = np.concatenate([x, np.zeros((fixed_batch - len(batch), *x.shape[1:]), np.float32)])
+            probs = session.run(None, {model_input.name: x})[0][:len(batch)]
+            check_output(probs.shape, info)
+            yield batch, probs, oks
+            done += len(batch)
+            reporter.progress("predict", done, len(tiles), "tiles")
+
+
+def classify_chips(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, reporter: Reporter,
+                   batch_size: int = BATCH_SIZE) -> tuple[list[Layer], int]:
+    """Classification: the window cut into the model's chips (side by side, no overlap);
+    each chip with enough valid imagery becomes a polygon (clipped to the window) with
+    its class and probability: layer `chip_classes`, and `class_stats` (hectares)."""
+    size = info.tile_size
+    height, width = int(window.height), int(window.width)
+    transform = src.window_transform(window)
+    tiles = plan_tiles(height, width, size, 0, aoi)
+    chips = Layer("chip_classes", "Polygon", {"class": "str", "probability": "float"})
+    for batch, probs, oks in run_batches(session, src, info, window, aoi, tiles, batch_size, reporter):
+        for tile, p, ok in zip(batch, probs, oks):
+            if ok.mean() < CHIP_MIN_VALID:
+                continue
+            r1, c1 = min(tile.row + size, height), min(tile.col + size, width)
+            (x0, y0), (x1, y1) = transform * (tile.col, tile.row), transform * (c1, r1)
+            k = int(np.argmax(p))
+            chips.rows.append((box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)),
+                               {"class": info.class_names[k], "probability": round(float(p[k]), 4)}))
+    m2 = areas_m2([g for g, _ in chips.rows], src.crs) if chips.rows else np.zeros(0)
+    hectares = {n: 0.0 for n in info.class_names}
+    for (_, row), area in zip(chips.rows, m2):
+        hectares[row["class"]] += float(area) / 1e4
+    total = sum(hectares.values())
+    stats = Layer("class_stats", None, {"class": "str", "hectares": "float", "share_pct": "float"},
+                  [(None, {"class": n, "hectares": round(h, 6), "share_pct": round(100 * h / total, 3) if total else 0.0})
+                   for n, h in hectares.items()])
+    return [chips, stats], len(tiles)
+
+
 def predict_to_raster(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, path: Path,
                       reporter: Reporter, batch_size: int = BATCH_SIZE) -> int:
     """Run the model over the window tile by tile and write the uint8 prediction raster
@@ -292,28 +355,13 @@ def predict_to_raster(session, src, info: ModelInfo, window: Window, aoi: AoiPix
     height, width = int(window.height), int(window.width)
     stride = info.tile_size - 2 * info.tile_overlap
     channels = output_channels(info) if info.task == "trees" else 1
-    model_input = session.get_inputs()[0]
-    fixed_batch = model_input.shape[0] if isinstance(model_input.shape[0], int) else None
     tiles = plan_tiles(height, width, info.tile_size, info.tile_overlap, aoi)
-    batches = [tiles[i:i + (fixed_batch or batch_size)] for i in range(0, len(tiles), fixed_batch or batch_size)]
     profile = prediction_profile(height, width, channels, stride, src.crs, src.window_transform(window))
-    reporter.progress("predict", 0, len(tiles), "tiles")
-    done = 0
-    with rasterio.open(path, "w", **profile) as dst, ThreadPoolExecutor(max_workers=1) as pool:
+    with rasterio.open(path, "w", **profile) as dst:
         writer = StripWriter(dst, channels, stride, info.tile_overlap)
-        ahead = pool.submit(read_batch, src, window, batches[0], info, aoi) if batches else None
-        for k, batch in enumerate(batches):
-            x, oks = ahead.result()
-            if k + 1 < len(batches):
-                ahead = pool.submit(read_batch, src, window, batches[k + 1], info, aoi)
-            if fixed_batch and len(batch) < fixed_batch:  # a model exported with a fixed batch size
-                x = np.concatenate([x, np.zeros((fixed_batch - len(batch), *x.shape[1:]), np.float32)])
-            probs = session.run(None, {model_input.name: x})[0][:len(batch)]
-            check_output(probs.shape, info)
+        for batch, probs, oks in run_batches(session, src, info, window, aoi, tiles, batch_size, reporter):
             for tile, values, ok in zip(batch, encode(probs, info), oks):
                 writer.put(tile, values, ok)
-            done += len(batch)
-            reporter.progress("predict", done, len(tiles), "tiles")
         writer.flush()
     return len(tiles)
 
@@ -394,10 +442,15 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
             tempfile.TemporaryDirectory(prefix=f".{params.out.name}.", dir=params.out.parent) as tmp:
         check_imagery(src, info, reporter)
         window, aoi = aoi_window(src, params.aoi)
-        pred = Path(tmp) / "prediction.tif"
-        tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
-        reporter.log("Vectorizing the predictions")
         crs = src.crs
+        if info.task == "classification":  # one polygon per chip: no prediction raster
+            layers, tiles = classify_chips(session, src, info, window, aoi, reporter, params.batch_size)
+            summary = {"chips": len(layers[0].rows),
+                       "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
+        else:
+            pred = Path(tmp) / "prediction.tif"
+            tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
+            reporter.log("Vectorizing the predictions")
         if info.task == "trees":
             rows = vectorize_trees(pred, src, window, info, params, reporter)
             layers = tree_layers_from(rows)
@@ -409,7 +462,7 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
                 layers += orchard.layers
                 summary |= {"missing_trees": orchard.missing, "orchard_blocks": orchard.grids}
                 reporter.log(orchard.message)
-        else:
+        elif info.task != "classification":
             layers = vectorize_landcover(pred, info, params.block_size, reporter)
             summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
                        "polygons": len(layers[0].rows)}

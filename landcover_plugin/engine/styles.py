@@ -169,6 +169,8 @@ def styles_for(info: ModelInfo, layers: list[str] | None = None, health_field: s
         styles = {"landcover": landcover_qml(info.class_names, info.class_colors)}
         if info.task == "buildings":
             styles["buildings"] = _single(_fill("0", "171,0,0,160", "90,0,0,255", width="0.3"), "polygon")
+        if info.task == "classification":
+            styles["chip_classes"] = landcover_qml(info.class_names, info.class_colors)
     return {k: v for k, v in styles.items() if layers is None or k in layers}
 
 

@@ -58,6 +58,8 @@ class TrainParams:
     patience: int = PATIENCE
     width: int = 16  # U-Net filters at full resolution
     depth: int = 3  # U-Net poolings
+    encoder: str = "unet"  # or "mobilenetv2" (Keras applications), see unet.py
+    encoder_weights: Path | None = None  # local ImageNet weights file for the encoder (never downloaded)
 
 
 def params_from_config(path: Path | None, **overrides) -> TrainParams:
@@ -75,7 +77,7 @@ def params_from_config(path: Path | None, **overrides) -> TrainParams:
         raise EngineError("BAD_CONFIG", f"Unknown training option(s) in {path}: {', '.join(sorted(unknown))}.",
                           f"Known options: {', '.join(sorted(known))}.")
     data |= {k: v for k, v in overrides.items() if v is not None}
-    for key in ("dataset", "out", "base"):
+    for key in ("dataset", "out", "base", "encoder_weights"):
         if data.get(key) is not None:
             data[key] = Path(data[key])
     missing = {"dataset", "out"} - {k for k, v in data.items() if v is not None}
@@ -137,15 +139,23 @@ def load_chips(dataset: Path, manifest: dict, split: str, norm: dict) -> tuple[n
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
+def chip_labels(manifest: dict, split: str) -> np.ndarray:
+    """Classification: each chip's class index (in load_chips' order), as float32."""
+    return np.array([c["class"] for c in manifest["chips"] if c["split"] == split], np.float32)
+
+
 def check_labels(task: str, class_names: list[str], y: np.ndarray, centres_only: bool = False) -> None:
     """Refuse training that cannot learn anything: one class, or no crown (no tree centre) at all."""
-    if task == "landcover":
-        present = np.unique(y[..., 0][y[..., 0] != IGNORE]).astype(int)
+    if task != "trees":
+        labels = y if task == "classification" else y[..., 0]
+        present = np.unique(labels[labels != IGNORE]).astype(int)
         if len(class_names) < 2 or len(present) < 2:
             names = [class_names[i] for i in present if i < len(class_names)]
-            raise EngineError("ONE_CLASS", f"The training chips hold only one class ({', '.join(names) or 'none'}): "
-                              "a land-cover model needs at least two to tell apart.",
-                              "Label more classes (or a larger area) and rebuild the dataset.")
+            what = "chips" if task == "classification" else "chips' pixels"
+            raise EngineError("ONE_CLASS", f"The training {what} hold only one class ({', '.join(names) or 'none'}): "
+                              f"a {task} model needs at least two to tell apart.",
+                              "Label more classes (or a larger area; for buildings, one with buildings and "
+                              "open ground) and rebuild the dataset.")
     elif centres_only:
         if not np.any(y[..., 1] > 0):
             raise EngineError("ONE_CLASS", "The training chips hold no tree position.",
@@ -164,13 +174,25 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
 
 def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False, centres_only: bool = False):
     """The training loss; pixels marked IGNORE in the mask count for nothing.
-    Trees: BCE + Dice on crowns, weighted MSE on the centre heatmap, and (with a
-    "dead" class) BCE of the dead channel on crown pixels. `centres_only` (a dataset
-    of tree positions: crowns all IGNORE): the heatmap counts on every pixel."""
+    Land cover: class-weighted cross-entropy; buildings: the same + Dice on the
+    building class (small objects); classification: class-weighted cross-entropy
+    per chip. Trees: BCE + Dice on crowns, weighted MSE on the centre heatmap, and
+    (with a "dead" class) BCE of the dead channel on crown pixels. `centres_only` (a
+    dataset of tree positions: crowns all IGNORE): the heatmap counts on every pixel."""
     import keras
     import tensorflow as tf
 
-    if task == "landcover":
+    if task == "classification":
+        w = tf.constant(weights)
+
+        def chip_loss(y_true, y_pred):
+            labels = tf.cast(tf.reshape(y_true, [-1]), tf.int32)
+            chip_w = tf.gather(w, labels)
+            ce = keras.losses.sparse_categorical_crossentropy(labels, y_pred)
+            return tf.reduce_sum(ce * chip_w) / tf.maximum(tf.reduce_sum(chip_w), 1e-6)
+
+        return chip_loss
+    if task in ("landcover", "buildings"):
         w = tf.constant(weights)
 
         def landcover_loss(y_true, y_pred):
@@ -179,7 +201,12 @@ def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False, 
             safe = tf.where(labels != IGNORE, labels, 0)
             ce = keras.losses.sparse_categorical_crossentropy(safe, y_pred)
             pixel_w = tf.gather(w, safe) * valid
-            return tf.reduce_sum(ce * pixel_w) / tf.maximum(tf.reduce_sum(pixel_w), 1.0)
+            loss = tf.reduce_sum(ce * pixel_w) / tf.maximum(tf.reduce_sum(pixel_w), 1.0)
+            if task == "buildings":  # Dice on channel 1 (building): small buildings count as much as large
+                p, target = y_pred[..., 1] * valid, tf.cast(labels == 1, tf.float32) * valid
+                loss += 1.0 - (2.0 * tf.reduce_sum(p * target) + 1.0) / (
+                    tf.reduce_sum(p) + tf.reduce_sum(target) + 1.0)
+            return loss
 
         return landcover_loss
 
@@ -210,7 +237,13 @@ def make_metric(task: str):
     """A per-batch validation metric for the epoch log line."""
     import tensorflow as tf
 
-    if task == "landcover":
+    if task == "classification":
+        def accuracy(y_true, y_pred):
+            labels = tf.cast(tf.reshape(y_true, [-1]), tf.int64)
+            return tf.reduce_mean(tf.cast(tf.argmax(y_pred, axis=-1) == labels, tf.float32))
+
+        return accuracy
+    if task in ("landcover", "buildings"):
         def accuracy(y_true, y_pred):
             labels = tf.cast(y_true[..., 0], tf.int64)
             valid = tf.cast(labels != IGNORE, tf.float32)
@@ -231,13 +264,20 @@ def make_metric(task: str):
 
 def val_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     """Metrics over the whole validation set (numpy, on the exported-to-be model)."""
+    if task == "classification":
+        truth, guess = y.astype(int), pred.argmax(-1)
+        recalls = [np.mean(guess[truth == c] == c) for c in np.unique(truth)]
+        return {"val_accuracy": float(np.mean(truth == guess)), "val_balanced_accuracy": float(np.mean(recalls))}
     valid = y[..., 0] != IGNORE
-    if task == "landcover":
+    if task in ("landcover", "buildings"):
         truth, guess = y[..., 0][valid].astype(int), pred.argmax(-1)[valid]
-        ious = [np.sum((truth == c) & (guess == c)) / np.sum((truth == c) | (guess == c))
-                for c in range(pred.shape[-1]) if np.any((truth == c) | (guess == c))]
-        return {"val_accuracy": float(np.mean(truth == guess)) if truth.size else 0.0,
-                "val_miou": float(np.mean(ious)) if ious else 0.0}
+        ious = {c: np.sum((truth == c) & (guess == c)) / np.sum((truth == c) | (guess == c))
+                for c in range(pred.shape[-1]) if np.any((truth == c) | (guess == c))}
+        metrics = {"val_accuracy": float(np.mean(truth == guess)) if truth.size else 0.0,
+                   "val_miou": float(np.mean(list(ious.values()))) if ious else 0.0}
+        if task == "buildings":
+            metrics["val_building_iou"] = float(ious.get(1, 0.0))
+        return metrics
     truth, guess = ((y[..., 0] == 1) | (y[..., 0] == 2)) & valid, (pred[..., 0] >= 0.5) & valid
     union = np.sum(truth | guess)
     metrics = {"val_crown_iou": float(np.sum(truth & guess) / union) if union else 0.0,
@@ -261,8 +301,15 @@ def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
 
     from .augment import augment_fn
 
-    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-            .map(augment_fn(x.shape[-1], x.shape[1]), num_parallel_calls=tf.data.AUTOTUNE)
+    augment = augment_fn(x.shape[-1], x.shape[1])
+    if y.ndim == 1:  # chip classes: only the image is transformed (a blank mask rides along)
+        blank = tf.zeros([x.shape[1], x.shape[2], 1])
+        augment_image = augment
+        augment = lambda xi, yi: (augment_image(xi, blank)[0], yi)  # noqa: E731
+    # Endless (fit gets steps_per_epoch): every batch is full, so the train step is traced
+    # once; a short last batch per epoch would trace it a second time (seconds of CPU).
+    return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed).repeat()
+            .map(augment, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
@@ -338,13 +385,17 @@ def load_base(base: Path, manifest: dict, task: str):
 
 
 def freeze_encoder(model) -> int:
-    """Freeze the layers before the first upsampling (encoder and bottleneck);
-    return how many weights stay trainable. BatchNorm layers in frozen parts run
-    in inference mode (Keras 3 does this for trainable=False)."""
+    """Freeze the layers before the first upsampling (encoder and bottleneck), or
+    the nested "encoder" model (MobileNetV2); return how many weights stay
+    trainable. BatchNorm layers in frozen parts run in inference mode (Keras 3
+    does this for trainable=False)."""
     import keras
 
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.Conv2DTranspose):
+    if any(layer.name == "encoder" for layer in model.layers):
+        model.get_layer("encoder").trainable = False
+        return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    for layer in model.layers:  # the classifier's encoder ends at its pooling
+        if isinstance(layer, (keras.layers.Conv2DTranspose, keras.layers.GlobalAveragePooling2D)):
             break
         layer.trainable = False
     return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
@@ -389,9 +440,11 @@ def export_onnx(model, path: Path, tile: int, bands: int) -> None:
 
     spec = [tf.TensorSpec([None, tile, tile, bands], tf.float32, name="input")]
     fn = tf.function(lambda x: model(x, training=False))
-    output = fn.get_concrete_function(*spec).outputs[0].name  # "Identity:0"
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17,
-                                             inputs_as_nchw=["input:0"], outputs_as_nchw=[output])
+    concrete = fn.get_concrete_function(*spec).outputs[0]
+    output = concrete.name  # "Identity:0"
+    image_out = len(concrete.shape) == 4  # chip classes are (n, classes): nothing to transpose
+    proto, _ = tf2onnx.convert.from_function(fn, input_signature=spec, opset=17, inputs_as_nchw=["input:0"],
+                                             outputs_as_nchw=[output] if image_out else None)
     if [o.name for o in proto.graph.output] != [output]:
         raise AssertionError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}")
     import onnx
@@ -429,7 +482,8 @@ def check_onnx(path: Path, model, x: np.ndarray) -> float:
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run(None, {session.get_inputs()[0].name: x.transpose(0, 3, 1, 2)})[0]
-    want = model(x, training=False).numpy().transpose(0, 3, 1, 2)
+    want = model(x, training=False).numpy()
+    want = want.transpose(0, 3, 1, 2) if want.ndim == 4 else want
     diff = float(np.max(np.abs(got - want)))
     if got.shape != want.shape or diff > MAX_ONNX_DIFF:
         raise EngineError("EXPORT_MISMATCH", f"The ONNX export differs from the Keras model (max {diff:.2e}, "
@@ -468,15 +522,24 @@ def dataset_hash(dataset: Path) -> str:
     return hashlib.sha256((Path(dataset) / "dataset.json").read_bytes()).hexdigest()
 
 
+TASK_TEXT = {"trees": "tree crowns and centres", "landcover": "land-cover classes",
+             "buildings": "building footprints (binary segmentation)",
+             "classification": "one class per chip (chip classification)"}
+
+
 def model_card(info: ModelInfo, manifest: dict, summary: dict, params: TrainParams) -> str:
     classes = "\n".join(f"- {n} ({c})" for n, c in zip(info.class_names, info.class_colors))
     metrics = "\n".join(f"- {k}: {v:.4f}" for k, v in info.metrics.items())
     counts = {s: sum(c["split"] == s for c in manifest["chips"]) for s in ("train", "val")}
     how = f"fine-tuned from {params.base}" + (" (encoder frozen)" if params.freeze_encoder else "") \
         if params.base else "from scratch"
+    if params.encoder != "unet" and not params.base:
+        how = (f"{params.encoder} encoder from {Path(params.encoder_weights).name}"
+               + (" (frozen)" if params.freeze_encoder else "") if params.encoder_weights
+               else f"{params.encoder} encoder, random initialisation")
     return f"""# landcover model: {info.task}
 
-- Task: {info.task} ({'tree crowns and centres' if info.task == 'trees' else 'land-cover classes'})
+- Task: {info.task} ({TASK_TEXT.get(info.task, info.task)})
 - Data: dataset `{info.dataset}` (sha256 of dataset.json {info.dataset_hash[:16]}; {counts['train']} train / \
 {counts['val']} validation chips of {info.tile_size} px, spatial-block split); imagery \
 `{Path(manifest.get('imagery', '')).name}`, labels `{Path(manifest.get('labels', '')).name}`
@@ -500,7 +563,20 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
     """What a resumed run must share with the interrupted one (epochs may grow)."""
     return {"dataset_hash": manifest_hash, "task": params.task, "base": str(params.base), "seed": params.seed,
             "batch_size": params.batch_size, "learning_rate": params.learning_rate,
-            "freeze_encoder": params.freeze_encoder, "width": params.width, "depth": params.depth}
+            "freeze_encoder": params.freeze_encoder, "width": params.width, "depth": params.depth,
+            "encoder": params.encoder, "encoder_weights": str(params.encoder_weights)}
+
+
+def can_resume(params: TrainParams) -> bool:
+    """Whether an interrupted run of these very options left its checkpoint, so that
+    `--resume` goes on from it (`landcover run` asks; train refuses another run's)."""
+    from .checkpoint import STATE, checkpoint_dir
+
+    try:
+        state = json.loads((checkpoint_dir(params.out) / STATE).read_text())
+        return state.get("fingerprint") == _fingerprint(params, dataset_hash(params.dataset))
+    except (OSError, ValueError):
+        return False
 
 
 def train(params: TrainParams, reporter: Reporter) -> StageResult:
@@ -512,19 +588,25 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if params.epochs < 1 or params.batch_size < 0 or (params.learning_rate is not None and params.learning_rate <= 0):
         raise EngineError("BAD_PARAMS", "Epochs must be at least 1, batch size at least 0 (0: automatic) and "
                           "the learning rate positive.", "Use e.g. --epochs 20 --batch-size 8.")
-    if params.freeze_encoder and not params.base:
-        raise EngineError("BAD_PARAMS", "--freeze-encoder needs --base: a fresh encoder has learnt nothing to keep.",
-                          "Give --base MODEL, or leave out --freeze-encoder.")
+    if params.freeze_encoder and not (params.base or params.encoder_weights):
+        raise EngineError("BAD_PARAMS", "--freeze-encoder needs --base or --encoder-weights: a fresh encoder has "
+                          "learnt nothing to keep.", "Give --base MODEL (or a pretrained encoder), or leave out "
+                          "--freeze-encoder.")
     centres_only = bool(manifest.get("centres_only"))
     if centres_only and not params.base:
         raise EngineError("CENTRES_ONLY_NEEDS_BASE", "This dataset holds tree positions only (no crowns): a new "
                           "model would learn where trees stand but not their crowns.",
                           "Fine-tune a model that knows crowns on it: --base trees-base (or a model of yours).")
+    from .unet import ENCODERS
+
+    if params.encoder not in ENCODERS or (params.encoder_weights and params.encoder == "unet"):
+        raise EngineError("BAD_PARAMS", f"Unknown encoder '{params.encoder}', or weights for the plain U-Net.",
+                          f"Use --encoder {' or '.join(ENCODERS)}; --encoder-weights goes with --encoder mobilenetv2.")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     import keras
 
     from .checkpoint import BEST, RunState, checkpoint_dir, load_checkpoint, save_checkpoint
-    from .unet import build_unet
+    from .unet import build_classifier, build_unet
 
     keras.utils.set_random_seed(params.seed)
     device = device_name()
@@ -539,15 +621,22 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
         rate = params.learning_rate or FINE_TUNE_LEARNING_RATE
         # Keep the base's input normalisation: its weights expect it.
         norm = {"input_scale": base_info.input_scale, "mean": base_info.mean, "std": base_info.std}
-        if params.freeze_encoder:
-            reporter.log(f"encoder frozen: {freeze_encoder(model)} of {model.count_params()} weights train")
-    else:
-        model = build_unet(tile, bands, task, len(class_names), width=params.width, depth=params.depth, dead=dead)
+    elif task == "classification":
+        model = build_classifier(tile, bands, len(class_names), params.width, params.depth, params.encoder,
+                                 params.encoder_weights)
         rate = params.learning_rate or LEARNING_RATE
+    else:
+        model = build_unet(tile, bands, task, len(class_names), width=params.width, depth=params.depth, dead=dead,
+                           encoder=params.encoder, encoder_weights=params.encoder_weights)
+        rate = params.learning_rate or LEARNING_RATE
+    if params.freeze_encoder:
+        reporter.log(f"encoder frozen: {freeze_encoder(model)} of {model.count_params()} weights train")
     x_train, y_train = load_chips(params.dataset, manifest, "train", norm)
     x_val, y_val = load_chips(params.dataset, manifest, "val", norm)
+    if task == "classification":  # one label per chip instead of the mask
+        y_train, y_val = chip_labels(manifest, "train"), chip_labels(manifest, "val")
     check_labels(task, class_names, y_train, centres_only)
-    weights = class_weights(y_train, len(class_names)) if task == "landcover" else None
+    weights = class_weights(y_train, len(class_names)) if task != "trees" else None
     optimizer = keras.optimizers.Adam(rate)
     model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only), metrics=[make_metric(task)])
 
@@ -568,16 +657,16 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if state.epoch < params.epochs and not state.stopped_early:
         _fit_keeping_checkpoint(
             model, ckpt, reporter, state, train_data, validation_data=val_data, initial_epoch=state.epoch,
-            epochs=params.epochs, verbose=0, shuffle=False,  # the tf.data pipeline shuffles
+            epochs=params.epochs, steps_per_epoch=steps, verbose=0, shuffle=False,  # the tf.data pipeline shuffles
             callbacks=[progress_callback(reporter, params.epochs, steps),
                        _checkpointer(ckpt, optimizer, state, params.patience, reporter, save_checkpoint)])
     reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {state.epoch} epochs")
     model.load_weights(ckpt / BEST)  # early stopping keeps the best epoch's weights
     val_loss = float(model.evaluate(val_data, verbose=0)[0])
-    metrics = {"val_loss": val_loss, **val_metrics(task, y_val, model.predict(x_val, verbose=0))}
+    metrics = {"val_loss": val_loss, **val_metrics(task, y_val, predict_eagerly(model, x_val, batch_size))}
     info = ModelInfo(task=task, class_names=class_names, class_colors=manifest["class_colors"],
                      band_count=bands, resolution_m=manifest["resolution_m"], tile_size=tile,
-                     tile_overlap=tile // 8, **norm, dataset=Path(params.dataset).resolve().name, metrics=metrics,
+                     tile_overlap=0 if task == "classification" else tile // 8, **norm, dataset=Path(params.dataset).resolve().name, metrics=metrics,
                      dataset_hash=manifest_hash)
     summary = {"epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, "device": device,
                "parameters": model.count_params(), "batch_size": batch_size, "learning_rate": rate}
@@ -598,6 +687,12 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     shutil.rmtree(ckpt, ignore_errors=True)  # the package is whole: the checkpoint has served
     return StageResult(outputs={"model": str(params.out), "onnx": str(Path(params.out) / ONNX_NAME)},
                        summary=summary)
+
+
+def predict_eagerly(model, x: np.ndarray, batch_size: int) -> np.ndarray:
+    """The model's outputs batch by batch, run eagerly: model.predict would first trace
+    a predict function (seconds of CPU for a large network) for a single pass."""
+    return np.concatenate([model(x[i:i + batch_size], training=False).numpy() for i in range(0, len(x), batch_size)])
 
 
 def _fit_keeping_checkpoint(model, ckpt: Path, reporter: Reporter, state, *args, **kwargs) -> None:

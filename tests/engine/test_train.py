@@ -198,6 +198,10 @@ def test_sigterm_keeps_the_last_checkpoint_and_resume_finishes(trees_dataset, tm
     ckpt = tmp_path / ".model.checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.checkpoint"]  # no partial folder either
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
+    from landcover_plugin.engine.train import can_resume  # what `landcover run` checks to pass --resume
+
+    assert can_resume(TrainParams(dataset=trees_dataset, out=out, epochs=3, batch_size=1))
+    assert not can_resume(TrainParams(dataset=trees_dataset, out=out, epochs=3, batch_size=2))
 
     done = subprocess.run(command + ["--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     events = [e for e in map(parse_event, done.stdout.splitlines()) if e]
@@ -207,6 +211,40 @@ def test_sigterm_keeps_the_last_checkpoint_and_resume_finishes(trees_dataset, tm
     assert events[-1]["summary"]["epochs"] == 3
     assert (out / "training_curves.png").stat().st_size > 1000
     assert not ckpt.exists()  # the package is whole: the checkpoint is gone
+
+
+def test_pipeline_resumes_an_interrupted_training(osbs_tif, osbs_csv, tmp_path, crop, monkeypatch):
+    """`landcover run` again after an interrupted training: the train stage gets --resume
+    when the checkpoint is of the same options; with other options it starts over."""
+    from landcover_plugin.engine import pipeline
+    from landcover_plugin.engine.checkpoint import RunState, checkpoint_dir
+    from landcover_plugin.engine.train import _fingerprint, dataset_hash
+
+    imagery = crop(osbs_tif, Window(0, 0, 128, 128), tmp_path / "crop.tif")
+    work = tmp_path / "work"
+    calls = []
+
+    def child(args, reporter):  # stands in for the training child process
+        calls.append(args)
+        raise EngineError("STOPPED", "stopped here", "")
+
+    def run(batch_size: int) -> list[str]:
+        spec = {"task": "trees", "imagery": str(imagery), "labels": str(osbs_csv), "out": str(tmp_path / "t.gpkg"),
+                "workdir": str(work), "train": {"epochs": 2, "chip_size": 64, "batch_size": batch_size}}
+        (tmp_path / "p.yaml").write_text(json.dumps(spec))
+        with pytest.raises(EngineError, match="stopped here"):
+            pipeline.run_pipeline(pipeline.load_pipeline(tmp_path / "p.yaml"), quiet())
+        return calls[-1]
+
+    monkeypatch.setattr(pipeline, "run_in_child", child)
+    assert "--resume" not in run(4)  # no checkpoint
+    interrupted = TrainParams(dataset=work / "dataset", out=work / "model", task="trees", epochs=2, batch_size=4)
+    ckpt = checkpoint_dir(interrupted.out)
+    ckpt.mkdir()
+    state = RunState(epoch=1, fingerprint=_fingerprint(interrupted, dataset_hash(interrupted.dataset)))
+    (ckpt / "state.json").write_text(json.dumps(state.__dict__))
+    assert run(4)[-1] == "--resume"
+    assert "--resume" not in run(8)  # another batch size: train would refuse the checkpoint
 
 
 def test_disk_full_during_a_checkpoint(trees_dataset, tmp_path, monkeypatch):

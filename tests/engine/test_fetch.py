@@ -464,6 +464,26 @@ def test_windows_stitch_seamlessly(tiles_dir, aoi, tmp_path, monkeypatch):
         assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+def test_warping_during_the_download_changes_nothing(tiles_dir, aoi, tmp_path, monkeypatch):
+    """Windows warped as soon as their tile rows are in (overlapping the download) give
+    the same mosaic as warping everything after the download."""
+    from landcover_plugin.engine.fetch import ProgressiveWarp
+
+    monkeypatch.setattr(mosaic, "WINDOW", 64)  # 64 windows over 4 rows of tiles
+    early = []
+    warp_one = ProgressiveWarp._warp
+    monkeypatch.setattr(ProgressiveWarp, "_warp",
+                        lambda self, window: (early.append(sum(self.pending) > 0), warp_one(self, window))[1])
+    with serve(tiles_dir, latency=0.1) as url:
+        during = run(url, tmp_path, aoi, name="during.tif", zoom=21, workers=1, cache_dir=tmp_path / "c1")
+        assert sum(early) >= 5  # some windows were warped while tiles were still to come
+        monkeypatch.setattr(ProgressiveWarp, "step", lambda self: False)
+        after = run(url, tmp_path, aoi, name="after.tif", zoom=21, workers=1, cache_dir=tmp_path / "c2")
+    with rasterio.open(during.outputs["mosaic"]) as a, rasterio.open(after.outputs["mosaic"]) as b:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+        assert a.dataset_mask().mean() > 200  # imagery nearly everywhere, not an empty match
+
+
 def test_cache_expiry_and_offline_use(tiles_dir, aoi, tmp_path):
     with serve(tiles_dir) as url:
         run(url, tmp_path, aoi, name="a.tif", zoom=20)

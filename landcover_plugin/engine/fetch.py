@@ -43,13 +43,15 @@ from rasterio.windows import Window
 
 from . import http_client, wms
 from .aoi import AOI, utm_crs
+from .atomic import partial_path
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .http_client import host_of
 from .imagery import open_raster
 from .mbtiles import MBTilesWriter
 from .mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows, write_windowed
-from .tile_cache import DEFAULT_MAX_AGE_DAYS, TileCache, default_cache_dir, tile_key  # noqa: F401 (re-exported)
+from .tile_cache import (DEFAULT_MAX_AGE_DAYS, MosaicCache, TileCache, default_cache_dir,  # noqa: F401 (re-exported)
+                         tile_key)
 from .tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
                     template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
 
@@ -60,6 +62,7 @@ EST_TILE_BYTES = 25_000  # a typical 256-px aerial tile (JPEG/PNG), for the esti
 EST_TILE_SECONDS = 0.3  # a typical tile request, for the time estimate
 MAX_PIXELS = 4_000_000_000  # output grid limit (catches a --gsd typo); the mosaic is written in windows
 MAX_ZOOM = 24
+MOSAIC_VERSION = 1  # bump when the warp or the output format changes: older finished mosaics are not reused
 FAIL_FAST = 16  # this many failed tiles before any success: the server is broken, stop asking
 TILE_SIZES = (256, 512)
 DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
@@ -487,9 +490,20 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
                  started: float) -> dict[str, Any]:
     """Shared by XYZ and WMS: download into a temporary source mosaic beside the output, then warp."""
     params.out.parent.mkdir(parents=True, exist_ok=True)
-    release_freed_memory()
     # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
     resampling = Resampling.bilinear if out_grid.transform.a <= native * 1.5 else Resampling.average
+    made = MosaicCache(remote.cache)
+    key = mosaic_key(out_grid, layout, resampling)
+    tile_keys = [job.key for job in jobs]
+    if mbtiles is None:  # MBTiles need the tiles' bodies: the whole way
+        info = reuse_mosaic(made, key, tile_keys, params.out)
+        if info is not None:
+            reporter.log("fetch: the same tiles, unchanged in the cache, made this mosaic before: reused")
+            remote.session.close()
+            seconds = time.monotonic() - started
+            return {**report(reporter, Counter(cache=len(jobs), blank=info["blank"]), len(jobs), seconds),
+                    "download_seconds": round(seconds, 2)}
+    release_freed_memory()
     profile = {"crs": out_grid.crs, "transform": out_grid.transform, "width": out_grid.width,
                "height": out_grid.height, "count": 3, "dtype": "uint8"}
     empty = EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {remote.host} hold no imagery inside the AOI.",
@@ -514,8 +528,33 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
     finally:
         if mbtiles is not None:
             mbtiles.close(ok)
+    if counts["missing"] + counts["failed"] == 0:  # a rerun would ask for those again
+        made.put(key, tile_keys, params.out, {"blank": counts["blank"]})
     return {**report(reporter, counts, len(jobs), time.monotonic() - started),
             "download_seconds": round(download_seconds, 2)}
+
+
+def mosaic_key(grid: Grid, layout: Layout, resampling: Resampling) -> str:
+    """What a mosaic made from a source's tiles depends on (with the tiles themselves)."""
+    import hashlib
+    import json
+
+    what = [MOSAIC_VERSION, grid.crs, list(grid.transform)[:6], grid.width, grid.height, layout.crs,
+            list(layout.origin), layout.span, layout.rows, layout.cols, resampling.name]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+
+def reuse_mosaic(made: MosaicCache, key: str, tile_keys: list[str], out: Path) -> dict | None:
+    """Put the mosaic made before from these tiles at `out` (atomically); its info, or None."""
+    tmp = partial_path(out)
+    tmp.unlink(missing_ok=True)
+    try:
+        info = made.get(key, tile_keys, tmp)
+        if info is not None:
+            tmp.replace(out)
+        return info
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:

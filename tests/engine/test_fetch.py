@@ -457,9 +457,9 @@ def test_fault_mix_gives_the_clean_mosaic(tiles_dir, aoi, tmp_path):
 
 def test_windows_stitch_seamlessly(tiles_dir, aoi, tmp_path, monkeypatch):
     with serve(tiles_dir) as url:
-        whole = run(url, tmp_path, aoi, name="whole.tif", gsd=0.1)
+        whole = run(url, tmp_path, aoi, name="whole.tif", gsd=0.1, cache_dir=tmp_path / "c1")
         monkeypatch.setattr(mosaic, "WINDOW", 96)  # 16 windows over the 300-odd px output
-        windowed = run(url, tmp_path, aoi, name="windowed.tif", gsd=0.1)
+        windowed = run(url, tmp_path, aoi, name="windowed.tif", gsd=0.1, cache_dir=tmp_path / "c2")
     with rasterio.open(whole.outputs["mosaic"]) as a, rasterio.open(windowed.outputs["mosaic"]) as b:
         assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
 
@@ -482,6 +482,32 @@ def test_warping_during_the_download_changes_nothing(tiles_dir, aoi, tmp_path, m
     with rasterio.open(during.outputs["mosaic"]) as a, rasterio.open(after.outputs["mosaic"]) as b:
         assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
         assert a.dataset_mask().mean() > 200  # imagery nearly everywhere, not an empty match
+
+
+def test_same_tiles_reuse_the_finished_mosaic(tiles_dir, aoi, tmp_path):
+    """A rerun over unchanged cached tiles links the mosaic made before instead of warping
+    again; a changed tile, another AOI or resolution warps anew."""
+    def fetched(name: str, **kw) -> tuple[Path, bool]:
+        log = tmp_path / f"{name}.jsonl"
+        with open(log, "w") as out:
+            result = run(url, tmp_path, kw.pop("aoi", aoi), name=name, reporter=Reporter(json_mode=True, out=out), **kw)
+        return Path(result.outputs["mosaic"]), "reused" in log.read_text()
+
+    with serve(tiles_dir) as url:
+        first, reused_first = fetched("a.tif", zoom=21)
+        second, reused_second = fetched("b.tif", zoom=21)
+        assert (reused_first, reused_second) == (False, True) and url.request_count == 9
+        tile = next((tmp_path / "cache").rglob("*.tile"))
+        tile.write_bytes(tile.read_bytes())  # a tile downloaded again since: the mosaic may differ
+        _, reused_changed = fetched("c.tif", zoom=21)
+        _, reused_gsd = fetched("d.tif", zoom=21, gsd=0.1)
+        _, reused_aoi = fetched("e.tif", zoom=21, aoi=wgs84_aoi((404218.9, 3285107.9, 404246.9, 3285137.9)))
+    assert not (reused_changed or reused_gsd or reused_aoi)
+    with rasterio.open(first) as a, rasterio.open(second) as b, rasterio.open(tmp_path / "out" / "c.tif") as c:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read(), c.read())
+        assert a.profile == b.profile and np.array_equal(a.dataset_mask(), b.dataset_mask())
+    first.unlink()  # the outputs are independent files for the user
+    assert rasterio.open(second).read().any()
 
 
 def test_cache_expiry_and_offline_use(tiles_dir, aoi, tmp_path):

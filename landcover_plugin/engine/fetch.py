@@ -25,7 +25,7 @@ import threading
 import time
 import warnings
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -65,6 +65,7 @@ MAX_ZOOM = 24
 MOSAIC_VERSION = 1  # bump when the warp or the output format changes: older finished mosaics are not reused
 FAIL_FAST = 16  # this many failed tiles before any success: the server is broken, stop asking
 TILE_SIZES = (256, 512)
+RESOLUTION_TOLERANCE = 0.25  # imagery this much finer or coarser than the model's resolution gets a warning
 DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
 # warnings.catch_warnings swaps process-wide filters: threads decoding at once would
 # leave them scrambled, so tile decoding (about a millisecond) takes turns.
@@ -88,6 +89,9 @@ class FetchParams:
     subdomains: str = "abc"  # for {s}
     mbtiles: Path | None = None  # also write the XYZ tiles as MBTiles
     wms_crs: str = wms.DEFAULT_CRS  # the CRS WMS images are requested in
+    # Metres per pixel the model that will read the imagery expects (its package's resolution_m):
+    # the default --gsd of a remote source, and a warning when the imagery's differs too much.
+    model_gsd: float | None = None
 
 
 def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
@@ -96,6 +100,8 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
         raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
                           "Give --gsd in metres per pixel, e.g. --gsd 0.1")
     if urlsplit(params.source).scheme in ("http", "https"):
+        if params.model_gsd and params.gsd is None and params.zoom is None:
+            params = replace(params, gsd=params.model_gsd)  # the model's resolution, unless told otherwise
         if wms.is_wms(params.source):
             return fetch_wms(params, reporter)
         return fetch_xyz(params, reporter)
@@ -104,6 +110,14 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     raise EngineError("BAD_SOURCE", f"Source '{params.source}' is neither an http(s) XYZ or WMS URL nor an existing "
                       "file.", "Give an XYZ template like https://host/{z}/{x}/{y}.png, a WMS URL with "
                       "SERVICE=WMS&LAYERS=..., or the path of a raster file.")
+
+
+def check_model_resolution(actual: float, params: FetchParams, reporter: Reporter, hint: str) -> None:
+    """Warn when the imagery's ground resolution (at the AOI's latitude) is too far from the model's."""
+    wanted = params.model_gsd
+    if wanted and abs(actual / wanted - 1) > RESOLUTION_TOLERANCE:
+        reporter.log(f"The imagery is {actual:.3g} m/px at the AOI, {actual / wanted - 1:+.0%} from the "
+                     f"{wanted:g} m/px the model expects: its results may be poor. {hint}", level="warning")
 
 
 HEADERS_ENV = "LANDCOVER_HTTP_HEADERS"
@@ -589,15 +603,19 @@ def fetch_xyz(params: FetchParams, reporter: Reporter) -> StageResult:
             for t in tiles_covering(bounds, zoom)]
     remote = make_remote(params, template, template, decode_tile)
     reporter.log(f"fetch: zoom {zoom} ({native:.3g} m/px at the AOI's latitude) from {remote.host}")
-    if params.gsd and abs(native / params.gsd - 1) > 0.25:
+    if params.gsd and params.gsd != params.model_gsd and abs(native / params.gsd - 1) > RESOLUTION_TOLERANCE:
         reporter.log(f"The tiles at zoom {zoom} are {native:.3g} m/px at the AOI, {native / params.gsd - 1:+.0%} "
                      f"from the {params.gsd:g} m asked for: they are resampled, which blurs or wastes detail.",
                      level="warning")
+    check_model_resolution(native, params, reporter, f"The nearest zoom to the model's resolution is "
+                           f"{nearest_zoom(params.model_gsd or native, lat, size, max_zoom=MAX_ZOOM)}; or use a "
+                           "model trained at this resolution.")
     mbtiles = MBTilesWriter(params.mbtiles, params.out.stem, bounds, zoom) if params.mbtiles else None
     summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, native, f"at zoom {zoom}", mbtiles,
                            started)
     outputs = {"mosaic": str(params.out), **({"mbtiles": str(params.mbtiles)} if params.mbtiles else {})}
-    return StageResult(outputs=outputs, summary={"zoom": zoom, **summary, "gsd_m": gsd, "crs": crs})
+    return StageResult(outputs=outputs, summary={"zoom": zoom, **summary, "gsd_m": gsd, "crs": crs,
+                                                 "native_gsd_m": round(native, 4)})
 
 
 def pick_zoom(zoom: int | None, gsd: float | None, lat: float, tile_size: int = 256) -> int:
@@ -641,9 +659,12 @@ def fetch_wms(params: FetchParams, reporter: Reporter) -> StageResult:
     source_key = f"{source.base}?{sorted(source.params.items())}&VERSION={source.version}"
     remote = make_remote(params, source_key, source.base, lambda data: decode_wms(data))
     reporter.log(f"fetch: WMS {source.version} from {remote.host} in {req_crs}")
+    check_model_resolution(params.gsd, params, reporter, "Give --gsd the model's resolution, or use a model "
+                           "trained at this resolution.")
     summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, params.gsd, "", None, started)
     return StageResult(outputs={"mosaic": str(params.out)},
-                       summary={"zoom": None, **summary, "gsd_m": params.gsd, "crs": crs})
+                       summary={"zoom": None, **summary, "gsd_m": params.gsd, "crs": crs,
+                                "native_gsd_m": params.gsd})
 
 
 def decode_wms(data: bytes) -> np.ndarray:
@@ -695,6 +716,9 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
             raise EngineError("BAD_IMAGERY", f"{params.source} has no coordinate reference system.",
                               "Georeference the imagery (e.g. with QGIS's Georeferencer) first.")
         window = crop_window(src, params.aoi.to_crs(src.crs.to_string()).bounds)
+        native = pixel_metres(src.crs.to_string(), src.transform)
+        check_model_resolution(native, params, reporter, "Resample it to the model's resolution (--gsd) only if "
+                               "it is finer; better, use imagery or a model at a matching resolution.")
         has_mask = _per_dataset_mask(src)
         profile = {"count": src.count, "dtype": src.dtypes[0], "nodata": src.nodata}
         if params.gsd is None and _in_metres(src.crs):
@@ -721,7 +745,7 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
                                progress=lambda i, n: reporter.progress(STAGE, i, n))
     summary = {"zoom": None, "tiles": 0, "requested": 0, "from_cache": 0, "downloaded": 0, "missing": 0,
                "blank": 0, "failed": 0, "retried": 0, "bytes": 0, "seconds": round(time.monotonic() - started, 2),
-               "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs}
+               "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs, "native_gsd_m": round(native, 6)}
     return StageResult(outputs={"mosaic": str(params.out)}, summary=summary)
 
 

@@ -685,3 +685,56 @@ def test_credentials_from_the_environment(tiles_dir, aoi, tmp_path, monkeypatch)
     with pytest.raises(EngineError) as err:
         run("http://127.0.0.1:9/{z}/{x}/{y}.png", tmp_path, aoi, zoom=20, cache_dir=tmp_path / "empty")
     assert err.value.code == "BAD_HEADERS"
+
+
+# --- resolution against the model's -----------------------------------------------------------
+
+
+def warnings_of(events: list[dict]) -> list[str]:
+    return [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning"]
+
+
+def test_model_resolution_is_reported_and_checked(tiles_dir, aoi, osbs_tif, tmp_path):
+    """`fetch --model M`: the tiles' ground resolution at the AOI's latitude is reported and
+    compared with the model's (trees-base: 0.1 m/px); more than 25% off warns, saying what to do."""
+    bounds = ",".join(f"{v:.9f}" for v in aoi.bounds)
+    with serve(tiles_dir) as url:
+        out = subprocess.run(landcover("--aoi", bounds, "--source", url, "--zoom", "19", "--model", "trees-base",
+                                       "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "z19.tif")),
+                             capture_output=True, text=True, timeout=120).stdout
+        events = [json.loads(line) for line in out.splitlines()]
+        assert events[-1]["event"] == "result" and events[-1]["summary"]["native_gsd_m"] == pytest.approx(0.26, abs=0.01)
+        warned, = warnings_of(events)
+        assert "0.259 m/px at the AOI, +159%" in warned and "0.1 m/px the model expects" in warned
+        assert "nearest zoom to the model's resolution is 20" in warned
+
+        # No zoom or gsd: the model's resolution is the output's; zoom 20 is the nearest (0.13 m, +30%).
+        log = tmp_path / "default.jsonl"
+        with open(log, "w") as stream:
+            result = run(url, tmp_path, aoi, name="default.tif", model_gsd=0.1,
+                         reporter=Reporter(json_mode=True, out=stream))
+        assert (result.summary["zoom"], result.summary["gsd_m"]) == (20, 0.1)
+        warned, = warnings_of([json.loads(line) for line in log.read_text().splitlines()])
+        assert "+30% from the 0.1 m/px the model expects" in warned
+    # A local raster at the model's resolution: no warning.
+    log = tmp_path / "local.jsonl"
+    with open(log, "w") as stream:
+        local = run(str(osbs_tif), tmp_path, aoi, name="local.tif", model_gsd=0.1, reporter=Reporter(json_mode=True, out=stream))
+    assert local.summary["native_gsd_m"] == pytest.approx(0.1)
+    assert not warnings_of([json.loads(line) for line in log.read_text().splitlines()])
+
+
+def test_pipeline_fetch_checks_the_models_resolution(tiles_dir, aoi, tmp_path):
+    """`landcover run` with a model: its fetch stage takes the model's resolution and warns like `fetch --model`."""
+    from landcover_plugin.engine.model_package import SHIPPED_MODELS
+    from landcover_plugin.engine.pipeline import load_pipeline, run_pipeline
+
+    log = tmp_path / "run.jsonl"
+    with serve(tiles_dir) as url:
+        (tmp_path / "p.yaml").write_text(f"task: trees\nimagery: '{url}'\naoi: '{','.join(map(str, aoi.bounds))}'\n"
+                                         f"model: {SHIPPED_MODELS / 'trees-base'}\nout: trees.gpkg\n")
+        with open(log, "w") as stream:
+            result = run_pipeline(load_pipeline(tmp_path / "p.yaml"), Reporter(json_mode=True, out=stream))
+    assert (result.summary["fetch"]["zoom"], result.summary["fetch"]["gsd_m"]) == (20, 0.1)
+    warned = warnings_of([json.loads(line) for line in log.read_text().splitlines()])
+    assert any("+30% from the 0.1 m/px the model expects" in w for w in warned)

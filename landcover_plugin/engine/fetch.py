@@ -41,7 +41,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from . import http_client, wms
+from . import http_client, mosaic, wms
 from .aoi import AOI, utm_crs
 from .atomic import partial_path
 from .errors import EngineError
@@ -416,7 +416,10 @@ class ProgressiveWarp:
 
     def __init__(self, grid: Grid, layout: Layout, resampling: Resampling, write: Writer) -> None:
         self.grid, self.layout, self.resampling, self.write = grid, layout, resampling, write
-        self.todo = deque((w, self._last_row(w)) for w in windows(grid.width, grid.height))
+        # A quarter as many rows as columns: the rows left to warp after the last piece are few,
+        # while a window as wide as before keeps GDAL on its fast path (measured: narrower costs 3x).
+        rows = max(1, mosaic.WINDOW // 4)
+        self.todo = deque((w, self._last_row(w)) for w in windows(grid.width, grid.height, rows=rows))
         self.total = len(self.todo)
         self.pending = [layout.cols] * layout.rows  # pieces not done yet, per piece row
         self.rows_done = 0  # piece rows 0 .. rows_done - 1 are all done
@@ -427,7 +430,7 @@ class ProgressiveWarp:
         """The last piece row the warp of `window` reads from."""
         bounds = rasterio.windows.bounds(window, self.grid.transform)
         _, south, _, north = transform_bounds(self.grid.crs, self.layout.crs, *bounds, densify_pts=21)
-        # The resampling kernel reaches about an output pixel and two source pixels further.
+        # The resampling kernel reaches past the window: two output and four source pixels are ample.
         margin = 2 * (north - south) / window.height + 4 * self.layout.span / min(TILE_SIZES)
         return min(self.layout.rows - 1, int((self.layout.origin[1] - (south - margin)) // self.layout.span))
 

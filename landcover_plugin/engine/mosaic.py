@@ -64,11 +64,13 @@ class SourceMosaic:
         self.dataset.close()
 
 
-def windows(width: int, height: int, size: int = 0) -> Iterator[Window]:
+def windows(width: int, height: int, size: int = 0, rows: int = 0) -> Iterator[Window]:
+    """Windows of `size` (default WINDOW) columns and `rows` (default: as many) rows, row by row."""
     size = size or WINDOW
-    for row in range(0, height, size):
+    rows = rows or size
+    for row in range(0, height, rows):
         for col in range(0, width, size):
-            yield Window(col, row, min(size, width - col), min(size, height - row))
+            yield Window(col, row, min(size, width - col), min(rows, height - row))
 
 
 Reader = Callable[[Window], tuple[np.ndarray, "np.ndarray | None"]]

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subdomains", default="abc", help="letters for {s} in the URL template (default abc)")
     p.add_argument("--mbtiles", type=Path, help="also write the tiles as this MBTiles file (offline use in QGIS)")
     p.add_argument("--wms-crs", default="EPSG:3857", help="CRS to request WMS images in (default EPSG:3857)")
+    p.add_argument("--model", type=Path, help="model folder, .onnx file or shipped model name that will read the "
+                   "imagery: its resolution is the default --gsd, and a resolution more than 25%% off warns")
     p.add_argument("--out", type=Path, required=True, help="mosaic GeoTIFF to write")
 
     p = sub.add_parser("labels", help="OpenStreetMap features of a preset -> labels GeoPackage (field class)")
@@ -180,6 +182,12 @@ def _aoi(args: argparse.Namespace):
     return parse_aoi(args.aoi, args.aoi_crs) if args.aoi else None
 
 
+def _model_gsd(model: Path | None) -> float | None:
+    from .model_package import read_info
+
+    return read_info(model).resolution_m if model else None
+
+
 def _offset(text: str) -> tuple[float, float]:
     try:
         dx, dy = (float(v) for v in text.split(","))
@@ -200,7 +208,7 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                  gsd=args.gsd, cache_dir=args.cache, workers=args.workers, headers=headers,
                                  max_tiles=args.max_tiles, max_bytes=int(args.max_bytes), rate=args.rate,
                                  cache_days=args.cache_days, subdomains=args.subdomains, mbtiles=args.mbtiles,
-                                 wms_crs=args.wms_crs), reporter)
+                                 wms_crs=args.wms_crs, model_gsd=_model_gsd(args.model)), reporter)
     if args.command == "labels":
         from .labels import LabelsParams, build_labels
 

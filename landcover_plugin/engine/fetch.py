@@ -9,8 +9,9 @@ Sources:
 Remote sources: the pieces are estimated (count, bytes, time) and refused
 above a cap, downloaded concurrently and politely (`http_client`), validated
 and cached (`tile_cache`), and written one by one into a temporary mosaic on
-the source's grid (`mosaic.SourceMosaic`); the output is then warped window
-by window to the UTM zone of the AOI's centre (`mosaic.write_windowed`).
+the source's grid (`mosaic.SourceMosaic`); meanwhile the output is warped
+window by window to the UTM zone of the AOI's centre (`ProgressiveWarp`), each
+window as soon as its pieces are in, so the CPU work overlaps the downloads.
 Memory stays flat whatever the AOI's size. Output: 3-band RGB uint8, tiled,
 deflate, overviews, and an internal mask band (0 where no imagery): a mask
 rather than nodata 0, so that truly black pixels stay valid.
@@ -23,8 +24,8 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import Counter
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
@@ -34,21 +35,23 @@ import rasterio
 import requests
 from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
-from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
+from rasterio.errors import NotGeoreferencedWarning, RasterioDeprecationWarning, RasterioIOError
 from rasterio.io import MemoryFile
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from . import http_client, wms
+from . import http_client, mosaic, wms
 from .aoi import AOI, utm_crs
+from .atomic import partial_path
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .http_client import host_of
 from .imagery import open_raster
 from .mbtiles import MBTilesWriter
-from .mosaic import Grid, SourceMosaic, aligned_grid, gdal_env, write_windowed
-from .tile_cache import DEFAULT_MAX_AGE_DAYS, TileCache, default_cache_dir, tile_key  # noqa: F401 (re-exported)
+from .mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows, write_windowed
+from .tile_cache import (DEFAULT_MAX_AGE_DAYS, MosaicCache, TileCache, default_cache_dir,  # noqa: F401 (re-exported)
+                         tile_key)
 from .tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
                     template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
 
@@ -59,8 +62,10 @@ EST_TILE_BYTES = 25_000  # a typical 256-px aerial tile (JPEG/PNG), for the esti
 EST_TILE_SECONDS = 0.3  # a typical tile request, for the time estimate
 MAX_PIXELS = 4_000_000_000  # output grid limit (catches a --gsd typo); the mosaic is written in windows
 MAX_ZOOM = 24
+MOSAIC_VERSION = 1  # bump when the warp or the output format changes: older finished mosaics are not reused
 FAIL_FAST = 16  # this many failed tiles before any success: the server is broken, stop asking
 TILE_SIZES = (256, 512)
+RESOLUTION_TOLERANCE = 0.25  # imagery this much finer or coarser than the model's resolution gets a warning
 DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
 # warnings.catch_warnings swaps process-wide filters: threads decoding at once would
 # leave them scrambled, so tile decoding (about a millisecond) takes turns.
@@ -84,6 +89,9 @@ class FetchParams:
     subdomains: str = "abc"  # for {s}
     mbtiles: Path | None = None  # also write the XYZ tiles as MBTiles
     wms_crs: str = wms.DEFAULT_CRS  # the CRS WMS images are requested in
+    # Metres per pixel the model that will read the imagery expects (its package's resolution_m):
+    # the default --gsd of a remote source, and a warning when the imagery's differs too much.
+    model_gsd: float | None = None
 
 
 def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
@@ -92,6 +100,8 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
         raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
                           "Give --gsd in metres per pixel, e.g. --gsd 0.1")
     if urlsplit(params.source).scheme in ("http", "https"):
+        if params.model_gsd and params.gsd is None and params.zoom is None:
+            params = replace(params, gsd=params.model_gsd)  # the model's resolution, unless told otherwise
         if wms.is_wms(params.source):
             return fetch_wms(params, reporter)
         return fetch_xyz(params, reporter)
@@ -100,6 +110,14 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     raise EngineError("BAD_SOURCE", f"Source '{params.source}' is neither an http(s) XYZ or WMS URL nor an existing "
                       "file.", "Give an XYZ template like https://host/{z}/{x}/{y}.png, a WMS URL with "
                       "SERVICE=WMS&LAYERS=..., or the path of a raster file.")
+
+
+def check_model_resolution(actual: float, params: FetchParams, reporter: Reporter, hint: str) -> None:
+    """Warn when the imagery's ground resolution (at the AOI's latitude) is too far from the model's."""
+    wanted = params.model_gsd
+    if wanted and abs(actual / wanted - 1) > RESOLUTION_TOLERANCE:
+        reporter.log(f"The imagery is {actual:.3g} m/px at the AOI, {actual / wanted - 1:+.0%} from the "
+                     f"{wanted:g} m/px the model expects: its results may be poor. {hint}", level="warning")
 
 
 HEADERS_ENV = "LANDCOVER_HTTP_HEADERS"
@@ -233,10 +251,11 @@ def get_piece(remote: Remote, job: Job) -> Outcome:
 
 
 def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threading.Event,
-             on_result: Callable[[Any], None]) -> None:
+             on_result: Callable[[Any], None], on_idle: Callable[[], bool] = lambda: False) -> None:
     """Call fn on every item in `workers` threads; on_result(result) in the
-    calling thread as each finishes. An exception in a worker stops the others
-    and is raised here.
+    calling thread as each finishes, and on_idle() whenever no result is
+    waiting (it returns whether it did some work). An exception in a worker
+    stops the others and is raised here.
 
     The results queue is bounded: workers wait while the caller writes, so
     decoded pieces never pile up in memory. Daemon threads rather than a
@@ -270,7 +289,12 @@ def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threadin
         threading.Thread(target=work, daemon=True, name="fetch-tile").start()
     try:
         for _ in items:
-            result, exc = done.get()
+            try:
+                result, exc = done.get_nowait()
+            except queue.Empty:
+                while on_idle() and done.empty():
+                    pass
+                result, exc = done.get()
             if exc is not None:
                 raise exc
             on_result(result)
@@ -326,10 +350,11 @@ class Layout:
 
 
 def download_to_mosaic(jobs: list[Job], layout: Layout, remote: Remote, params: FetchParams, tmp_dir: Path,
-                       reporter: Reporter, mbtiles: MBTilesWriter | None) -> tuple[SourceMosaic | None, Counter]:
-    """Get every piece and write it into a temporary source mosaic as it arrives."""
+                       reporter: Reporter, mbtiles: MBTilesWriter | None, warp: ProgressiveWarp) -> Counter:
+    """Get every piece and write it into a temporary source mosaic as it arrives; `warp`
+    (which owns the mosaic) warps the output windows whose pieces are all in meanwhile."""
     counts: Counter = Counter()
-    state: dict[str, Any] = {"mosaic": None, "first_error": ""}
+    state: dict[str, Any] = {"first_error": ""}
 
     def on_result(o: Outcome) -> None:
         counts[o.status] += 1
@@ -343,27 +368,26 @@ def download_to_mosaic(jobs: list[Job], layout: Layout, remote: Remote, params: 
             if not o.rgba[3].any():
                 counts["blank"] += 1  # fully transparent: nodata, nothing to write
             else:
-                if state["mosaic"] is None:  # the first piece fixes the piece size (a server may send 512 px)
+                if warp.mosaic is None:  # the first piece fixes the piece size (a server may send 512 px)
                     state["size"] = o.rgba.shape[1]
-                    state["mosaic"] = SourceMosaic(tmp_dir / "source.tif", layout.grid(state["size"]),
-                                                   block=min(state["size"], 512))
+                    warp.attach(SourceMosaic(tmp_dir / "source.tif", layout.grid(state["size"]),
+                                             block=min(state["size"], 512)))
                 rgba, size = o.rgba, state["size"]
                 if rgba.shape[1] != size or rgba.shape[2] != size:  # mixed sizes: nearest-neighbour resize
                     rows, cols = np.arange(size) * rgba.shape[1] // size, np.arange(size) * rgba.shape[2] // size
                     rgba = rgba[:, rows][:, :, cols]
-                state["mosaic"].write(rgba, o.job.cell[0] * size, o.job.cell[1] * size)
+                warp.mosaic.write(rgba, o.job.cell[0] * size, o.job.cell[1] * size)
             if mbtiles is not None and o.job.tile is not None and o.body:
                 mbtiles.add(o.job.tile, o.body)
+        warp.piece_done(o.job.cell[0])
         reporter.progress(STAGE, sum(counts[k] for k in ("cache", "downloaded", "missing", "failed")), len(jobs))
 
     try:  # `stop` also ends a piece's retries early once the run is over (failed or cancelled)
-        run_pool(lambda job: get_piece(remote, job), jobs, params.workers, remote.stop, on_result)
+        run_pool(lambda job: get_piece(remote, job), jobs, params.workers, remote.stop, on_result, warp.step)
     finally:
         remote.session.close()
-        if state["mosaic"] is not None:
-            state["mosaic"].close()
     counts["first_error"] = state["first_error"]  # type: ignore[assignment]
-    return state["mosaic"], counts
+    return counts
 
 
 def check_counts(counts: Counter, total: int, host: str, where: str, reporter: Reporter) -> None:
@@ -383,22 +407,70 @@ def aoi_grid(bounds: tuple[float, float, float, float], crs: str, res: float) ->
     return aligned_grid(bounds, crs, res, MAX_PIXELS)
 
 
-def warp_mosaic(source: Path, grid: Grid, resampling: Resampling, out: Path, host: str, reporter: Reporter) -> None:
-    """Warp the source mosaic onto `grid` window by window into `out` (RGB + mask).
-    The source's alpha band weights the resampling, so gaps do not bleed dark edges."""
-    empty = EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {host} hold no imagery inside the AOI.",
-                        "Check that the AOI lies inside the imagery.")
-    with gdal_env(), rasterio.open(source) as src, \
-            WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                      resampling=resampling, warp_extras={"NUM_THREADS": "ALL_CPUS"}) as vrt:
-        def read(window: Window) -> tuple[np.ndarray, np.ndarray]:
-            rgba = vrt.read(window=window)
-            return rgba[:3], rgba[3]
+class ProgressiveWarp:
+    """Warps the source mosaic onto the output grid window by window, while pieces are
+    still downloading: a window is warped as soon as every piece row it reads from is
+    done (jobs go row by row), so the CPU work overlaps the wait on the network
+    instead of following it. The source's alpha band weights the resampling, so
+    gaps do not bleed dark edges."""
 
-        write_windowed(out, {"crs": grid.crs, "transform": grid.transform, "width": grid.width,
-                             "height": grid.height, "count": 3, "dtype": "uint8"}, read,
-                       colorinterp=(ColorInterp.red, ColorInterp.green, ColorInterp.blue), empty_error=empty,
-                       progress=lambda i, n: reporter.progress(STAGE, i, n, "writing the mosaic"))
+    def __init__(self, grid: Grid, layout: Layout, resampling: Resampling, write: Writer) -> None:
+        self.grid, self.layout, self.resampling, self.write = grid, layout, resampling, write
+        # A quarter as many rows as columns: the rows left to warp after the last piece are few,
+        # while a window as wide as before keeps GDAL on its fast path (measured: narrower costs 3x).
+        rows = max(1, mosaic.WINDOW // 4)
+        self.todo = deque((w, self._last_row(w)) for w in windows(grid.width, grid.height, rows=rows))
+        self.total = len(self.todo)
+        self.pending = [layout.cols] * layout.rows  # pieces not done yet, per piece row
+        self.rows_done = 0  # piece rows 0 .. rows_done - 1 are all done
+        self.mosaic: SourceMosaic | None = None
+        self.vrt: WarpedVRT | None = None
+
+    def _last_row(self, window: Window) -> int:
+        """The last piece row the warp of `window` reads from."""
+        bounds = rasterio.windows.bounds(window, self.grid.transform)
+        _, south, _, north = transform_bounds(self.grid.crs, self.layout.crs, *bounds, densify_pts=21)
+        # The resampling kernel reaches past the window: two output and four source pixels are ample.
+        margin = 2 * (north - south) / window.height + 4 * self.layout.span / min(TILE_SIZES)
+        return min(self.layout.rows - 1, int((self.layout.origin[1] - (south - margin)) // self.layout.span))
+
+    def attach(self, mosaic: SourceMosaic) -> None:
+        self.mosaic = mosaic
+        # Reading the mosaic while it is written is the point; rasterio warns against
+        # it in general. The lock: decoding threads swap the warning filters too.
+        with _DECODE_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", RasterioDeprecationWarning)
+            self.vrt = WarpedVRT(mosaic.dataset, crs=self.grid.crs, transform=self.grid.transform,
+                                 width=self.grid.width, height=self.grid.height, resampling=self.resampling,
+                                 warp_extras={"NUM_THREADS": "ALL_CPUS"})
+
+    def piece_done(self, row: int) -> None:
+        self.pending[row] -= 1
+        while self.rows_done < len(self.pending) and self.pending[self.rows_done] == 0:
+            self.rows_done += 1
+
+    def step(self) -> bool:
+        """Warp the next window if its pieces are all in (while waiting for downloads); whether it did."""
+        if self.vrt is None or not self.todo or self.todo[0][1] >= self.rows_done:
+            return False
+        self._warp(self.todo.popleft()[0])
+        return True
+
+    def finish(self, progress: Callable[[int, int], None]) -> None:
+        """Warp the windows left once every piece is in."""
+        while self.todo:
+            self._warp(self.todo.popleft()[0])
+            progress(self.total - len(self.todo), self.total)
+
+    def _warp(self, window: Window) -> None:
+        rgba = self.vrt.read(window=window)
+        self.write(window, rgba[:3], rgba[3])
+
+    def close(self) -> None:
+        if self.vrt is not None:
+            self.vrt.close()
+        if self.mosaic is not None:
+            self.mosaic.close()
 
 
 def report(reporter: Reporter, counts: Counter, total: int, seconds: float) -> dict[str, Any]:
@@ -435,27 +507,71 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
                  started: float) -> dict[str, Any]:
     """Shared by XYZ and WMS: download into a temporary source mosaic beside the output, then warp."""
     params.out.parent.mkdir(parents=True, exist_ok=True)
+    # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
+    resampling = Resampling.bilinear if out_grid.transform.a <= native * 1.5 else Resampling.average
+    made = MosaicCache(remote.cache)
+    key = mosaic_key(out_grid, layout, resampling)
+    tile_keys = [job.key for job in jobs]
+    if mbtiles is None:  # MBTiles need the tiles' bodies: the whole way
+        info = reuse_mosaic(made, key, tile_keys, params.out)
+        if info is not None:
+            reporter.log("fetch: the same tiles, unchanged in the cache, made this mosaic before: reused")
+            remote.session.close()
+            seconds = time.monotonic() - started
+            return {**report(reporter, Counter(cache=len(jobs), blank=info["blank"]), len(jobs), seconds),
+                    "download_seconds": round(seconds, 2)}
     release_freed_memory()
+    profile = {"crs": out_grid.crs, "transform": out_grid.transform, "width": out_grid.width,
+               "height": out_grid.height, "count": 3, "dtype": "uint8"}
+    empty = EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {remote.host} hold no imagery inside the AOI.",
+                        "Check that the AOI lies inside the imagery.")
     ok = False
     try:
-        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=f".{params.out.stem}.fetch-") as tmp:
-            with gdal_env():
-                mosaic, counts = download_to_mosaic(jobs, layout, remote, params, Path(tmp), reporter, mbtiles)
-            download_seconds = time.monotonic() - started
-            check_counts(counts, len(jobs), remote.host, where, reporter)
-            if mosaic is None:
-                raise EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {remote.host} hold no imagery inside "
-                                  "the AOI (all were blank).", "Check that the AOI lies inside the imagery.")
-            # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
-            gsd = out_grid.transform.a
-            resampling = Resampling.bilinear if gsd <= native * 1.5 else Resampling.average
-            warp_mosaic(mosaic.path, out_grid, resampling, params.out, remote.host, reporter)
+        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=f".{params.out.stem}.fetch-") as tmp, \
+                windowed_output(params.out, profile, colorinterp=(ColorInterp.red, ColorInterp.green, ColorInterp.blue),
+                                empty_error=empty) as write:
+            warp = ProgressiveWarp(out_grid, layout, resampling, write)
+            try:
+                counts = download_to_mosaic(jobs, layout, remote, params, Path(tmp), reporter, mbtiles, warp)
+                download_seconds = time.monotonic() - started
+                check_counts(counts, len(jobs), remote.host, where, reporter)
+                if warp.mosaic is None:
+                    raise EngineError("AOI_OUTSIDE_IMAGERY", f"The tiles from {remote.host} hold no imagery inside "
+                                      "the AOI (all were blank).", "Check that the AOI lies inside the imagery.")
+                warp.finish(lambda i, n: reporter.progress(STAGE, i, n, "writing the mosaic"))
+            finally:
+                warp.close()
         ok = True
     finally:
         if mbtiles is not None:
             mbtiles.close(ok)
+    if counts["missing"] + counts["failed"] == 0:  # a rerun would ask for those again
+        made.put(key, tile_keys, params.out, {"blank": counts["blank"]})
     return {**report(reporter, counts, len(jobs), time.monotonic() - started),
             "download_seconds": round(download_seconds, 2)}
+
+
+def mosaic_key(grid: Grid, layout: Layout, resampling: Resampling) -> str:
+    """What a mosaic made from a source's tiles depends on (with the tiles themselves)."""
+    import hashlib
+    import json
+
+    what = [MOSAIC_VERSION, grid.crs, list(grid.transform)[:6], grid.width, grid.height, layout.crs,
+            list(layout.origin), layout.span, layout.rows, layout.cols, resampling.name]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:32]
+
+
+def reuse_mosaic(made: MosaicCache, key: str, tile_keys: list[str], out: Path) -> dict | None:
+    """Put the mosaic made before from these tiles at `out` (atomically); its info, or None."""
+    tmp = partial_path(out)
+    tmp.unlink(missing_ok=True)
+    try:
+        info = made.get(key, tile_keys, tmp)
+        if info is not None:
+            tmp.replace(out)
+        return info
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:
@@ -490,15 +606,19 @@ def fetch_xyz(params: FetchParams, reporter: Reporter) -> StageResult:
             for t in tiles_covering(bounds, zoom)]
     remote = make_remote(params, template, template, decode_tile)
     reporter.log(f"fetch: zoom {zoom} ({native:.3g} m/px at the AOI's latitude) from {remote.host}")
-    if params.gsd and abs(native / params.gsd - 1) > 0.25:
+    if params.gsd and params.gsd != params.model_gsd and abs(native / params.gsd - 1) > RESOLUTION_TOLERANCE:
         reporter.log(f"The tiles at zoom {zoom} are {native:.3g} m/px at the AOI, {native / params.gsd - 1:+.0%} "
                      f"from the {params.gsd:g} m asked for: they are resampled, which blurs or wastes detail.",
                      level="warning")
+    check_model_resolution(native, params, reporter, f"The nearest zoom to the model's resolution is "
+                           f"{nearest_zoom(params.model_gsd or native, lat, size, max_zoom=MAX_ZOOM)}; or use a "
+                           "model trained at this resolution.")
     mbtiles = MBTilesWriter(params.mbtiles, params.out.stem, bounds, zoom) if params.mbtiles else None
     summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, native, f"at zoom {zoom}", mbtiles,
                            started)
     outputs = {"mosaic": str(params.out), **({"mbtiles": str(params.mbtiles)} if params.mbtiles else {})}
-    return StageResult(outputs=outputs, summary={"zoom": zoom, **summary, "gsd_m": gsd, "crs": crs})
+    return StageResult(outputs=outputs, summary={"zoom": zoom, **summary, "gsd_m": gsd, "crs": crs,
+                                                 "native_gsd_m": round(native, 4)})
 
 
 def pick_zoom(zoom: int | None, gsd: float | None, lat: float, tile_size: int = 256) -> int:
@@ -542,9 +662,12 @@ def fetch_wms(params: FetchParams, reporter: Reporter) -> StageResult:
     source_key = f"{source.base}?{sorted(source.params.items())}&VERSION={source.version}"
     remote = make_remote(params, source_key, source.base, lambda data: decode_wms(data))
     reporter.log(f"fetch: WMS {source.version} from {remote.host} in {req_crs}")
+    check_model_resolution(params.gsd, params, reporter, "Give --gsd the model's resolution, or use a model "
+                           "trained at this resolution.")
     summary = fetch_remote(params, reporter, jobs, layout, remote, out_grid, params.gsd, "", None, started)
     return StageResult(outputs={"mosaic": str(params.out)},
-                       summary={"zoom": None, **summary, "gsd_m": params.gsd, "crs": crs})
+                       summary={"zoom": None, **summary, "gsd_m": params.gsd, "crs": crs,
+                                "native_gsd_m": params.gsd})
 
 
 def decode_wms(data: bytes) -> np.ndarray:
@@ -596,6 +719,9 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
             raise EngineError("BAD_IMAGERY", f"{params.source} has no coordinate reference system.",
                               "Georeference the imagery (e.g. with QGIS's Georeferencer) first.")
         window = crop_window(src, params.aoi.to_crs(src.crs.to_string()).bounds)
+        native = pixel_metres(src.crs.to_string(), src.transform)
+        check_model_resolution(native, params, reporter, "Resample it to the model's resolution (--gsd) only if "
+                               "it is finer; better, use imagery or a model at a matching resolution.")
         has_mask = _per_dataset_mask(src)
         profile = {"count": src.count, "dtype": src.dtypes[0], "nodata": src.nodata}
         if params.gsd is None and _in_metres(src.crs):
@@ -622,7 +748,7 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
                                progress=lambda i, n: reporter.progress(STAGE, i, n))
     summary = {"zoom": None, "tiles": 0, "requested": 0, "from_cache": 0, "downloaded": 0, "missing": 0,
                "blank": 0, "failed": 0, "retried": 0, "bytes": 0, "seconds": round(time.monotonic() - started, 2),
-               "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs}
+               "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs, "native_gsd_m": round(native, 6)}
     return StageResult(outputs={"mosaic": str(params.out)}, summary=summary)
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -45,65 +46,81 @@ def gdal_env() -> rasterio.Env:
 
 
 class SourceMosaic:
-    """A temporary RGBA GeoTIFF on `grid`, written piece by piece (call from one thread)."""
+    """A temporary RGBA GeoTIFF on `grid`, written piece by piece (call from one thread).
+    Opened for update, so that pieces already written can be warped while others download."""
 
     def __init__(self, path: Path, grid: Grid, block: int) -> None:
         self.path, self.grid = path, grid
         profile = {"driver": "GTiff", "count": 4, "dtype": "uint8", "width": grid.width, "height": grid.height,
                    "crs": grid.crs, "transform": grid.transform, "tiled": True, "blockxsize": block,
                    "blockysize": block, "compress": "deflate", "zlevel": 1, "BIGTIFF": "YES", "SPARSE_OK": True}
-        self._dst = rasterio.open(path, "w", **profile)
-        self._dst.colorinterp = list(RGBA)  # the alpha band weights the warp: no dark seams at gaps
+        self.dataset = rasterio.open(path, "w+", **profile)
+        self.dataset.colorinterp = list(RGBA)  # the alpha band weights the warp: no dark seams at gaps
 
     def write(self, rgba: np.ndarray, row: int, col: int) -> None:
-        self._dst.write(rgba, window=Window(col, row, rgba.shape[2], rgba.shape[1]))
+        self.dataset.write(rgba, window=Window(col, row, rgba.shape[2], rgba.shape[1]))
 
     def close(self) -> None:
-        self._dst.close()
+        self.dataset.close()
 
 
-def windows(width: int, height: int, size: int = 0) -> Iterator[Window]:
+def windows(width: int, height: int, size: int = 0, rows: int = 0) -> Iterator[Window]:
+    """Windows of `size` (default WINDOW) columns and `rows` (default: as many) rows, row by row."""
     size = size or WINDOW
-    for row in range(0, height, size):
+    rows = rows or size
+    for row in range(0, height, rows):
         for col in range(0, width, size):
-            yield Window(col, row, min(size, width - col), min(size, height - row))
+            yield Window(col, row, min(size, width - col), min(rows, height - row))
 
 
 Reader = Callable[[Window], tuple[np.ndarray, "np.ndarray | None"]]
+Writer = Callable[[Window, np.ndarray, "np.ndarray | None"], None]
 
 
-def write_windowed(out: Path, profile: dict[str, Any], read: Reader, *, colorinterp: Iterable[ColorInterp] | None,
-                   empty_error: EngineError | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> None:
-    """Write `out` atomically: a tiled, deflate GeoTIFF with overviews, filled by
-    `read(window) -> (bands, mask or None)`; a mask (0 = no data) becomes an
-    internal mask band. Raises `empty_error` (writing nothing) when every mask is 0."""
+@contextmanager
+def windowed_output(out: Path, profile: dict[str, Any], *, colorinterp: Iterable[ColorInterp] | None,
+                    empty_error: EngineError | None = None) -> Iterator[Writer]:
+    """Open `out` for writing window by window: yields `write(window, bands, mask or None)`;
+    a mask (0 = no data) becomes an internal mask band. On leaving, the overviews are
+    built and the file renamed into place (atomically: nothing on an exception).
+    Raises `empty_error` (writing nothing) when every mask was 0."""
     width, height = profile["width"], profile["height"]
+    # Deflate level 1: several times faster than the default 6, files ~10% larger.
     profile = {**profile, "driver": "GTiff", "tiled": True, "blockxsize": 256, "blockysize": 256,
-               "compress": "deflate", "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
+               "compress": "deflate", "zlevel": 1, "interleave": "pixel", "BIGTIFF": "IF_SAFER"}
     profile.pop("photometric", None)  # e.g. YCbCr from a JPEG-compressed source: not valid with deflate
     factors = [2 ** i for i in range(1, 12) if max(width, height) / 2 ** i >= 128]
-    todo = list(windows(width, height))
-    any_data = False
-    with gdal_env(), atomic_output(out) as tmp:
+    any_data = [False]
+    with gdal_env(), rasterio.Env(ZLEVEL_OVERVIEW=1), atomic_output(out) as tmp:
         with rasterio.open(tmp, "w", **profile) as dst:
-            for i, window in enumerate(todo, start=1):
-                data, mask = read(window)
+            def write(window: Window, data: np.ndarray, mask: np.ndarray | None) -> None:
                 dst.write(data, window=window)
                 if mask is not None:
                     dst.write_mask((mask > 0).view(np.uint8) * np.uint8(255), window=window)
-                    any_data = any_data or bool(mask.any())
+                    any_data[0] = any_data[0] or bool(mask.any())
                 else:
-                    any_data = True
-                if progress:
-                    progress(i, len(todo))
-            if not any_data and empty_error is not None:
+                    any_data[0] = True
+
+            yield write
+            if not any_data[0] and empty_error is not None:
                 raise empty_error
             if colorinterp is not None:
                 dst.colorinterp = list(colorinterp)
             if factors:
                 dst.build_overviews(factors, Resampling.average)
                 dst.update_tags(ns="rio_overview", resampling="average")
+
+
+def write_windowed(out: Path, profile: dict[str, Any], read: Reader, *, colorinterp: Iterable[ColorInterp] | None,
+                   empty_error: EngineError | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> None:
+    """Write `out` atomically (see `windowed_output`), filled by `read(window) -> (bands, mask or None)`."""
+    todo = list(windows(profile["width"], profile["height"]))
+    with windowed_output(out, profile, colorinterp=colorinterp, empty_error=empty_error) as write:
+        for i, window in enumerate(todo, start=1):
+            write(window, *read(window))
+            if progress:
+                progress(i, len(todo))
 
 
 def aligned_grid(bounds: tuple[float, float, float, float], crs: str, res: float, max_pixels: int) -> Grid:

@@ -205,8 +205,11 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
         if p.aoi is None:
             raise EngineError("BAD_PIPELINE", "Tiles from a server need an area of interest.",
                               "Add aoi: minx,miny,maxx,maxy (WGS84) to the pipeline.")
+        from .model_package import read_info
+
         fp = FetchParams(aoi=p.aoi, source=p.imagery.source, out=p.workdir / "imagery.tif",
-                         zoom=p.imagery.zoom, gsd=p.imagery.gsd, headers=p.imagery.headers)
+                         zoom=p.imagery.zoom, gsd=p.imagery.gsd, headers=p.imagery.headers,
+                         model_gsd=read_info(p.model).resolution_m if p.model else None)
         res = _run_stage("fetch", fp, fp.out, lambda: fetch(fp, reporter), p.workdir, reporter)
         imagery = Path(res.outputs["mosaic"])
         summary["fetch"] = res.summary

@@ -21,14 +21,15 @@ from ..core.engine_runner import EngineFailed, EngineRun, OverallProgress
 from ..core.layers import gpkg_layer_names, open_result_layers
 from ..core.locate import engine_location
 from ..core.pipeline_spec import TASKS, PipelineSpec, write_pipeline
-from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path
+from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 
 HELP = """<p>Maps trees (one polygon per crown, one point per tree) or land cover (polygons with a
 <i>class</i> field and a table of hectares per class) from imagery, in the Landcover engine's own
 environment (never in QGIS's Python).</p>
-<p><b>Imagery</b>: a raster layer (a local file), or an <b>XYZ tile URL</b> template such as
-<code>https://tiles.example.org/{z}/{x}/{y}.png</code>, fetched for the area at the
-<b>resolution</b> given (m/px; empty: the engine picks).</p>
+<p><b>Imagery</b>: a raster layer (a local file, an XYZ or WMS layer), or an <b>XYZ tile URL</b> template such
+as <code>https://tiles.example.org/{z}/{x}/{y}.png</code> or the name of a saved XYZ connection, fetched for
+the area at the <b>resolution</b> given (m/px; empty: the engine picks). Credentials of a layer's or a saved
+connection's authentication configuration reach the engine through its environment only.</p>
 <p><b>Area</b>: the extent to map (and to train on). Without a CRS it is taken to be in the imagery
 layer's CRS, or WGS84 for XYZ tiles.</p>
 <p><b>Training labels</b>: a vector layer (crowns for trees; polygons with a <b>class field</b> for
@@ -64,8 +65,8 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
         self.addParameter(QgsProcessingParameterRasterLayer(self.IMAGERY, "Imagery (raster layer)", optional=True))
-        self.addParameter(QgsProcessingParameterString(self.XYZ_URL, "Or imagery from an XYZ tile URL template",
-                                                       optional=True))
+        self.addParameter(QgsProcessingParameterString(self.XYZ_URL, "Or imagery from an XYZ tile URL template "
+                                                       "(or a saved XYZ connection's name)", optional=True))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Area"))
         self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", options=["Trees", "Land cover"],
                                                      defaultValue=0))
@@ -102,7 +103,9 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         if layer is not None:
             return raster_layer_source(layer), layer.crs()
         url = self.parameterAsString(parameters, self.XYZ_URL, context).strip()
-        return ImagerySource(url), QgsCoordinateReferenceSystem("EPSG:4326")
+        saved = xyz_connections()  # a saved connection, by name or URL: with its referer and credentials
+        source = saved.get(url) or next((s for s in saved.values() if s.source == url), ImagerySource(url))
+        return source, QgsCoordinateReferenceSystem("EPSG:4326")
 
     def _aoi(self, parameters, context, default_crs) -> tuple[tuple[float, float, float, float], str]:
         """The extent in its own CRS when that has an EPSG code, else in WGS84."""
@@ -116,6 +119,11 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid()
 
     def build_spec(self, parameters, context) -> PipelineSpec:
+        return self._spec_and_env(parameters, context)[0]
+
+    def _spec_and_env(self, parameters, context) -> tuple[PipelineSpec, dict[str, str]]:
+        """The pipeline, and the engine's extra environment: credentials from QGIS's
+        authentication database go there, never into the pipeline file, argv or a log."""
         try:
             imagery, imagery_crs = self._imagery(parameters, context)
             labels_layer = self.parameterAsVectorLayer(parameters, self.LABELS, context)
@@ -137,10 +145,10 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
             labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
             model=Path(model) if model and labels is None else None,
             epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
-            out=out, workdir=out.with_name(out.stem + "-work"))
+            out=out, workdir=out.with_name(out.stem + "-work")), imagery.engine_env()
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
-        spec = self.build_spec(parameters, context)
+        spec, secrets = self._spec_and_env(parameters, context)
         problems = spec.problems()
         if problems:
             raise QgsProcessingException(" ".join(problems))
@@ -163,8 +171,8 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
                 (feedback.pushDebugInfo if event.get("level") == "debug" else feedback.pushInfo)(event["message"])
 
         try:
-            result = EngineRun(location.python, ["run", str(pipeline)], cwd=spec.workdir).run(
-                on_event, feedback.isCanceled)
+            result = EngineRun(location.python, ["run", str(pipeline)], cwd=spec.workdir,
+                               extra_env=secrets).run(on_event, feedback.isCanceled)
         except EngineFailed as exc:
             if exc.code == "CANCELLED":
                 feedback.reportError(str(exc))

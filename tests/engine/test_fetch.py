@@ -457,11 +457,66 @@ def test_fault_mix_gives_the_clean_mosaic(tiles_dir, aoi, tmp_path):
 
 def test_windows_stitch_seamlessly(tiles_dir, aoi, tmp_path, monkeypatch):
     with serve(tiles_dir) as url:
-        whole = run(url, tmp_path, aoi, name="whole.tif", gsd=0.1)
+        whole = run(url, tmp_path, aoi, name="whole.tif", gsd=0.1, cache_dir=tmp_path / "c1")
         monkeypatch.setattr(mosaic, "WINDOW", 96)  # 16 windows over the 300-odd px output
-        windowed = run(url, tmp_path, aoi, name="windowed.tif", gsd=0.1)
+        windowed = run(url, tmp_path, aoi, name="windowed.tif", gsd=0.1, cache_dir=tmp_path / "c2")
     with rasterio.open(whole.outputs["mosaic"]) as a, rasterio.open(windowed.outputs["mosaic"]) as b:
         assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+def test_warping_during_the_download_changes_nothing(tiles_dir, aoi, tmp_path, monkeypatch):
+    """Windows warped as soon as their tile rows are in (overlapping the download) give the
+    same mosaic as warping everything after the download: no window reads a piece row
+    that may still be missing. Each window is warped at the earliest moment allowed."""
+    from landcover_plugin.engine.fetch import ProgressiveWarp
+
+    monkeypatch.setattr(mosaic, "WINDOW", 256)  # 16 windows of 256 x 64 px over 3 rows of tiles
+    early = []
+    piece_done, warp_one = ProgressiveWarp.piece_done, ProgressiveWarp._warp
+
+    def eager(self, row):
+        piece_done(self, row)
+        while self.step():  # every window that is ready, at once
+            pass
+
+    monkeypatch.setattr(ProgressiveWarp, "piece_done", eager)
+    monkeypatch.setattr(ProgressiveWarp, "_warp",
+                        lambda self, window: (early.append(sum(self.pending) > 0), warp_one(self, window))[1])
+    with serve(tiles_dir) as url:
+        during = run(url, tmp_path, aoi, name="during.tif", zoom=21, workers=1, cache_dir=tmp_path / "c1")
+        assert sum(early) >= 4  # windows were warped while tiles were still to come
+        monkeypatch.setattr(ProgressiveWarp, "piece_done", piece_done)
+        monkeypatch.setattr(ProgressiveWarp, "step", lambda self: False)
+        after = run(url, tmp_path, aoi, name="after.tif", zoom=21, workers=1, cache_dir=tmp_path / "c2")
+    with rasterio.open(during.outputs["mosaic"]) as a, rasterio.open(after.outputs["mosaic"]) as b:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+        assert a.dataset_mask().mean() > 200  # imagery nearly everywhere, not an empty match
+
+
+def test_same_tiles_reuse_the_finished_mosaic(tiles_dir, aoi, tmp_path):
+    """A rerun over unchanged cached tiles links the mosaic made before instead of warping
+    again; a changed tile, another AOI or resolution warps anew."""
+    def fetched(name: str, **kw) -> tuple[Path, bool]:
+        log = tmp_path / f"{name}.jsonl"
+        with open(log, "w") as out:
+            result = run(url, tmp_path, kw.pop("aoi", aoi), name=name, reporter=Reporter(json_mode=True, out=out), **kw)
+        return Path(result.outputs["mosaic"]), "reused" in log.read_text()
+
+    with serve(tiles_dir) as url:
+        first, reused_first = fetched("a.tif", zoom=21)
+        second, reused_second = fetched("b.tif", zoom=21)
+        assert (reused_first, reused_second) == (False, True) and url.request_count == 9
+        tile = next((tmp_path / "cache").rglob("*.tile"))
+        tile.write_bytes(tile.read_bytes())  # a tile downloaded again since: the mosaic may differ
+        _, reused_changed = fetched("c.tif", zoom=21)
+        _, reused_gsd = fetched("d.tif", zoom=21, gsd=0.1)
+        _, reused_aoi = fetched("e.tif", zoom=21, aoi=wgs84_aoi((404218.9, 3285107.9, 404246.9, 3285137.9)))
+    assert not (reused_changed or reused_gsd or reused_aoi)
+    with rasterio.open(first) as a, rasterio.open(second) as b, rasterio.open(tmp_path / "out" / "c.tif") as c:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.read(), c.read())
+        assert a.profile == b.profile and np.array_equal(a.dataset_mask(), b.dataset_mask())
+    first.unlink()  # the outputs are independent files for the user
+    assert rasterio.open(second).read().any()
 
 
 def test_cache_expiry_and_offline_use(tiles_dir, aoi, tmp_path):
@@ -639,3 +694,56 @@ def test_credentials_from_the_environment(tiles_dir, aoi, tmp_path, monkeypatch)
     with pytest.raises(EngineError) as err:
         run("http://127.0.0.1:9/{z}/{x}/{y}.png", tmp_path, aoi, zoom=20, cache_dir=tmp_path / "empty")
     assert err.value.code == "BAD_HEADERS"
+
+
+# --- resolution against the model's -----------------------------------------------------------
+
+
+def warnings_of(events: list[dict]) -> list[str]:
+    return [e["message"] for e in events if e["event"] == "log" and e.get("level") == "warning"]
+
+
+def test_model_resolution_is_reported_and_checked(tiles_dir, aoi, osbs_tif, tmp_path):
+    """`fetch --model M`: the tiles' ground resolution at the AOI's latitude is reported and
+    compared with the model's (trees-base: 0.1 m/px); more than 25% off warns, saying what to do."""
+    bounds = ",".join(f"{v:.9f}" for v in aoi.bounds)
+    with serve(tiles_dir) as url:
+        out = subprocess.run(landcover("--aoi", bounds, "--source", url, "--zoom", "19", "--model", "trees-base",
+                                       "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "z19.tif")),
+                             capture_output=True, text=True, timeout=120).stdout
+        events = [json.loads(line) for line in out.splitlines()]
+        assert events[-1]["event"] == "result" and events[-1]["summary"]["native_gsd_m"] == pytest.approx(0.26, abs=0.01)
+        warned, = warnings_of(events)
+        assert "0.259 m/px at the AOI, +159%" in warned and "0.1 m/px the model expects" in warned
+        assert "nearest zoom to the model's resolution is 20" in warned
+
+        # No zoom or gsd: the model's resolution is the output's; zoom 20 is the nearest (0.13 m, +30%).
+        log = tmp_path / "default.jsonl"
+        with open(log, "w") as stream:
+            result = run(url, tmp_path, aoi, name="default.tif", model_gsd=0.1,
+                         reporter=Reporter(json_mode=True, out=stream))
+        assert (result.summary["zoom"], result.summary["gsd_m"]) == (20, 0.1)
+        warned, = warnings_of([json.loads(line) for line in log.read_text().splitlines()])
+        assert "+30% from the 0.1 m/px the model expects" in warned
+    # A local raster at the model's resolution: no warning.
+    log = tmp_path / "local.jsonl"
+    with open(log, "w") as stream:
+        local = run(str(osbs_tif), tmp_path, aoi, name="local.tif", model_gsd=0.1, reporter=Reporter(json_mode=True, out=stream))
+    assert local.summary["native_gsd_m"] == pytest.approx(0.1)
+    assert not warnings_of([json.loads(line) for line in log.read_text().splitlines()])
+
+
+def test_pipeline_fetch_checks_the_models_resolution(tiles_dir, aoi, tmp_path):
+    """`landcover run` with a model: its fetch stage takes the model's resolution and warns like `fetch --model`."""
+    from landcover_plugin.engine.model_package import SHIPPED_MODELS
+    from landcover_plugin.engine.pipeline import load_pipeline, run_pipeline
+
+    log = tmp_path / "run.jsonl"
+    with serve(tiles_dir) as url:
+        (tmp_path / "p.yaml").write_text(f"task: trees\nimagery: '{url}'\naoi: '{','.join(map(str, aoi.bounds))}'\n"
+                                         f"model: {SHIPPED_MODELS / 'trees-base'}\nout: trees.gpkg\n")
+        with open(log, "w") as stream:
+            result = run_pipeline(load_pipeline(tmp_path / "p.yaml"), Reporter(json_mode=True, out=stream))
+    assert (result.summary["fetch"]["zoom"], result.summary["fetch"]["gsd_m"]) == (20, 0.1)
+    warned = warnings_of([json.loads(line) for line in log.read_text().splitlines()])
+    assert any("+30% from the 0.1 m/px the model expects" in w for w in warned)

@@ -117,3 +117,83 @@ def test_runs_and_returns_styled_layers(alg, qgis_new_project, engine_python, os
         assert_styled(layer, out)
     assert progress and max(progress) == 100
     assert any("crowns" in info for info in feedback.infos)
+
+
+def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_python, tmp_path, monkeypatch):
+    """A saved XYZ connection with an authcfg: its Basic credentials reach the engine (the tile
+    server sees them) through the environment, and appear in no argv, pipeline file or log."""
+    import json
+    import subprocess
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import processing
+    from qgis.core import QgsAuthMethodConfig, QgsSettings
+
+    from landcover_plugin.core import engine_runner
+    from landcover_plugin.core.sources import HEADERS_ENV
+
+    seen: list[str | None] = []
+
+    class NoTiles(BaseHTTPRequestHandler):  # records the credentials; has no tiles (the run stops at fetch)
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoTiles)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    manager = QgsApplication.authManager()
+    manager.setMasterPassword("test-master", True)
+    config = QgsAuthMethodConfig("Basic")
+    config.setName("tiles")
+    config.setConfig("username", "field")
+    config.setConfig("password", "s3cret")
+    assert manager.storeAuthenticationConfig(config)
+    key = "qgis/connections-xyz/Agency tiles"
+    settings = QgsSettings()
+    settings.setValue(f"{key}/url", f"http://127.0.0.1:{server.server_address[1]}/{{z}}/{{x}}/{{y}}.png")
+    settings.setValue(f"{key}/authcfg", config.id())
+
+    started: list[tuple[list, dict]] = []
+    popen = subprocess.Popen
+
+    def recording_popen(args, **kw):
+        started.append((list(args), kw.get("env") or {}))
+        return popen(args, **kw)
+
+    monkeypatch.setattr(engine_runner.subprocess, "Popen", recording_popen)
+    messages: list[str] = []
+
+    class Feedback(QgsProcessingFeedback):
+        def pushInfo(self, info):  # noqa: N802
+            messages.append(info)
+
+        def pushDebugInfo(self, info):  # noqa: N802
+            messages.append(info)
+
+        def reportError(self, error, fatalError=False):  # noqa: N802, N803
+            messages.append(error)
+
+    out = tmp_path / "out.gpkg"
+    params = {"XYZ_URL": "Agency tiles", "EXTENT": "-82.0005,-82.0,29.7,29.7005 [EPSG:4326]", "TASK": 0,
+              "LABELS_FILE": str(tmp_path / "labels.csv"), "GSD": 0.5, "OUTPUT": str(out)}
+    (tmp_path / "labels.csv").write_text("image_path,xmin,ymin,xmax,ymax,label\n")
+    try:
+        with pytest.raises(QgsProcessingException) as failed:  # no tiles: the run stops after the requests
+            processing.run(ALG_ID, params, context=_context(), feedback=Feedback())
+    finally:
+        server.shutdown()
+        server.server_close()
+        settings.remove(key)
+    secrets = ("s3cret", "ZmllbGQ6czNjcmV0")  # the password, and field:s3cret in Base64
+    assert seen and set(seen) == {"Basic ZmllbGQ6czNjcmV0"}  # every request carried the credentials
+    (argv, env), = started
+    assert json.loads(env[HEADERS_ENV]) == {"Authorization": "Basic ZmllbGQ6czNjcmV0"}
+    written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
+    for secret in secrets:
+        assert secret not in " ".join(argv) + written + "\n".join(messages) + str(failed.value)

@@ -295,3 +295,15 @@ def test_overpass_endpoint_is_remembered(qgis_iface, engine_python):
         second.cleanup()
     finally:
         settings.remove(OVERPASS_SETTING)
+
+
+def test_results_from_osm_labels_are_credited(dock, qgis_new_project, tmp_path):
+    from test_layers import _write
+
+    gpkg = tmp_path / "landcover.gpkg"
+    _write(gpkg, "Polygon?crs=EPSG:32617&field=class:string", "landcover", "POLYGON((0 0,10 0,10 10,0 0))")
+    credit = "© OpenStreetMap contributors"
+    dock._succeeded({"outputs": {"gpkg": str(gpkg)}, "summary": {"attribution": credit}}, "land cover")
+    assert credit in dock.status_label.text()
+    (layer,) = QgsProject.instance().layerTreeRoot().children()[0].findLayers()
+    assert layer.layer().metadata().rights() == [credit] and layer.layer().attribution() == credit

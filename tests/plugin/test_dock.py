@@ -284,17 +284,17 @@ def test_label_sources_become_the_pipelines_labels(dock, osbs_layers, tmp_path):
 
 
 def test_overpass_endpoint_is_remembered(qgis_iface, engine_python):
-    settings = QgsSettings()
+    docks = [LandcoverDock(qgis_iface, qgis_iface.mainWindow())]
     try:
-        first = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
-        first.overpass_edit.setText("http://127.0.0.1:9/api/interpreter")
-        first.overpass_edit.editingFinished.emit()
-        first.cleanup()
-        second = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
-        assert second.overpass_edit.text() == "http://127.0.0.1:9/api/interpreter"
-        second.cleanup()
+        docks[0].overpass_edit.setText("http://127.0.0.1:9/api/interpreter")
+        docks[0].overpass_edit.editingFinished.emit()
+        docks.append(LandcoverDock(qgis_iface, qgis_iface.mainWindow()))
+        assert docks[1].overpass_edit.text() == "http://127.0.0.1:9/api/interpreter"
     finally:
-        settings.remove(OVERPASS_SETTING)
+        QgsSettings().remove(OVERPASS_SETTING)
+        for dock in docks:  # as the fixture does: no dock left for the other tests to find
+            dock.cleanup()
+            dock.deleteLater()
 
 
 def test_results_from_osm_labels_are_credited(dock, qgis_new_project, tmp_path):

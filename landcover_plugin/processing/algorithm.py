@@ -228,8 +228,6 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802  (main thread)
         if not self._gpkg:
             return {}
-        if self._attribution:
-            feedback.pushInfo(f"Labels: data {self._attribution} (ODbL)")
         for layer in open_result_layers(self._gpkg, self._attribution):
             context.temporaryLayerStore().addMapLayer(layer)
             context.addLayerToLoadOnCompletion(

@@ -18,10 +18,13 @@ _LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "erro
 
 def summary_text(summary: dict[str, Any]) -> str:
     """The result's headline numbers for the message bar: the predict stage's
-    (crowns, canopy m², hectares per class), or a single command's own."""
+    (crowns, canopy m², hectares per class), or a single command's own, and the
+    labels' attribution when they came from OpenStreetMap."""
     main = summary.get("predict", summary)
     text = ", ".join(f"{k}: {_fmt(v)}" for k, v in main.items()
-                     if k not in _QUIET and not isinstance(v, (dict, list)))
+                     if k not in _QUIET | {"attribution"} and not isinstance(v, (dict, list)))
+    if summary.get("attribution"):  # labels from OSM: its licence asks for the credit where results show
+        text += f"{'. ' if text else ''}Labels: {summary['attribution']}"
     if main.get("provider"):  # a GPU user sees whether it was used (onnxruntime falls back to the CPU silently)
         text += f" (model ran on {str(main['provider']).removesuffix('ExecutionProvider')})"
     return text

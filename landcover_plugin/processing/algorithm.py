@@ -20,7 +20,7 @@ from ..core.engine_env import check_engine
 from ..core.engine_runner import EngineFailed, EngineRun, OverallProgress
 from ..core.layers import gpkg_layer_names, open_result_layers
 from ..core.locate import engine_location
-from ..core.pipeline_spec import TASKS, PipelineSpec, write_pipeline
+from ..core.pipeline_spec import OVERPASS_DEFAULT, TASKS, PipelineSpec, presets_for_task, read_presets, write_pipeline
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 
 HELP = """<p>Maps trees (one polygon per crown, one point per tree) or land cover (polygons with a
@@ -35,6 +35,13 @@ layer's CRS, or WGS84 for XYZ tiles.</p>
 <p><b>Training labels</b>: a vector layer (crowns for trees; polygons with a <b>class field</b> for
 land cover) or a DeepForest CSV of crown boxes (<b>labels file</b>). A model is trained on them for
 <b>epochs</b> passes. Or give an existing <b>model</b> (.onnx) to predict without training.</p>
+<p><b>Labels from</b> OpenStreetMap instead: choose <i>OpenStreetMap (Overpass)</i> to query the OSM
+features of a <b>preset</b> (landcover, buildings, trees: editable files in the plugin's
+resources/presets/; trees fits the trees task, all fit land cover) for the area from the
+<b>Overpass endpoint</b> (default the public one), optionally as OSM was on a <b>date</b>
+(YYYY-MM-DD, ideally the imagery's); or <i>OpenStreetMap file</i> to read them from a local
+<b>OSM file</b> (.osm, .osm.pbf, .osm.bz2). The result layers then carry the attribution
+"© OpenStreetMap contributors" (ODbL) in their metadata.</p>
 <p><b>Output</b>: a GeoPackage with the result layers and their styles, loaded into the project.
 Intermediate files go to a folder beside it (<i>NAME-work</i>); running again reuses finished stages.</p>
 <p>If the engine environment is missing, run <code>make install</code> in the plugin's source folder
@@ -45,11 +52,14 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
     IMAGERY, XYZ_URL, EXTENT, TASK = "IMAGERY", "XYZ_URL", "EXTENT", "TASK"
     LABELS, LABELS_FILE, CLASS_FIELD, MODEL = "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL"
     EPOCHS, GSD, OUTPUT, LAYERS = "EPOCHS", "GSD", "OUTPUT", "LAYERS"
+    LABEL_SOURCE, PRESET, OVERPASS_URL, OSM_FILE, DATE = "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE"
+    LABEL_SOURCES = ("layer", "overpass", "osm_file")  # LABEL_SOURCE's values; 0 keeps older command lines working
 
     def __init__(self) -> None:
         super().__init__()
         self._gpkg: str | None = None
         self._results: dict = {}
+        self._attribution = ""
 
     def name(self) -> str:
         return "mapfromimagery"
@@ -78,6 +88,19 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
                                                       parentLayerParameterName=self.LABELS, optional=True))
         self.addParameter(QgsProcessingParameterFile(self.MODEL, "Or an existing model (predict only)",
                                                      optional=True, fileFilter="ONNX models (*.onnx)"))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.LABEL_SOURCE, "Labels from", defaultValue=0,
+            options=["Training labels layer or file", "OpenStreetMap (Overpass)",
+                     "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)"]))
+        presets = [p.name for p in read_presets()]
+        self.addParameter(QgsProcessingParameterEnum(self.PRESET, "OSM preset", options=presets,
+                                                     defaultValue="landcover", usesStaticStrings=True))
+        self.addParameter(QgsProcessingParameterString(self.OVERPASS_URL, "Overpass endpoint",
+                                                       defaultValue=OVERPASS_DEFAULT, optional=True))
+        self.addParameter(QgsProcessingParameterFile(self.OSM_FILE, "OSM file", optional=True,
+                                                     fileFilter="OpenStreetMap files (*.osm *.pbf *.bz2)"))
+        self.addParameter(QgsProcessingParameterString(self.DATE, "OSM date (YYYY-MM-DD, Overpass only)",
+                                                       optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Training epochs",
                                                        QgsProcessingParameterNumber.Integer, 10, minValue=1))
         self.addParameter(QgsProcessingParameterNumber(self.GSD, "Resolution of XYZ tiles (m/px)",
@@ -94,7 +117,16 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         has_imagery = bool(parameters.get(self.IMAGERY)) or bool((parameters.get(self.XYZ_URL) or "").strip())
         if not has_imagery:
             return False, "Choose the imagery: a raster layer or an XYZ tile URL template."
-        if not (parameters.get(self.LABELS) or parameters.get(self.LABELS_FILE) or parameters.get(self.MODEL)):
+        source = self.LABEL_SOURCES[self.parameterAsEnum(parameters, self.LABEL_SOURCE, context)]
+        if source == "osm_file" and not parameters.get(self.OSM_FILE):
+            return False, "Give the OSM file (.osm, .osm.pbf, .osm.bz2) to take the labels from."
+        if source != "layer":
+            task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
+            preset = self.parameterAsEnumString(parameters, self.PRESET, context)
+            fit = [p.name for p in presets_for_task(task)]
+            if preset not in fit:
+                return False, f"Preset {preset} does not fit the {task} task: use {' or '.join(fit)}."
+        elif not (parameters.get(self.LABELS) or parameters.get(self.LABELS_FILE) or parameters.get(self.MODEL)):
             return False, "Give training labels (a layer or a DeepForest CSV), or an existing model to predict with."
         return True, ""
 
@@ -139,13 +171,28 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         if out.suffix.lower() != ".gpkg":
             out = out.with_suffix(".gpkg")
         labels = labels or (Path(labels_file) if labels_file else None)
+        osm = self._osm_labels(parameters, context)
+        if osm:  # OSM is the chosen source: the layer, file and model parameters are not used
+            labels, model = None, ""
         return PipelineSpec(
             task=TASKS[self.parameterAsEnum(parameters, self.TASK, context)], aoi=aoi, aoi_crs=aoi_crs,
             imagery=imagery.source, headers=imagery.headers, gsd=gsd if imagery.is_xyz else None,
             labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
             model=Path(model) if model and labels is None else None,
             epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
-            out=out, workdir=out.with_name(out.stem + "-work")), imagery.engine_env()
+            out=out, workdir=out.with_name(out.stem + "-work"), **osm), imagery.engine_env()
+
+    def _osm_labels(self, parameters, context) -> dict:
+        """PipelineSpec's OSM fields for the chosen label source ({} for a layer or file)."""
+        source = self.LABEL_SOURCES[self.parameterAsEnum(parameters, self.LABEL_SOURCE, context)]
+        if source == "layer":
+            return {}
+        preset = self.parameterAsEnumString(parameters, self.PRESET, context)
+        if source == "osm_file":
+            return {"preset": preset, "osm_file": Path(self.parameterAsFile(parameters, self.OSM_FILE, context))}
+        return {"preset": preset,
+                "overpass": self.parameterAsString(parameters, self.OVERPASS_URL, context).strip() or OVERPASS_DEFAULT,
+                "date": self.parameterAsString(parameters, self.DATE, context).strip() or None}
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         spec, secrets = self._spec_and_env(parameters, context)
@@ -179,6 +226,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
                 return {}
             raise QgsProcessingException(f"{exc.message} {exc.hint}".strip()) from None
         self._gpkg = result["outputs"].get("gpkg") or str(spec.out)
+        self._attribution = result.get("summary", {}).get("attribution", "")  # labels from OSM
         for key, value in result.get("summary", {}).items():
             feedback.pushInfo(f"{key}: {value}")
         self._results = {self.OUTPUT: self._gpkg,
@@ -188,7 +236,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
     def postProcessAlgorithm(self, context, feedback):  # noqa: N802  (main thread)
         if not self._gpkg:
             return {}
-        for layer in open_result_layers(self._gpkg):
+        for layer in open_result_layers(self._gpkg, self._attribution):
             context.temporaryLayerStore().addMapLayer(layer)
             context.addLayerToLoadOnCompletion(
                 layer.id(), QgsProcessingContext.LayerDetails(layer.name(), context.project(), self.OUTPUT))

@@ -10,25 +10,31 @@ import time
 from pathlib import Path
 
 from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
-                       QgsMapLayerProxyModel, QgsProject, QgsRectangle, QgsWkbTypes)
+                       QgsMapLayerProxyModel, QgsProject, QgsRectangle, QgsSettings, QgsWkbTypes)
 from qgis.gui import (QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox,
                       QgsMapToolExtent, QgsRubberBand)
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QColor
-from qgis.PyQt.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QMessageBox, QProgressBar,
-                                 QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMessageBox,
+                                 QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ..core.engine_env import EngineLocation, check_engine, create_env_commands, requirement_files, user_venv
 from ..core.engine_runner import EngineFailed, EngineRun
 from ..core.layers import load_result_layers
 from ..core.locate import engine_location, user_data_dir
-from ..core.pipeline_spec import PipelineSpec, write_pipeline
+from ..core.pipeline_spec import (OSM_ATTRIBUTION, OVERPASS_DEFAULT, PipelineSpec, presets_for_task,
+                                  write_pipeline)
 from ..core.setup_task import CreateEnvTask
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 from ..core.task import EngineTask
 
 XYZ_PREFIX = "XYZ: "
 TASK_LABELS = {"trees": "Trees", "landcover": "Land cover"}
+LABEL_SOURCES = {"overpass": "OpenStreetMap (Overpass)",
+                 "osm_file": "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)",
+                 "layer": "Vector layer or file (with class field)",
+                 "model": "None: predict with a model file"}
+OVERPASS_SETTING = "landcover/overpass_url"
 
 
 def default_output_dir() -> Path:
@@ -114,6 +120,43 @@ class LandcoverDock(QgsDockWidget):
                                    "Land cover: polygons with a class, and hectares per class.")
         form.addRow("Task", self.task_combo)
 
+        self.label_source_combo = QComboBox(objectName="labelSourceCombo")
+        for key, label in LABEL_SOURCES.items():
+            self.label_source_combo.addItem(label, key)
+        self.label_source_combo.setToolTip(
+            "Where the training labels come from: OpenStreetMap features of a preset, downloaded for the area "
+            "from an Overpass server or read from a local OSM file; your own vector layer or file (with a class "
+            f"field for land cover); or no labels, to predict with an existing model. OSM data is {OSM_ATTRIBUTION}"
+            ", ODbL: the results say so.")
+        form.addRow("Labels from", self.label_source_combo)
+
+        self.preset_combo = QComboBox(objectName="presetCombo")
+        self.preset_combo.setToolTip("Which OpenStreetMap features become which classes: an editable file in the "
+                                     "plugin's resources/presets/ (tag filters, buffers for lines, priorities, "
+                                     "colours). Only presets that fit the task are listed.")
+        form.addRow("OSM preset", self.preset_combo)
+
+        self.overpass_edit = QLineEdit(objectName="overpassEdit")
+        self.overpass_edit.setText(str(QgsSettings().value(OVERPASS_SETTING, OVERPASS_DEFAULT)))
+        self.overpass_edit.setPlaceholderText(OVERPASS_DEFAULT)
+        self.overpass_edit.setToolTip("The Overpass API interpreter URL the OSM features are queried from (the "
+                                      "public one by default; use your own or a mirror for large or frequent "
+                                      "jobs). Remembered for next time.")
+        self.overpass_edit.editingFinished.connect(self._remember_overpass)
+        form.addRow("Overpass server", self.overpass_edit)
+
+        self.date_edit = QLineEdit(objectName="dateEdit")
+        self.date_edit.setPlaceholderText("YYYY-MM-DD (optional: today's OSM)")
+        self.date_edit.setToolTip("Optional: take OSM as it was on this day, ideally the imagery's date, so that "
+                                  "labels show what the image shows (Overpass [date:]). Empty: the current map.")
+        form.addRow("OSM date", self.date_edit)
+
+        self.osm_file = QgsFileWidget(objectName="osmFile")
+        self.osm_file.setFilter("OpenStreetMap files (*.osm *.pbf *.bz2)")
+        self.osm_file.setToolTip("A local OpenStreetMap extract (.osm, .osm.pbf, .osm.bz2), e.g. from Geofabrik: "
+                                 "no server needed; its features of the preset inside the area become the labels.")
+        form.addRow("OSM file", self.osm_file)
+
         self.labels_combo = QgsMapLayerComboBox(objectName="labelsCombo")
         self.labels_combo.setFilters(QgsMapLayerProxyModel.VectorLayer)
         self.labels_combo.setAllowEmptyLayer(True)
@@ -133,6 +176,14 @@ class LandcoverDock(QgsDockWidget):
         self.model_file.setToolTip("Or an existing model (.onnx, e.g. from an earlier run's work folder): "
                                    "predict without training.")
         form.addRow("Or model", self.model_file)
+        self._form = form
+        # Choosing a layer or a model file says where the labels come from.
+        self.labels_combo.layerChanged.connect(lambda layer: layer is not None and self.set_label_source("layer"))
+        self.model_file.fileChanged.connect(lambda path: bool(path.strip()) and self.set_label_source("model"))
+        self.label_source_combo.currentIndexChanged.connect(self._label_source_changed)
+        self.task_combo.currentIndexChanged.connect(self._fill_presets)
+        self._fill_presets()
+        self._label_source_changed()
 
         self.epochs_spin = QSpinBox(objectName="epochsSpin")
         self.epochs_spin.setRange(1, 1000)
@@ -178,6 +229,33 @@ class LandcoverDock(QgsDockWidget):
 
     def _imagery_changed(self, *_args) -> None:
         self.gsd_spin.setEnabled(self.imagery_combo.currentLayer() is None)
+
+    def label_source(self) -> str:
+        return self.label_source_combo.currentData()
+
+    def set_label_source(self, key: str) -> None:
+        self.label_source_combo.setCurrentIndex(self.label_source_combo.findData(key))
+
+    def _label_source_changed(self, *_args) -> None:
+        """Show only the rows the chosen label source needs."""
+        source = self.label_source()
+        rows = {self.preset_combo: source in ("overpass", "osm_file"), self.overpass_edit: source == "overpass",
+                self.date_edit: source == "overpass", self.osm_file: source == "osm_file",
+                self.labels_combo: source == "layer", self.class_field_combo: source == "layer",
+                self.model_file: source in ("layer", "model")}
+        for widget, shown in rows.items():
+            widget.setVisible(shown)
+            self._form.labelForField(widget).setVisible(shown)
+
+    def _fill_presets(self, *_args) -> None:
+        """The presets that fit the task; the task's namesake (first) is chosen."""
+        self.preset_combo.clear()
+        for preset in presets_for_task(self.task_key()):
+            self.preset_combo.addItem(preset.name, preset.name)
+            self.preset_combo.setItemData(self.preset_combo.count() - 1, preset.description, Qt.ToolTipRole)
+
+    def _remember_overpass(self) -> None:
+        QgsSettings().setValue(OVERPASS_SETTING, self.overpass_edit.text().strip() or OVERPASS_DEFAULT)
 
     def start_drawing(self) -> None:
         if self.canvas.mapTool() is not self.map_tool:
@@ -231,8 +309,11 @@ class LandcoverDock(QgsDockWidget):
         """The pipeline for the current inputs; raises SourceError for a layer the
         engine cannot read. Check spec.problems() before running it."""
         imagery = self.imagery()
-        labels_layer = self.labels_combo.currentLayer()
-        model = self.model_file.filePath().strip()
+        source = self.label_source()
+        labels_layer = self.labels_combo.currentLayer() if source == "layer" else None
+        model = self.model_file.filePath().strip() if source in ("layer", "model") else ""
+        osm_file = self.osm_file.filePath().strip() if source == "osm_file" else ""
+        overpass = (self.overpass_edit.text().strip() or OVERPASS_DEFAULT) if source == "overpass" else None
         aoi, aoi_crs = self.aoi()
         task = self.task_key()
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -244,6 +325,10 @@ class LandcoverDock(QgsDockWidget):
             labels=vector_layer_path(labels_layer) if labels_layer is not None else None,
             class_field=(self.class_field_combo.currentField() or None) if labels_layer is not None else None,
             model=Path(model) if model and labels_layer is None else None,
+            preset=self.preset_combo.currentData() if source in ("overpass", "osm_file") else None,
+            osm_file=Path(osm_file) if osm_file else None,
+            overpass=overpass,
+            date=(self.date_edit.text().strip() or None) if overpass else None,
             epochs=self.epochs_spin.value(),
             out=out_dir / f"{task}-{stamp}.gpkg",
             workdir=out_dir / f"{task}-work",
@@ -300,6 +385,8 @@ class LandcoverDock(QgsDockWidget):
         if problems:
             self.status_label.setText("\n".join(problems))
             return None
+        if spec.overpass:
+            self._remember_overpass()
         pipeline = write_pipeline(spec, spec.out.with_name(spec.out.stem + "-pipeline.yaml"))
         label = TASK_LABELS[spec.task].lower()
         imagery = self.imagery()
@@ -334,8 +421,11 @@ class LandcoverDock(QgsDockWidget):
         if not gpkg:
             self.status_label.setText("The engine finished but reported no GeoPackage.")
             return
-        layers = load_result_layers(gpkg, f"Landcover — {label} ({time.strftime('%H:%M')})")
-        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}")
+        attribution = event.get("summary", {}).get("attribution", "")  # labels from OSM
+        layers = load_result_layers(gpkg, f"Landcover — {label} ({time.strftime('%H:%M')})",
+                                    attribution=attribution)
+        credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
+        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{credit}")
 
     def _failed(self, failure: EngineFailed) -> None:
         self.task = None

@@ -9,8 +9,9 @@ from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, 
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
+from landcover_plugin.core.pipeline_spec import OVERPASS_DEFAULT
 from landcover_plugin.core.sources import ImagerySource
-from landcover_plugin.ui.dock import LandcoverDock
+from landcover_plugin.ui.dock import OVERPASS_SETTING, LandcoverDock
 
 XYZ_KEY = "qgis/connections-xyz/Test orthophoto"
 
@@ -85,7 +86,8 @@ def test_engine_present_hides_the_offer(dock):
 def test_every_input_has_help(dock):
     for widget in (dock.draw_button, dock.imagery_combo, dock.gsd_spin, dock.task_combo, dock.labels_combo,
                    dock.class_field_combo, dock.model_file, dock.epochs_spin, dock.out_dir, dock.run_button,
-                   dock.cancel_button, dock.create_env_button):
+                   dock.cancel_button, dock.create_env_button, dock.label_source_combo, dock.preset_combo,
+                   dock.overpass_edit, dock.date_edit, dock.osm_file):
         assert len(widget.toolTip()) > 20, widget.objectName()
 
 
@@ -104,6 +106,7 @@ def test_run_without_inputs_says_what_is_missing(dock, qgis_new_project, tmp_pat
     dock.out_dir.setFilePath(str(tmp_path))
     dock.imagery_combo.setAdditionalItems([])  # no XYZ connection either, whatever the user's settings hold
     assert dock.imagery_combo.currentLayer() is None and dock.imagery() is None
+    dock.set_label_source("layer")  # and no labels layer (OpenStreetMap, the default, needs none)
     assert dock.run() is None and dock.task is None
     status = dock.status_label.text()
     assert "draw a rectangle" in status and "imagery" in status and "labels" in status
@@ -227,3 +230,80 @@ def test_credentials_from_the_qgis_auth_database(qgis_iface):
     assert source.secret_headers == {"Authorization": "Basic ZmllbGQ6czNjcmV0"}  # field:s3cret
     assert "s3cret" not in source.source + repr(source) and "ZmllbGQ6czNjcmV0" not in repr(source)
     assert json.loads(source.engine_env()[HEADERS_ENV]) == source.secret_headers
+
+
+def _rows_shown(dock) -> set[str]:
+    widgets = (dock.preset_combo, dock.overpass_edit, dock.date_edit, dock.osm_file, dock.labels_combo,
+               dock.class_field_combo, dock.model_file)
+    return {w.objectName() for w in widgets if not w.isHidden()}
+
+
+def test_label_sources_become_the_pipelines_labels(dock, osbs_layers, tmp_path):
+    raster, labels = osbs_layers
+    _draw_over(dock, raster)
+    dock.imagery_combo.setLayer(raster)
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("landcover"))
+    # OpenStreetMap from Overpass is the default: it needs nothing but the area
+    assert dock.label_source() == "overpass"
+    assert [dock.preset_combo.itemData(i) for i in range(dock.preset_combo.count())] == [
+        "landcover", "buildings", "trees"]
+    assert _rows_shown(dock) == {"presetCombo", "overpassEdit", "dateEdit"}
+    assert dock.overpass_edit.text() == OVERPASS_DEFAULT
+    dock.date_edit.setText("2021-06-01")
+    spec = dock.build_spec(tmp_path)
+    assert spec.problems() == [] and spec.osm
+    assert spec.to_dict()["labels"] == {"preset": "landcover", "overpass": OVERPASS_DEFAULT, "date": "2021-06-01"}
+    assert "model" not in spec.to_dict()
+    dock.date_edit.setText("1 June")
+    assert any("YYYY-MM-DD" in p for p in dock.build_spec(tmp_path).problems())
+
+    # the trees task lists only the presets that fit it
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("trees"))
+    assert [dock.preset_combo.itemData(i) for i in range(dock.preset_combo.count())] == ["trees"]
+
+    # a local OSM file: the date is Overpass's only
+    osm = tmp_path / "area.osm.pbf"
+    osm.write_bytes(b"")
+    dock.set_label_source("osm_file")
+    assert _rows_shown(dock) == {"presetCombo", "osmFile"}
+    dock.osm_file.setFilePath(str(osm))
+    spec = dock.build_spec(tmp_path)
+    assert spec.problems() == [] and spec.to_dict()["labels"] == {"preset": "trees", "osm_file": str(osm)}
+    dock.osm_file.setFilePath(str(tmp_path / "missing.osm"))
+    assert any("does not exist" in p for p in dock.build_spec(tmp_path).problems())
+
+    # picking a labels layer switches to it; picking a model file, to predicting
+    dock.labels_combo.setLayer(labels)
+    assert dock.label_source() == "layer" and _rows_shown(dock) == {"labelsCombo", "classFieldCombo", "modelFile"}
+    data = dock.build_spec(tmp_path).to_dict()
+    assert set(data["labels"]) == {"path", "class_field"} and "model" not in data
+    dock.model_file.setFilePath(str(tmp_path / "model.onnx"))
+    assert dock.label_source() == "model" and _rows_shown(dock) == {"modelFile"}
+    data = dock.build_spec(tmp_path).to_dict()
+    assert "labels" not in data and data["model"] == str(tmp_path / "model.onnx")
+
+
+def test_overpass_endpoint_is_remembered(qgis_iface, engine_python):
+    docks = [LandcoverDock(qgis_iface, qgis_iface.mainWindow())]
+    try:
+        docks[0].overpass_edit.setText("http://127.0.0.1:9/api/interpreter")
+        docks[0].overpass_edit.editingFinished.emit()
+        docks.append(LandcoverDock(qgis_iface, qgis_iface.mainWindow()))
+        assert docks[1].overpass_edit.text() == "http://127.0.0.1:9/api/interpreter"
+    finally:
+        QgsSettings().remove(OVERPASS_SETTING)
+        for dock in docks:  # as the fixture does: no dock left for the other tests to find
+            dock.cleanup()
+            dock.deleteLater()
+
+
+def test_results_from_osm_labels_are_credited(dock, qgis_new_project, tmp_path):
+    from test_layers import _write
+
+    gpkg = tmp_path / "landcover.gpkg"
+    _write(gpkg, "Polygon?crs=EPSG:32617&field=class:string", "landcover", "POLYGON((0 0,10 0,10 10,0 0))")
+    credit = "© OpenStreetMap contributors"
+    dock._succeeded({"outputs": {"gpkg": str(gpkg)}, "summary": {"attribution": credit}}, "land cover")
+    assert credit in dock.status_label.text()
+    (layer,) = QgsProject.instance().layerTreeRoot().children()[0].findLayers()
+    assert layer.layer().metadata().rights() == [credit] and layer.layer().attribution() == credit

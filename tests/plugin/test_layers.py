@@ -48,3 +48,15 @@ def test_loads_all_layers_with_their_default_style(qgis_new_project, tmp_path):
     assert landcover.geometryType() == QgsWkbTypes.PolygonGeometry
     assert isinstance(landcover.renderer(), QgsCategorizedSymbolRenderer)  # the stored default style
     assert landcover.renderer().categories()[0].symbol().color().green() == 120
+
+
+def test_osm_attribution_travels_with_the_layers(qgis_new_project, tmp_path):
+    gpkg = tmp_path / "result.gpkg"
+    _write(gpkg, "Polygon?crs=EPSG:32617&field=class:string", "landcover", "POLYGON((0 0,10 0,10 10,0 0))")
+    _write(gpkg, "None?field=class:string&field=hectares:double", "class_stats", None)
+    credit = "© OpenStreetMap contributors"
+    layers = load_result_layers(gpkg, "Landcover — land cover", QgsProject.instance(), attribution=credit)
+    assert len(layers) == 2
+    for layer in layers:
+        assert layer.metadata().rights() == [credit] and layer.attribution() == credit
+    assert all(not layer.metadata().rights() for layer in load_result_layers(gpkg, "no credit"))

@@ -5,6 +5,8 @@ import pytest
 from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
                        QgsProject, QgsRasterLayer)
 
+from landcover_plugin.core.pipeline_spec import OSM_ATTRIBUTION, OVERPASS_DEFAULT
+
 ALG_ID = "landcover:mapfromimagery"
 
 
@@ -28,7 +30,10 @@ def test_registered_with_its_parameters_and_help(alg):
     assert alg.displayName() == "Map trees or land cover from imagery"
     names = {p.name() for p in alg.parameterDefinitions()}
     assert names == {"IMAGERY", "XYZ_URL", "EXTENT", "TASK", "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL",
-                     "EPOCHS", "GSD", "OUTPUT"}
+                     "EPOCHS", "GSD", "OUTPUT", "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE"}
+    assert alg.parameterDefinition("PRESET").options() == ["buildings", "landcover", "trees"]
+    assert alg.parameterDefinition("OVERPASS_URL").defaultValue() == OVERPASS_DEFAULT
+    assert "OpenStreetMap" in alg.shortHelpString() and "© OpenStreetMap contributors" in alg.shortHelpString()
     assert alg.parameterDefinition("EPOCHS").defaultValue() == 10
     assert {o.name() for o in alg.outputDefinitions()} >= {"OUTPUT", "LAYERS"}
     assert "DeepForest CSV" in alg.shortHelpString() and "make install" in alg.shortHelpString()
@@ -64,6 +69,29 @@ def test_parameters_become_the_pipeline(alg, osbs_tif, osbs_csv, tmp_path):
     assert spec.imagery == str(osbs_tif) and spec.labels == osbs_csv and spec.model is None
     assert spec.out == tmp_path / "out.gpkg" and spec.workdir == tmp_path / "out-work"
     assert spec.problems() == []
+
+
+def test_osm_parameters_become_the_pipeline(alg, osbs_tif, tmp_path):
+    context = _context()
+    base = {"IMAGERY": str(osbs_tif), "EXTENT": _extent(osbs_tif), "TASK": 1, "OUTPUT": str(tmp_path / "lc.gpkg")}
+    overpass = {**base, "LABEL_SOURCE": 1, "PRESET": "buildings", "DATE": "2021-06-01"}
+    ok, message = alg.checkParameterValues(overpass, context)
+    assert ok, message
+    instance = alg.create()
+    assert instance.prepare(overpass, context, QgsProcessingFeedback())
+    spec = instance.build_spec(overpass, context)
+    assert spec.problems() == [] and spec.labels is None and spec.model is None
+    assert spec.to_dict()["labels"] == {"preset": "buildings", "overpass": OVERPASS_DEFAULT, "date": "2021-06-01"}
+
+    ok, message = alg.checkParameterValues({**overpass, "TASK": 0}, context)
+    assert not ok and "does not fit the trees task" in message and "trees" in message
+    osm_file = {**base, "LABEL_SOURCE": 2, "PRESET": "landcover", "MODEL": str(tmp_path / "ignored.onnx")}
+    ok, message = alg.checkParameterValues(osm_file, context)
+    assert not ok and "OSM file" in message
+    osm = tmp_path / "area.osm"
+    osm.write_text("<osm/>")
+    spec = alg.create().build_spec({**osm_file, "OSM_FILE": str(osm), "DATE": "2021-06-01"}, context)
+    assert spec.to_dict()["labels"] == {"preset": "landcover", "osm_file": str(osm)} and spec.model is None
 
 
 def test_missing_engine_is_a_processing_error(alg, no_engine, osbs_tif, osbs_csv, tmp_path):
@@ -197,3 +225,69 @@ def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_pyth
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     for secret in secrets:
         assert secret not in " ".join(argv) + written + "\n".join(messages) + str(failed.value)
+
+
+def _osm_scene(folder):
+    """A 256 m square at 1 m/px (EPSG:32617): green noise under an OSM forest on the left,
+    blue noise under an OSM lake on the right (closed ways in a .osm file)."""
+    import numpy as np
+    from osgeo import gdal, osr
+
+    x0, y0, size = 500000.0, 4000256.0, 256
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 60, (3, size, size)).astype(np.uint8)
+    image[1, :, :128] += 120
+    image[2, :, 128:] += 150
+    tif = folder / "scene.tif"
+    ds = gdal.GetDriverByName("GTiff").Create(str(tif), size, size, 3, gdal.GDT_Byte)
+    ds.SetGeoTransform((x0, 1, 0, y0, 0, -1))
+    utm = osr.SpatialReference()
+    utm.ImportFromEPSG(32617)
+    ds.SetProjection(utm.ExportToWkt())
+    ds.WriteArray(image)
+    ds = None
+    wgs84 = osr.SpatialReference()
+    wgs84.ImportFromEPSG(4326)
+    wgs84.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    to_wgs84 = osr.CoordinateTransformation(utm, wgs84)
+    nodes, ways = [], []
+    for wid, ((c0, c1), tag) in enumerate((((4, 112), 'k="landuse" v="forest"'),
+                                          ((144, 252), 'k="natural" v="water"')), start=1):
+        refs = []
+        for x, y in ((x0 + c0, y0 - 252), (x0 + c1, y0 - 252), (x0 + c1, y0 - 4), (x0 + c0, y0 - 4)):
+            lon, lat, _ = to_wgs84.TransformPoint(x, y)
+            nodes.append(f'<node id="{len(nodes) + 1}" version="1" lat="{lat!r}" lon="{lon!r}"/>')
+            refs.append(len(nodes))
+        nds = "".join(f'<nd ref="{r}"/>' for r in refs + refs[:1])
+        ways.append(f'<way id="{wid}" version="1">{nds}<tag {tag}/></way>')
+    osm = folder / "scene.osm"
+    osm.write_text('<?xml version="1.0" encoding="UTF-8"?>\n<osm version="0.6">' + "".join(nodes + ways) + "</osm>")
+    return tif, osm
+
+
+@pytest.mark.slow
+def test_runs_with_osm_labels_and_credits_them(alg, qgis_new_project, engine_python, tmp_path):
+    import processing
+
+    class Feedback(QgsProcessingFeedback):
+        def __init__(self):
+            super().__init__()
+            self.infos = []
+
+        def pushInfo(self, info):  # noqa: N802
+            self.infos.append(info)
+
+    tif, osm = _osm_scene(tmp_path)
+    feedback, context = Feedback(), _context()
+    out = tmp_path / "landcover.gpkg"
+    params = {"IMAGERY": str(tif), "EXTENT": "500000,500256,4000000,4000256 [EPSG:32617]", "TASK": 1,
+              "LABEL_SOURCE": 2, "PRESET": "landcover", "OSM_FILE": str(osm), "EPOCHS": 1, "OUTPUT": str(out)}
+    results = processing.run(ALG_ID, params, context=context, feedback=feedback)
+    assert results["OUTPUT"] == str(out) and out.exists()
+    pipeline = (tmp_path / "landcover-work" / "pipeline.yaml").read_text()
+    assert '"osm_file"' in pipeline and '"preset": "landcover"' in pipeline
+    layers = [context.temporaryLayerStore().mapLayer(i) for i in context.layersToLoadOnCompletion()]
+    assert "landcover" in {layer.name() for layer in layers}
+    for layer in layers:  # the ODbL credit travels with every result layer
+        assert OSM_ATTRIBUTION in layer.metadata().rights() and layer.attribution() == OSM_ATTRIBUTION
+    assert any(OSM_ATTRIBUTION in info for info in feedback.infos)

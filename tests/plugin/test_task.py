@@ -82,6 +82,8 @@ def test_summary_text_shows_the_results():
                                                   "provider": "CPUExecutionProvider"}}
     assert summary_text(summary) == "crowns: 61, canopy_m2: 1,234.5 (model ran on CPU)"
     assert summary_text({"tiles": 3, "zoom": 18}) == "zoom: 18"
+    osm = {"predict": {"crowns": 2}, "attribution": "© OpenStreetMap contributors"}
+    assert summary_text(osm) == "crowns: 2. Labels: © OpenStreetMap contributors"
 
 
 def osbs_spec(osbs_tif, osbs_csv, tmp_path) -> PipelineSpec:

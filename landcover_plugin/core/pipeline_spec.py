@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TASKS = ("trees", "landcover")
+TASKS = ("trees", "landcover", "buildings", "classification")
 OVERPASS_DEFAULT = "https://overpass-api.de/api/interpreter"  # the public instance; users may run their own
 OSM_ATTRIBUTION = "© OpenStreetMap contributors"
 OSM_SUFFIXES = (".osm", ".osm.pbf", ".osm.bz2", ".pbf")
@@ -39,9 +39,10 @@ def read_presets(folder: Path = PRESETS_DIR) -> list[PresetInfo]:
 
 def presets_for_task(task: str, folder: Path = PRESETS_DIR) -> list[PresetInfo]:
     """Presets that fit a task: those made for it, and for trees the one named so
-    (its tree polygons serve as crowns); the task's namesake first."""
-    fit = [p for p in read_presets(folder) if p.task == task or p.name == task]
-    return sorted(fit, key=lambda p: (p.name != task, p.name))
+    (its tree polygons serve as crowns); the task's namesake first, then landcover."""
+    fit = [p for p in read_presets(folder)
+           if p.task == task or p.name == task or (task == "classification" and p.task == "landcover")]
+    return sorted(fit, key=lambda p: (p.name != task, p.name != "landcover", p.name))
 
 
 @dataclass
@@ -74,7 +75,7 @@ class PipelineSpec:
         """What is wrong with the spec, in words for the user (empty: fine)."""
         found = []
         if self.task not in TASKS:
-            found.append(f"Unknown task '{self.task}': choose trees or land cover.")
+            found.append(f"Unknown task '{self.task}': choose one of {', '.join(TASKS)}.")
         minx, miny, maxx, maxy = self.aoi
         if not (minx < maxx and miny < maxy):
             found.append("The area is empty: draw a rectangle on the map.")
@@ -83,7 +84,7 @@ class PipelineSpec:
         if self.labels is None and self.model is None and not self.osm:
             found.append("No labels and no model: choose a labels layer (to train) or a model file (to predict).")
         found += self._osm_problems()
-        if self.task == "landcover" and self.labels is not None and not self.class_field \
+        if self.task in ("landcover", "classification") and self.labels is not None and not self.class_field \
                 and self.labels.suffix.lower() != ".csv":
             found.append("Land cover needs the labels' class field: choose the attribute holding the class.")
         return found

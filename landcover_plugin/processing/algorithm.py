@@ -23,8 +23,9 @@ from ..core.locate import engine_location
 from ..core.pipeline_spec import OVERPASS_DEFAULT, TASKS, PipelineSpec, presets_for_task, read_presets, write_pipeline
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 
-HELP = """<p>Maps trees (one polygon per crown, one point per tree) or land cover (polygons with a
-<i>class</i> field and a table of hectares per class) from imagery, in the Landcover engine's own
+HELP = """<p>Maps trees (one polygon per crown, one point per tree), land cover (polygons with a
+<i>class</i> field and a table of hectares per class), buildings (footprints) or land cover per
+chip (one class per square chip, for very large areas) from imagery, in the Landcover engine's own
 environment (never in QGIS's Python).</p>
 <p><b>Imagery</b>: a raster layer (a local file, an XYZ or WMS layer), or an <b>XYZ tile URL</b> template such
 as <code>https://tiles.example.org/{z}/{x}/{y}.png</code> or the name of a saved XYZ connection, fetched for
@@ -33,11 +34,11 @@ connection's authentication configuration reach the engine through its environme
 <p><b>Area</b>: the extent to map (and to train on). Without a CRS it is taken to be in the imagery
 layer's CRS, or WGS84 for XYZ tiles.</p>
 <p><b>Training labels</b>: a vector layer (crowns for trees; polygons with a <b>class field</b> for
-land cover) or a DeepForest CSV of crown boxes (<b>labels file</b>). A model is trained on them for
+land cover, per chip too; building polygons for buildings) or a DeepForest CSV of crown boxes (<b>labels file</b>). A model is trained on them for
 <b>epochs</b> passes. Or give an existing <b>model</b> (.onnx) to predict without training.</p>
 <p><b>Labels from</b> OpenStreetMap instead: choose <i>OpenStreetMap (Overpass)</i> to query the OSM
 features of a <b>preset</b> (landcover, buildings, trees: editable files in the plugin's
-resources/presets/; trees fits the trees task, all fit land cover) for the area from the
+resources/presets/; trees fits the trees task, buildings the buildings task, all fit land cover) for the area from the
 <b>Overpass endpoint</b> (default the public one), optionally as OSM was on a <b>date</b>
 (YYYY-MM-DD, ideally the imagery's); or <i>OpenStreetMap file</i> to read them from a local
 <b>OSM file</b> (.osm, .osm.pbf, .osm.bz2). The result layers then carry the attribution
@@ -78,8 +79,8 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.XYZ_URL, "Or imagery from an XYZ tile URL template "
                                                        "(or a saved XYZ connection's name)", optional=True))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Area"))
-        self.addParameter(QgsProcessingParameterEnum(self.TASK, "Task", options=["Trees", "Land cover"],
-                                                     defaultValue=0))
+        self.addParameter(QgsProcessingParameterEnum(
+            self.TASK, "Task", options=["Trees", "Land cover", "Buildings", "Land cover per chip"], defaultValue=0))
         self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, "Training labels",
                                                             [QgsProcessing.TypeVectorAnyGeometry], optional=True))
         self.addParameter(QgsProcessingParameterFile(self.LABELS_FILE, "Or training labels file (DeepForest CSV)",

@@ -29,7 +29,8 @@ from ..core.sources import ImagerySource, SourceError, raster_layer_source, vect
 from ..core.task import EngineTask
 
 XYZ_PREFIX = "XYZ: "
-TASK_LABELS = {"trees": "Trees", "landcover": "Land cover"}
+TASK_LABELS = {"trees": "Trees", "landcover": "Land cover", "buildings": "Buildings",
+               "classification": "Land cover per chip"}
 LABEL_SOURCES = {"overpass": "OpenStreetMap (Overpass)",
                  "osm_file": "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)",
                  "layer": "Vector layer or file (with class field)",
@@ -117,7 +118,9 @@ class LandcoverDock(QgsDockWidget):
         for key, label in TASK_LABELS.items():
             self.task_combo.addItem(label, key)
         self.task_combo.setToolTip("Trees: one polygon per crown and one point per tree. "
-                                   "Land cover: polygons with a class, and hectares per class.")
+                                   "Land cover: polygons with a class, and hectares per class. "
+                                   "Buildings: building footprints. Land cover per chip: one class per "
+                                   "square chip, for very large areas at coarse resolution.")
         form.addRow("Task", self.task_combo)
 
         self.label_source_combo = QComboBox(objectName="labelSourceCombo")

@@ -46,3 +46,15 @@ def test_plugin_reads_the_presets_as_the_engine_does():
         assert (info.name, info.description, info.task) == (preset.name, preset.description, preset.task)
     assert [p.name for p in presets_for_task("trees")] == ["trees"]
     assert [p.name for p in presets_for_task("landcover")][0] == "landcover"
+    assert [p.name for p in presets_for_task("buildings")] == ["buildings"]
+    assert [p.name for p in presets_for_task("classification")][0] == "landcover"
+
+
+@pytest.mark.parametrize("task", ["buildings", "classification"])
+def test_every_engine_task_can_be_asked_for_from_the_plugin(tmp_path, task):
+    """The plugin offers each task the engine trains; the engine reads it back."""
+    spec = _spec(tmp_path, preset="buildings" if task == "buildings" else "landcover",
+                 overpass=OVERPASS_DEFAULT)
+    spec.task = task
+    assert spec.problems() == []
+    assert load_pipeline(write_pipeline(spec, tmp_path / "pipeline.yaml")).task == task

@@ -58,6 +58,7 @@ class TrainParams:
     patience: int = PATIENCE
     width: int = 16  # U-Net filters at full resolution
     depth: int = 3  # U-Net poolings
+    augment: dict | None = None  # overrides of augment.AugmentParams, e.g. {"band_jitter": 0.2}
 
 
 def params_from_config(path: Path | None, **overrides) -> TrainParams:
@@ -249,14 +250,15 @@ def val_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: dict | None = None):
     """The training pipeline: shuffle, augment in parallel (see augment.py), batch, prefetch."""
     import tensorflow as tf
 
-    from .augment import augment_fn
+    from .augment import AugmentParams, augment_fn
 
     return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-            .map(augment_fn(x.shape[-1], x.shape[1]), num_parallel_calls=tf.data.AUTOTUNE)
+            .map(augment_fn(x.shape[-1], x.shape[1], AugmentParams(**(augment or {}))),
+                 num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
@@ -529,7 +531,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
 
     steps = math.ceil(len(x_train) / batch_size)
     val_data = _plain(x_val, y_val, batch_size)
-    train_data = augmented(x_train, y_train, batch_size, params.seed)
+    train_data = augmented(x_train, y_train, batch_size, params.seed, params.augment)
     if state.epoch < params.epochs and not state.stopped_early:
         _fit_keeping_checkpoint(
             model, ckpt, reporter, state, train_data, validation_data=val_data, initial_epoch=state.epoch,

@@ -1,7 +1,7 @@
 """Training-time augmentation on tensors (tf.data map functions).
 
 Geometry (flips, 90-degree turns, small scale jitter) is applied alike to
-image and mask; brightness/contrast (and optional per-band colour jitter) to the image only. Masks are resized with
+image and mask; brightness/contrast to the image only. Masks are resized with
 nearest neighbour so class values and the ignore value stay exact.
 """
 from __future__ import annotations
@@ -16,7 +16,6 @@ class AugmentParams:
     brightness: float = 0.1  # +- in standardised units
     contrast: float = 0.1  # factor 1 +- this
     scale_jitter: float = 0.1  # zoom 1 +- this
-    band_jitter: float = 0.0  # per band: gain 1 +- this and offset +- this (colour casts between images)
 
 
 def augment_fn(bands: int, tile: int, params: AugmentParams = AugmentParams()):
@@ -45,9 +44,6 @@ def augment_fn(bands: int, tile: int, params: AugmentParams = AugmentParams()):
             x = x * tf.random.uniform([], 1 - params.contrast, 1 + params.contrast)
         if params.brightness > 0:
             x = x + tf.random.uniform([], -params.brightness, params.brightness)
-        if params.band_jitter > 0:
-            j = params.band_jitter
-            x = x * tf.random.uniform([bands], 1 - j, 1 + j) + tf.random.uniform([bands], -j, j)
         return tf.ensure_shape(x, [tile, tile, bands]), y
 
     return augment

@@ -58,7 +58,6 @@ class TrainParams:
     patience: int = PATIENCE
     width: int = 16  # U-Net filters at full resolution
     depth: int = 3  # U-Net poolings
-    augment: dict | None = None  # overrides of augment.AugmentParams, e.g. {"band_jitter": 0.2}
 
 
 def params_from_config(path: Path | None, **overrides) -> TrainParams:
@@ -250,15 +249,14 @@ def val_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return metrics
 
 
-def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: dict | None = None):
+def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
     """The training pipeline: shuffle, augment in parallel (see augment.py), batch, prefetch."""
     import tensorflow as tf
 
-    from .augment import AugmentParams, augment_fn
+    from .augment import augment_fn
 
     return (tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=seed)
-            .map(augment_fn(x.shape[-1], x.shape[1], AugmentParams(**(augment or {}))),
-                 num_parallel_calls=tf.data.AUTOTUNE)
+            .map(augment_fn(x.shape[-1], x.shape[1]), num_parallel_calls=tf.data.AUTOTUNE)
             .batch(batch_size).prefetch(tf.data.AUTOTUNE))
 
 
@@ -531,7 +529,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
 
     steps = math.ceil(len(x_train) / batch_size)
     val_data = _plain(x_val, y_val, batch_size)
-    train_data = augmented(x_train, y_train, batch_size, params.seed, params.augment)
+    train_data = augmented(x_train, y_train, batch_size, params.seed)
     if state.epoch < params.epochs and not state.stopped_early:
         _fit_keeping_checkpoint(
             model, ckpt, reporter, state, train_data, validation_data=val_data, initial_epoch=state.epoch,

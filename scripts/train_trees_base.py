@@ -115,19 +115,23 @@ def merge(datasets: list[Path], out: Path) -> Path:
 
 
 def predict_image(model_dir: Path, tif: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Crown probability + heatmap (2, h, w) over a whole image with the ONNX model, as predict runs it."""
-    import rasterio
-    from rasterio.windows import Window
+    """Crown probability + heatmap (C, h, w) over a whole image with the ONNX model,
+    as `landcover predict` runs it (same tiles, same uint8 prediction raster)."""
+    import tempfile
 
-    from landcover_plugin.engine.model_package import read_info
-    from landcover_plugin.engine.predict import open_session, predict_window
+    import rasterio
+
+    from landcover_plugin.engine.predict import PROB_SCALE, aoi_window, open_session, predict_to_raster
+    from landcover_plugin.engine.vectorize import NODATA
 
     info = read_info(model_dir)
     session, _ = open_session(model_dir / "model.onnx", quiet())
-    with rasterio.open(tif) as src:
-        values, valid, _ = predict_window(session, src, info, Window(0, 0, src.width, src.height),
-                                          np.ones((src.height, src.width), bool), quiet())
-    return values, valid
+    with rasterio.open(tif) as src, tempfile.TemporaryDirectory() as tmp:
+        window, aoi = aoi_window(src, None)
+        predict_to_raster(session, src, info, window, aoi, Path(tmp) / "pred.tif", quiet())
+        with rasterio.open(Path(tmp) / "pred.tif") as ds:
+            data = ds.read()
+    return data / PROB_SCALE, data[0] != NODATA
 
 
 def score(prediction: tuple[np.ndarray, np.ndarray], boxes: list, post: dict) -> CrownScore:

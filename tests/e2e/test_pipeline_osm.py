@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import fiona
@@ -15,12 +14,12 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from rasterio.warp import transform as warp
 
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.pipeline import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from osm_xml import osm_file  # noqa: E402
 from overpass_server import serve_overpass  # noqa: E402
 
 CRS = "EPSG:32617"
@@ -31,25 +30,12 @@ ATTRIBUTION = "© OpenStreetMap contributors"
 
 def scene_osm(path: Path) -> Path:
     """A forest over the left part of the image and a lake over the right part (closed ways)."""
-    areas = [((2, 2, 56, 126), {"landuse": "forest"}), ((72, 2, 126, 126), {"natural": "water"})]
-    root, nid = ET.Element("osm", {"version": "0.6"}), 0
-    ways = []
-    for wid, ((c0, r0, c1, r1), tags) in enumerate(areas, start=1):
+    def ring(c0: int, r0: int, c1: int, r1: int) -> list[tuple[float, float]]:
         xs, ys = [X0 + c0, X0 + c1, X0 + c1, X0 + c0], [Y0 - r1, Y0 - r1, Y0 - r0, Y0 - r0]
-        refs = []
-        for lon, lat in zip(*warp(CRS, "EPSG:4326", xs, ys)):
-            nid += 1
-            ET.SubElement(root, "node", {"id": str(nid), "version": "1", "lat": repr(lat), "lon": repr(lon)})
-            refs.append(nid)
-        ways.append((wid, refs + refs[:1], tags))
-    for wid, refs, tags in ways:
-        way = ET.SubElement(root, "way", {"id": str(wid), "version": "1"})
-        for r in refs:
-            ET.SubElement(way, "nd", {"ref": str(r)})
-        for k, v in tags.items():
-            ET.SubElement(way, "tag", {"k": k, "v": v})
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
-    return path
+        return list(zip(xs, ys)) + [(xs[0], ys[0])]
+
+    return osm_file(path, [(ring(2, 2, 56, 126), {"landuse": "forest"}),
+                           (ring(72, 2, 126, 126), {"natural": "water"})], CRS)
 
 
 def scene_image(path: Path) -> Path:

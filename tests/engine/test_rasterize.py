@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import xml.etree.ElementTree as ET
+import sys
 from pathlib import Path
 
 import fiona
@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import rasterio
 from rasterio.transform import from_origin
-from rasterio.warp import transform as warp
 from shapely.geometry import box, mapping
 
 from landcover_plugin.engine.dataset import IGNORE, DatasetParams, build_dataset
@@ -21,34 +20,12 @@ from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.labels import LabelsParams, build_labels, read_labels
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from osm_xml import osm_file  # noqa: E402
+
 CRS = "EPSG:32617"  # the labels' UTM zone too (x0 is its central meridian): no reprojection
 X0, Y0 = 500000.0, 4000064.0  # top-left corner; 1 m pixels, 64 rows x 128 columns
 LC = ["barren", "cultivated", "developed", "forested", "herbaceous", "shrub", "water"]
-
-
-def osm_file(path: Path, ways: list[tuple[list[tuple[float, float]], dict[str, str]]]) -> Path:
-    """An .osm file with these ways (UTM coordinates -> lon/lat nodes)."""
-    root = ET.Element("osm", {"version": "0.6"})
-    nid, way_elems = 0, []
-    for wid, (coords, tags) in enumerate(ways, start=1):
-        lons, lats = warp(CRS, "EPSG:4326", [c[0] for c in coords], [c[1] for c in coords])
-        refs = []
-        for lon, lat in zip(lons, lats):
-            if refs and len(refs) == len(coords) - 1 and coords[0] == coords[-1]:
-                refs.append(refs[0])  # closed ring: the first node again
-                break
-            nid += 1
-            ET.SubElement(root, "node", {"id": str(nid), "version": "1", "lat": repr(lat), "lon": repr(lon)})
-            refs.append(nid)
-        way_elems.append((wid, refs, tags))
-    for wid, refs, tags in way_elems:
-        way = ET.SubElement(root, "way", {"id": str(wid), "version": "1"})
-        for r in refs:
-            ET.SubElement(way, "nd", {"ref": str(r)})
-        for k, v in tags.items():
-            ET.SubElement(way, "tag", {"k": k, "v": v})
-    ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)
-    return path
 
 
 def ring(col0: int, row0: int, col1: int, row1: int) -> list[tuple[float, float]]:
@@ -60,7 +37,7 @@ def ring(col0: int, row0: int, col1: int, row1: int) -> list[tuple[float, float]
 @pytest.fixture(scope="module")
 def scene(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("raster")
-    osm = osm_file(tmp / "scene.osm", [
+    osm = osm_file(tmp / "scene.osm", crs=CRS, ways=[
         (ring(0, 0, 32, 32), {"landuse": "forest"}),
         (ring(16, 16, 24, 24), {"building": "yes"}),  # on the forest and the road: wins both
         # A residential road (5 m wide) along y = Y0 - 23.5: rows 21..25, columns 5..59 (flat ends).

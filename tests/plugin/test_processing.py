@@ -20,6 +20,23 @@ def _extent(path) -> str:
     return f"{e.xMinimum()},{e.xMaximum()},{e.yMinimum()},{e.yMaximum()} [EPSG:32617]"
 
 
+class RecordingFeedback(QgsProcessingFeedback):
+    """Keeps every message the algorithm reports (info, debug, errors) in `infos`."""
+
+    def __init__(self):
+        super().__init__()
+        self.infos: list[str] = []
+
+    def pushInfo(self, info):  # noqa: N802
+        self.infos.append(info)
+
+    def pushDebugInfo(self, info):  # noqa: N802
+        self.infos.append(info)
+
+    def reportError(self, error, fatalError=False):  # noqa: N802, N803
+        self.infos.append(error)
+
+
 def _context() -> QgsProcessingContext:
     context = QgsProcessingContext()
     context.setProject(QgsProject.instance())
@@ -119,15 +136,7 @@ def test_runs_and_returns_styled_layers(alg, qgis_new_project, engine_python, os
                                         assert_styled):
     import processing
 
-    class Feedback(QgsProcessingFeedback):
-        def __init__(self):
-            super().__init__()
-            self.infos = []
-
-        def pushInfo(self, info):  # noqa: N802
-            self.infos.append(info)
-
-    feedback, context = Feedback(), _context()
+    feedback, context = RecordingFeedback(), _context()
     progress = []
     feedback.progressChanged.connect(progress.append)
     out = tmp_path / "trees.gpkg"
@@ -195,25 +204,14 @@ def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_pyth
         return popen(args, **kw)
 
     monkeypatch.setattr(engine_runner.subprocess, "Popen", recording_popen)
-    messages: list[str] = []
-
-    class Feedback(QgsProcessingFeedback):
-        def pushInfo(self, info):  # noqa: N802
-            messages.append(info)
-
-        def pushDebugInfo(self, info):  # noqa: N802
-            messages.append(info)
-
-        def reportError(self, error, fatalError=False):  # noqa: N802, N803
-            messages.append(error)
-
+    feedback = RecordingFeedback()
     out = tmp_path / "out.gpkg"
     params = {"XYZ_URL": "Agency tiles", "EXTENT": "-82.0005,-82.0,29.7,29.7005 [EPSG:4326]", "TASK": 0,
               "LABELS_FILE": str(tmp_path / "labels.csv"), "GSD": 0.5, "OUTPUT": str(out)}
     (tmp_path / "labels.csv").write_text("image_path,xmin,ymin,xmax,ymax,label\n")
     try:
         with pytest.raises(QgsProcessingException) as failed:  # no tiles: the run stops after the requests
-            processing.run(ALG_ID, params, context=_context(), feedback=Feedback())
+            processing.run(ALG_ID, params, context=_context(), feedback=feedback)
     finally:
         server.shutdown()
         server.server_close()
@@ -224,7 +222,7 @@ def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_pyth
     assert json.loads(env[HEADERS_ENV]) == {"Authorization": "Basic ZmllbGQ6czNjcmV0"}
     written = "".join(p.read_text(errors="replace") for p in tmp_path.rglob("*") if p.is_file())
     for secret in secrets:
-        assert secret not in " ".join(argv) + written + "\n".join(messages) + str(failed.value)
+        assert secret not in " ".join(argv) + written + "\n".join(feedback.infos) + str(failed.value)
 
 
 def _osm_scene(folder):
@@ -269,16 +267,8 @@ def _osm_scene(folder):
 def test_runs_with_osm_labels_and_credits_them(alg, qgis_new_project, engine_python, tmp_path):
     import processing
 
-    class Feedback(QgsProcessingFeedback):
-        def __init__(self):
-            super().__init__()
-            self.infos = []
-
-        def pushInfo(self, info):  # noqa: N802
-            self.infos.append(info)
-
     tif, osm = _osm_scene(tmp_path)
-    feedback, context = Feedback(), _context()
+    feedback, context = RecordingFeedback(), _context()
     out = tmp_path / "landcover.gpkg"
     params = {"IMAGERY": str(tif), "EXTENT": "500000,500256,4000000,4000256 [EPSG:32617]", "TASK": 1,
               "LABEL_SOURCE": 2, "PRESET": "landcover", "OSM_FILE": str(osm), "EPOCHS": 1, "OUTPUT": str(out)}

@@ -8,7 +8,6 @@ share one parser and one multipolygon assembly.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .atomic import atomic_output
 from .errors import EngineError
 from .http_client import retry_after
 from .presets import ANY, Preset
+from .tile_cache import user_cache_dir
 
 ATTRIBUTION = "© OpenStreetMap contributors"
 OSM_SUFFIXES = (".osm", ".osm.bz2", ".osm.pbf", ".pbf", ".osm.gz")
@@ -111,7 +111,7 @@ class OverpassParams:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "landcover" / "overpass"
+    return user_cache_dir("overpass")
 
 
 def overpass_date(date: str) -> str:

@@ -231,9 +231,9 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
             labels = Path(res.outputs["labels"])
             summary["labels"] = res.summary
             outputs["labels"] = str(labels)
-        from .labels import read_info
+        from .labels import read_info as labels_info
 
-        attribution = read_info(labels).get("attribution", "") if labels else ""
+        attribution = labels_info(labels).get("attribution", "") if labels else ""
         begin("dataset")
         dp = DatasetParams(imagery=imagery, labels=labels, task=p.task, out=p.workdir / "dataset",
                            class_field=p.class_field, chip_size=p.chip_size, preset=p.preset)

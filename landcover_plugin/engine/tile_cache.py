@@ -22,9 +22,14 @@ from .tiles import Tile
 DEFAULT_MAX_AGE_DAYS = 30.0
 
 
+def user_cache_dir(kind: str) -> Path:
+    """The engine's cache folder for `kind` (tiles, overpass) in the user's cache folder:
+    ($XDG_CACHE_HOME or ~/.cache)/landcover/KIND."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "landcover" / kind
+
+
 def default_cache_dir() -> Path:
-    """The user's cache folder ($XDG_CACHE_HOME or ~/.cache)/landcover/tiles."""
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "landcover" / "tiles"
+    return user_cache_dir("tiles")
 
 
 def tile_key(tile: Tile) -> str:

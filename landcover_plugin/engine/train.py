@@ -666,8 +666,8 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     metrics = {"val_loss": val_loss, **val_metrics(task, y_val, predict_eagerly(model, x_val, batch_size))}
     info = ModelInfo(task=task, class_names=class_names, class_colors=manifest["class_colors"],
                      band_count=bands, resolution_m=manifest["resolution_m"], tile_size=tile,
-                     tile_overlap=0 if task == "classification" else tile // 8, **norm, dataset=Path(params.dataset).resolve().name, metrics=metrics,
-                     dataset_hash=manifest_hash)
+                     tile_overlap=0 if task == "classification" else tile // 8, **norm,
+                     dataset=Path(params.dataset).resolve().name, metrics=metrics, dataset_hash=manifest_hash)
     summary = {"epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, "device": device,
                "parameters": model.count_params(), "batch_size": batch_size, "learning_rate": rate}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.__dict__.items()} | {"batch_size": batch_size}

@@ -40,6 +40,21 @@ def no_engine(monkeypatch, tmp_path) -> Path:
 
 
 @pytest.fixture
+def basic_authcfg(qgis_iface) -> str:
+    """The id of a Basic authentication configuration (field / s3cret) in QGIS's database."""
+    from qgis.core import QgsApplication, QgsAuthMethodConfig
+
+    manager = QgsApplication.authManager()
+    manager.setMasterPassword("test-master", True)
+    config = QgsAuthMethodConfig("Basic")
+    config.setName("agency")
+    config.setConfig("username", "field")
+    config.setConfig("password", "s3cret")
+    assert manager.storeAuthenticationConfig(config)
+    return config.id()
+
+
+@pytest.fixture
 def plugin(qgis_iface):
     """The plugin as QGIS loads it: classFactory + initGui; unloaded afterwards."""
     import landcover_plugin

@@ -211,21 +211,12 @@ def test_wms_layer_becomes_an_engine_wms_source(qgis_iface):
     assert query["FORMAT"] == ["image/jpeg"]
 
 
-def test_credentials_from_the_qgis_auth_database(qgis_iface):
+def test_credentials_from_the_qgis_auth_database(basic_authcfg):
     """A layer's authcfg becomes an Authorization header for the engine's environment, kept out of
     the source (which goes into the pipeline file) and out of repr (logs)."""
-    from qgis.core import QgsApplication, QgsAuthMethodConfig
-
     from landcover_plugin.core.sources import HEADERS_ENV, raster_layer_source
 
-    manager = QgsApplication.authManager()
-    manager.setMasterPassword("test-master", True)
-    config = QgsAuthMethodConfig("Basic")
-    config.setName("agency")
-    config.setConfig("username", "field")
-    config.setConfig("password", "s3cret")
-    assert manager.storeAuthenticationConfig(config)
-    uri = f"authcfg={config.id()}&crs=EPSG:4326&format=image/png&layers=ortho&styles=&url=http://127.0.0.1:9/wms"
+    uri = f"authcfg={basic_authcfg}&crs=EPSG:4326&format=image/png&layers=ortho&styles=&url=http://127.0.0.1:9/wms"
     source = raster_layer_source(QgsRasterLayer(uri, "agency WMS", "wms"))
     assert source.secret_headers == {"Authorization": "Basic ZmllbGQ6czNjcmV0"}  # field:s3cret
     assert "s3cret" not in source.source + repr(source) and "ZmllbGQ6czNjcmV0" not in repr(source)

@@ -156,7 +156,8 @@ def test_runs_and_returns_styled_layers(alg, qgis_new_project, engine_python, os
     assert any("crowns" in info for info in feedback.infos)
 
 
-def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_python, tmp_path, monkeypatch):
+def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_python, basic_authcfg, tmp_path,
+                                                               monkeypatch):
     """A saved XYZ connection with an authcfg: its Basic credentials reach the engine (the tile
     server sees them) through the environment, and appear in no argv, pipeline file or log."""
     import json
@@ -165,7 +166,7 @@ def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_pyth
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     import processing
-    from qgis.core import QgsAuthMethodConfig, QgsSettings
+    from qgis.core import QgsSettings
 
     from landcover_plugin.core import engine_runner
     from landcover_plugin.core.sources import HEADERS_ENV
@@ -184,17 +185,10 @@ def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_pyth
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), NoTiles)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    manager = QgsApplication.authManager()
-    manager.setMasterPassword("test-master", True)
-    config = QgsAuthMethodConfig("Basic")
-    config.setName("tiles")
-    config.setConfig("username", "field")
-    config.setConfig("password", "s3cret")
-    assert manager.storeAuthenticationConfig(config)
     key = "qgis/connections-xyz/Agency tiles"
     settings = QgsSettings()
     settings.setValue(f"{key}/url", f"http://127.0.0.1:{server.server_address[1]}/{{z}}/{{x}}/{{y}}.png")
-    settings.setValue(f"{key}/authcfg", config.id())
+    settings.setValue(f"{key}/authcfg", basic_authcfg)
 
     started: list[tuple[list, dict]] = []
     popen = subprocess.Popen

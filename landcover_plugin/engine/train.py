@@ -449,7 +449,7 @@ def export_onnx(model, path: Path, tile: int, bands: int) -> None:
         raise AssertionError(f"unexpected ONNX outputs {[o.name for o in proto.graph.output]}")
     import onnx
 
-    onnx.save(channel_softmax_as_ops(proto), str(path))
+    onnx.save(concat_conv_as_sum(channel_softmax_as_ops(proto)), str(path))
 
 
 def channel_softmax_as_ops(proto):
@@ -473,6 +473,67 @@ def channel_softmax_as_ops(proto):
                   helper.make_node("Div", [p + "/exp", p + "/sum"], [y])]
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
+    return proto
+
+
+def concat_conv_as_sum(proto):
+    """Conv(Concat([a, b], channels)) written as Conv(a, W_a) + Conv(b, W_b), W split by
+    input channels: the same output (a convolution sums over its input channels, and
+    zero padding pads each part alike). The U-Net's decoder concatenates each upsampled
+    map with its skip; onnxruntime's blocked (NCHWc) layout has no Concat there, so it
+    converted both maps back and forth (reorders and Concat: 17% of the time, 5% after);
+    the Add folds into the second Conv."""
+    from onnx import helper, numpy_helper, shape_inference
+
+    shapes = shape_inference.infer_shapes(proto).graph
+    channels = {v.name: v.type.tensor_type.shape.dim[1].dim_value for v in list(shapes.value_info) + list(shapes.input)
+                if len(v.type.tensor_type.shape.dim) == 4}
+    weights = {t.name: t for t in proto.graph.initializer}
+    users: dict[str, list] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    graph_outputs = {o.name for o in proto.graph.output}
+
+    def split(concat) -> bool:  # a channel Concat whose only user is a plain Conv with known weights
+        if concat.op_type != "Concat" or concat.output[0] in graph_outputs or len(concat.input) < 2:
+            return False
+        axis = next((a.i for a in concat.attribute if a.name == "axis"), None)
+        convs = users.get(concat.output[0], [])
+        return (axis == 1 and len(convs) == 1 and convs[0].op_type == "Conv" and convs[0].input[1] in weights
+                and all(a.i == 1 for a in convs[0].attribute if a.name == "group")
+                and all(channels.get(name) for name in concat.input))
+
+    concats = {n.output[0]: n for n in proto.graph.node if split(n)}
+    nodes = []
+    for node in proto.graph.node:
+        if node.output[0] in concats:
+            continue
+        if node.op_type != "Conv" or node.input[0] not in concats:
+            nodes.append(node)
+            continue
+        parts = concats[node.input[0]].input
+        w = numpy_helper.to_array(weights[node.input[1]])
+        bounds = np.cumsum([0] + [channels[p] for p in parts])
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        total = None
+        for k, part in enumerate(parts):
+            name = f"{node.output[0]}/part{k}"
+            proto.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w[:, bounds[k]:bounds[k + 1]]),
+                                                                   name + "/w"))
+            bias = [node.input[2]] if k == 0 and len(node.input) > 2 else []
+            nodes.append(helper.make_node("Conv", [part, name + "/w", *bias], [name], **attrs))
+            if total is not None:
+                out = node.output[0] if k == len(parts) - 1 else name + "/sum"
+                nodes.append(helper.make_node("Add", [total, name], [out]))
+                name = out
+            total = name
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in proto.graph.initializer if t.name in used]  # the whole kernels are split now
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
     return proto
 
 

@@ -403,3 +403,30 @@ def test_channel_softmax_written_as_ops_gives_the_same_output():
     onnx.checker.check_model(rewritten)
     assert "Softmax" not in {n.op_type for n in rewritten.graph.node}
     assert np.allclose(run(rewritten), want, atol=1e-6)
+
+
+def test_concat_then_conv_written_as_a_sum_gives_the_same_output():
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from landcover_plugin.engine.train import concat_conv_as_sum
+
+    rng = np.random.default_rng(0)
+    w, b = rng.normal(0, 1, (5, 7, 3, 3)).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]),
+         helper.make_node("Concat", ["r", "s"], ["c"], axis=1),
+         helper.make_node("Conv", ["c", "w", "b"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+         helper.make_node("Concat", ["y", "s"], ["z"], axis=1)],  # a graph output: stays
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 3, 8, 8]),
+              helper.make_tensor_value_info("s", TensorProto.FLOAT, [None, 4, 8, 8])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [None, 9, 8, 8])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feed = {"x": rng.normal(0, 1, (2, 3, 8, 8)).astype(np.float32), "s": rng.normal(0, 1, (2, 4, 8, 8)).astype(np.float32)}
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    want = run(model)
+    rewritten = concat_conv_as_sum(model)
+    onnx.checker.check_model(rewritten)
+    assert [n.op_type for n in rewritten.graph.node] == ["Relu", "Conv", "Conv", "Add", "Concat"]
+    assert np.allclose(run(rewritten), want, atol=1e-5)

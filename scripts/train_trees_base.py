@@ -2,7 +2,7 @@
 
     PYTHONPATH=. .venv/bin/python scripts/train_trees_base.py [--epochs 40] [--out resources/models/trees-base]
         [--encoder mobilenetv2 --encoder-weights data/imagenet/mobilenet_v2-b0353104.pth]
-        [--chip 128] [--learning-rate 1e-3] [--freeze-epochs 5] [--only-loo]
+        [--chip 128] [--learning-rate 1e-3] [--freeze-epochs 5 | --freeze-encoder] [--only-loo]
 
 Development images only (DESIGN.md): OSBS_029 (GeoTIFF + DeepForest CSV), the
 Yellowstone 541000_4977000 crop and SOAP_061 (PNG + Pascal VOC, not
@@ -170,7 +170,7 @@ def fit(args, dataset: Path, out: Path, reporter: Reporter) -> None:
         train(TrainParams(out=out, epochs=args.epochs, base=warm, **common), reporter)
     else:
         train(TrainParams(out=out, epochs=args.epochs, encoder=args.encoder, encoder_weights=args.encoder_weights,
-                          **common), reporter)
+                          freeze_encoder=args.freeze_encoder, **common), reporter)
 
 
 def quiet() -> Reporter:
@@ -193,6 +193,7 @@ def main() -> None:
     parser.add_argument("--freeze-epochs", type=int, default=0,
                         help="first train this many epochs with the pretrained encoder frozen, then "
                         "--epochs more with everything trainable (from that model)")
+    parser.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder frozen throughout")
     parser.add_argument("--tag", default="", help="suffix of the fold models' folders and loo.json")
     args = parser.parse_args()
     prepared = {name: prepare(name) for name in IMAGES}

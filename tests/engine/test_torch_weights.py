@@ -56,31 +56,30 @@ def test_mapping_covers_every_keras_layer(state):
 
 
 def test_train_with_the_imagenet_encoder(pth, state, tmp_path, capsys):
-    """`landcover train --encoder mobilenetv2 --encoder-weights ...pth`: the encoder starts from
-    the ImageNet weights (Conv1 is torch's kernel transposed, torch's BN epsilon) and trains."""
+    """`landcover train --encoder mobilenetv2 --encoder-weights ...pth --freeze-encoder`: the
+    encoder holds the ImageNet weights (Conv1 is torch's kernel transposed, BN statistics
+    and torch's BN epsilon, kept in the saved model) and the decoder trains."""
     import keras
     from rasterio.windows import Window
 
     from landcover_plugin.engine.cli import main
     from landcover_plugin.engine.dataset import DatasetParams, build_dataset
-    from landcover_plugin.engine.unet import mobilenet_encoder
 
     from conftest import crop_raster
     from test_tasks import quiet
-
-    encoder = mobilenet_encoder(CHIP, 3, pth)
-    assert np.array_equal(encoder.get_layer("Conv1").get_weights()[0], state["features.0.0.weight"].transpose(2, 3, 1, 0))
-    bn = encoder.get_layer("block_5_depthwise_BN")
-    assert bn.epsilon == 1e-5 and np.array_equal(bn.get_weights()[3], state["features.6.conv.1.1.running_var"])
 
     imagery = crop_raster(_need(DATA / "deepforest" / "OSBS_029.tif"), Window(0, 0, 96, 96), tmp_path / "crop.tif")
     build_dataset(DatasetParams(imagery=imagery, labels=_need(DATA / "deepforest" / "OSBS_029.csv"), task="trees",
                                 out=tmp_path / "ds", chip_size=CHIP), quiet())
     code = main(["--json", "train", "--dataset", str(tmp_path / "ds"), "--out", str(tmp_path / "m"), "--epochs", "1",
-                 "--encoder", "mobilenetv2", "--encoder-weights", str(pth)])
+                 "--encoder", "mobilenetv2", "--encoder-weights", str(pth), "--freeze-encoder"])
     assert code == 0, capsys.readouterr().out[-2000:]
-    trained = keras.saving.load_model(tmp_path / "m" / "model.keras", compile=False).get_layer("encoder")
-    assert trained.get_layer("bn_Conv1").epsilon == 1e-5  # kept in the saved model
+    encoder = keras.saving.load_model(tmp_path / "m" / "model.keras", compile=False).get_layer("encoder")
+    assert np.array_equal(encoder.get_layer("Conv1").get_weights()[0], state["features.0.0.weight"].transpose(2, 3, 1, 0))
+    assert np.array_equal(encoder.get_layer("block_5_depthwise").get_weights()[0],
+                          state["features.6.conv.1.0.weight"].transpose(2, 3, 0, 1))
+    bn = encoder.get_layer("block_5_depthwise_BN")
+    assert bn.epsilon == 1e-5 and np.array_equal(bn.get_weights()[3], state["features.6.conv.1.1.running_var"])
     assert "mobilenetv2 encoder from " + PTH in (tmp_path / "m" / "MODEL_CARD.md").read_text()
 
 

@@ -1,6 +1,8 @@
 """Reproduce the shipped `trees-base` model and its leave-one-image-out scores.
 
     PYTHONPATH=. .venv/bin/python scripts/train_trees_base.py [--epochs 40] [--out resources/models/trees-base]
+        [--encoder mobilenetv2 --encoder-weights data/imagenet/mobilenet_v2-b0353104.pth]
+        [--chip 128] [--learning-rate 1e-3] [--freeze-epochs 5 | --freeze-encoder] [--only-loo]
 
 Development images only (DESIGN.md): OSBS_029 (GeoTIFF + DeepForest CSV), the
 Yellowstone 541000_4977000 crop and SOAP_061 (PNG + Pascal VOC, not
@@ -40,7 +42,6 @@ IMAGES = {"OSBS_029": ("OSBS_029.tif", "OSBS_029.csv"),
           "YELL_541000_4977000": ("2019_YELL_2_541000_4977000_image_crop.png",
                                   "2019_YELL_2_541000_4977000_image_crop.xml"),
           "SOAP_061": ("SOAP_061.png", "SOAP_061.xml")}
-CHIP = 128
 RESOLUTION = 0.1
 POST_GRID = {"threshold": [0.3, 0.5, 0.7], "seed_distance_m": [0.5, 1.0, 2.0], "min_crown_m2": [0.5, 2.0, 4.0]}
 
@@ -157,6 +158,21 @@ def tune(predictions: list, boxes: list[list]) -> dict:
     return best[1]
 
 
+def fit(args, dataset: Path, out: Path, reporter: Reporter) -> None:
+    """Train one model; with --freeze-epochs, first the decoder alone over the frozen
+    pretrained encoder (so random decoder gradients do not wreck the ImageNet
+    features), then everything, fine-tuning from that model."""
+    common = dict(dataset=dataset, batch_size=8, seed=0, learning_rate=args.learning_rate)
+    if args.freeze_epochs:
+        warm = out.with_name(out.name + "_frozen")
+        train(TrainParams(out=warm, epochs=args.freeze_epochs, encoder=args.encoder,
+                          encoder_weights=args.encoder_weights, freeze_encoder=True, **common), reporter)
+        train(TrainParams(out=out, epochs=args.epochs, base=warm, **common), reporter)
+    else:
+        train(TrainParams(out=out, epochs=args.epochs, encoder=args.encoder, encoder_weights=args.encoder_weights,
+                          freeze_encoder=args.freeze_encoder, **common), reporter)
+
+
 def quiet() -> Reporter:
     return Reporter(json_mode=True, out=io.StringIO())
 
@@ -168,6 +184,17 @@ def main() -> None:
     parser.add_argument("--skip-loo", action="store_true", help="only train the shipped model")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse fold models already in data/trees-base/models (re-scoring only)")
+    parser.add_argument("--only-loo", action="store_true", help="only the leave-one-image-out evaluation")
+    parser.add_argument("--held", nargs="+", choices=list(IMAGES), help="only these folds")
+    parser.add_argument("--chip", type=int, default=128, help="chip size in px")
+    parser.add_argument("--encoder", default="unet", choices=("unet", "mobilenetv2"))
+    parser.add_argument("--encoder-weights", type=Path, help="e.g. data/imagenet/mobilenet_v2-b0353104.pth")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--freeze-epochs", type=int, default=0,
+                        help="first train this many epochs with the pretrained encoder frozen, then "
+                        "--epochs more with everything trainable (from that model)")
+    parser.add_argument("--freeze-encoder", action="store_true", help="keep the pretrained encoder frozen throughout")
+    parser.add_argument("--tag", default="", help="suffix of the fold models' folders and loo.json")
     args = parser.parse_args()
     prepared = {name: prepare(name) for name in IMAGES}
     single = {}
@@ -175,15 +202,15 @@ def main() -> None:
         single[name] = WORK / "datasets" / name
         if single[name].exists():
             shutil.rmtree(single[name])
-        build_dataset(DatasetParams(imagery=tif, labels=labels, task="trees", out=single[name], chip_size=CHIP),
+        build_dataset(DatasetParams(imagery=tif, labels=labels, task="trees", out=single[name], chip_size=args.chip),
                       quiet())
     reporter = Reporter()
     results, total = {}, CrownScore()
-    for held in ([] if args.skip_loo else IMAGES):
+    for held in ([] if args.skip_loo else args.held or IMAGES):
         ds = merge([single[n] for n in IMAGES if n != held], WORK / "datasets" / f"without_{held}")
-        model = WORK / "models" / f"without_{held}"
+        model = WORK / "models" / f"without_{held}{args.tag}"
         if not (args.reuse and (model / "model.onnx").is_file()):
-            train(TrainParams(dataset=ds, out=model, epochs=args.epochs, batch_size=8, seed=0), reporter)
+            fit(args, ds, model, reporter)
         others = [n for n in IMAGES if n != held]
         post = tune([predict_image(model, prepared[n][0]) for n in others], [prepared[n][2] for n in others])
         s = score(predict_image(model, prepared[held][0]), prepared[held][2], post)
@@ -194,10 +221,12 @@ def main() -> None:
     if results:
         results["all (pooled)"] = total.as_dict("")
         print(f"leave-one-image-out pooled: P {total.precision:.3f} R {total.recall:.3f} F1 {total.f1:.3f}")
-        (WORK / "loo.json").write_text(json.dumps(results, indent=1))
+        (WORK / f"loo{args.tag}.json").write_text(json.dumps(results, indent=1))
+    if args.only_loo:
+        return
     ds = merge(list(single.values()), WORK / "datasets" / "all")
     if not (args.reuse and (args.out / "model.onnx").is_file()):
-        train(TrainParams(dataset=ds, out=args.out, epochs=args.epochs, batch_size=8, seed=0), reporter)
+        fit(args, ds, args.out, reporter)
     # The shipped model carries the post-processing tuned on all three images.
     post = tune([predict_image(args.out, p[0]) for p in prepared.values()], [p[2] for p in prepared.values()])
     info = read_info(args.out)
@@ -206,8 +235,8 @@ def main() -> None:
     write_metadata(args.out / "model.onnx", info)
     config_file = args.out / "train_config.json"  # paths relative to the repository: it ships
     config = json.loads(config_file.read_text())
-    for key in ("dataset", "out"):
-        if Path(config[key]).is_relative_to(ROOT):
+    for key in ("dataset", "out", "base", "encoder_weights"):
+        if config.get(key) not in (None, "None") and Path(config[key]).is_relative_to(ROOT):
             config[key] = str(Path(config[key]).relative_to(ROOT))
     config_file.write_text(json.dumps(config, indent=1))
     print(f"shipped post-processing: {post}")

@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the network's encoder: the compact U-Net's own (default) or Keras's MobileNetV2")
     p.add_argument("--encoder-weights", type=Path, metavar="PATH",
                    help="local ImageNet weights for --encoder mobilenetv2 (Keras's "
-                   "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5); nothing is downloaded")
+                   "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5, or torchvision's "
+                   "data/imagenet/mobilenet_v2-b0353104.pth); nothing is downloaded")
     p.add_argument("--resume", action="store_true", default=None,
                    help="go on from the checkpoint an interrupted run left beside --out")
     p.add_argument("--seed", type=int, help="default 0")

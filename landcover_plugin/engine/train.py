@@ -381,7 +381,17 @@ def load_base(base: Path, manifest: dict, task: str):
                           f"Base model ({info.task}, classes {info.class_names}, tile {info.tile_size}) does not fit "
                           f"the dataset ({task}, classes {manifest['class_names']}, chip {manifest['chip_size']}).",
                           "Fine-tune on a dataset with the same classes and chip size, or train from scratch.")
-    return keras.saving.load_model(path, compile=False), info
+    model = keras.saving.load_model(path, compile=False)
+    unfreeze(model)  # a base trained with a frozen encoder saves it frozen: --freeze-encoder decides here
+    return model, info
+
+
+def unfreeze(layer) -> None:
+    """Every layer trainable, nested models' too (Keras 3's Model.trainable = True
+    does not reach into a loaded nested model)."""
+    layer.trainable = True
+    for sub in getattr(layer, "layers", []):
+        unfreeze(sub)
 
 
 def freeze_encoder(model) -> int:

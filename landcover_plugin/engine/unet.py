@@ -16,6 +16,10 @@ ENCODERS = ("unet", "mobilenetv2")
 MOBILENET_SKIPS = ("block_1_expand_relu", "block_3_expand_relu", "block_6_expand_relu", "block_13_expand_relu")
 MOBILENET_WEIGHTS = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 MOBILENET_URL = "https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+# torchvision's ImageNet weights, fetched at setup into data/imagenet/ (resources/sample-data.json).
+TORCHVISION_WEIGHTS = "mobilenet_v2-b0353104.pth"
+TORCH_SUFFIXES = (".pth", ".pt")
+TORCH_BN_EPSILON = 1e-5  # torch's BatchNorm2d default; Keras's is 1e-3
 
 
 def build_unet(tile_size: int, band_count: int, task: str, n_classes: int = 1,
@@ -131,7 +135,8 @@ def mobilenet_encoder(tile: int, bands: int, weights: Path | None):
         raise EngineError("ENCODER_WEIGHTS_NOT_FOUND", f"No encoder weights file at {weights}.",
                           f"Nothing is downloaded while training: on a machine with internet, download "
                           f"{MOBILENET_WEIGHTS} from {MOBILENET_URL}, copy it here and give its path with "
-                          "--encoder-weights; or leave out --encoder-weights to start from random weights.")
+                          f"--encoder-weights (or torchvision's data/imagenet/{TORCHVISION_WEIGHTS}, fetched "
+                          "by scripts/install.sh); or leave out --encoder-weights to start from random weights.")
     alpha = _alpha(weights)
     net = keras.applications.MobileNetV2(input_shape=(tile, tile, bands), include_top=False, weights=None,
                                          alpha=alpha)
@@ -147,6 +152,15 @@ def _alpha(weights: Path | None) -> float:
     return float(match.group(1)) if match else 1.0
 
 
+def _load_torchvision_weights(net, path: Path) -> None:
+    """torchvision's ImageNet MobileNetV2 (.pth, read without torch) into a Keras
+    MobileNetV2 (alpha 1.0, no top); see torch_weights.py for the mapping."""
+    from .torch_weights import mobilenet_v2_keras_weights, read_legacy_pth
+
+    for name, values in mobilenet_v2_keras_weights(read_legacy_pth(path)).items():
+        net.get_layer(name).set_weights(values)  # ValueError on a shape mismatch
+
+
 def _load_encoder_weights(net, path: Path, tile: int, bands: int, alpha: float) -> None:
     import keras
     import numpy as np
@@ -154,11 +168,19 @@ def _load_encoder_weights(net, path: Path, tile: int, bands: int, alpha: float) 
     rgb = net if bands == 3 else keras.applications.MobileNetV2(
         input_shape=(tile, tile, 3), include_top=False, weights=None, alpha=alpha)
     try:
-        rgb.load_weights(str(path))
-    except (OSError, ValueError, KeyError) as exc:
+        if path.suffix in TORCH_SUFFIXES:
+            _load_torchvision_weights(rgb, path)
+        else:
+            rgb.load_weights(str(path))
+    except (OSError, ValueError, KeyError) as exc:  # TorchFileError is a ValueError
         raise EngineError("ENCODER_WEIGHTS_BAD", f"{path.name} is not a MobileNetV2 (alpha {alpha:g}, no top) "
                           f"weights file: {exc}",
-                          f"Give Keras's {MOBILENET_WEIGHTS} (or another alpha's *_no_top.h5).") from None
+                          f"Give Keras's {MOBILENET_WEIGHTS} (or another alpha's *_no_top.h5), or "
+                          f"torchvision's {TORCHVISION_WEIGHTS} (data/imagenet/ after setup).") from None
+    if path.suffix in TORCH_SUFFIXES:  # torch's BN epsilon, also on the multi-band copy
+        for layer in net.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.epsilon = TORCH_BN_EPSILON
     if rgb is net:
         return
     for src, dst in zip(rgb.layers, net.layers):

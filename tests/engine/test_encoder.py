@@ -65,6 +65,11 @@ def test_pretrained_encoder_six_bands_frozen(classification_dataset, encoder_wei
     assert "mobilenetv2 encoder from" in (model / "MODEL_CARD.md").read_text()
     x = np.random.default_rng(0).normal(0, 1, (2, 6, CHIP, CHIP)).astype(np.float32)
     assert onnx_matches_keras(model, x).shape == (2, len(read_info(model).class_names))
+    # Fine-tuning that model without --freeze-encoder trains its encoder too (it was saved frozen).
+    train(TrainParams(dataset=classification_dataset, out=tmp_path / "tuned", epochs=1, batch_size=8, base=model),
+          quiet())
+    tuned = keras.saving.load_model(tmp_path / "tuned" / "model.keras", compile=False).get_layer("encoder")
+    assert not np.array_equal(tuned.get_layer("Conv1").get_weights()[0], kernel)
 
 
 def test_mobilenet_unet_random_init_exports(tmp_path, encoder_weights):

@@ -6,6 +6,11 @@ All geometries stay in the imagery's CRS; areas are in m². A geographic CRS
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
+import os
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +91,7 @@ def _polygonal(geom: BaseGeometry) -> MultiPolygon:
 NODATA = 255  # class raster value of pixels outside the AOI or without imagery
 BLOCK_SIZE = 2048  # pixels per side of a vectorization block: memory stays flat with the area
 SIEVE_MARGIN = 8  # context read around a block so that sieving sees whole specks
+MAX_WORKERS = 4  # vectorization processes at most (one block each)
 SIMPLIFY_PX = 0.75  # Douglas-Peucker tolerance of the polygons' shared edges: removes the pixel staircase
 
 
@@ -93,6 +99,78 @@ def blocks(height: int, width: int, size: int) -> list[tuple[int, int, int, int]
     """(row0, col0, row1, col1) of the blocks covering a raster, row by row."""
     return [(r, c, min(r + size, height), min(c + size, width))
             for r in range(0, height, size) for c in range(0, width, size)]
+
+
+@dataclass
+class BlockJob:
+    """One vectorization block: `raw` its classes read with SIEVE_MARGIN around it
+    (top-left pixel at `ext_origin`), `block` its (row0, col0, row1, col1)."""
+
+    raw: np.ndarray
+    block: tuple[int, int, int, int]
+    ext_origin: tuple[int, int]
+    shape_hw: tuple[int, int]
+    transform: Affine
+    crs: CRS
+    n_classes: int
+    min_pixels: int
+
+
+def block_polygons(job: BlockJob) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A block's simplified polygons (pixel coordinates), their class values, whether each
+    touches an inner block border (it waits for its other parts), and m² per class."""
+    (r0, c0, r1, c1), (e0, f0), (height, width) = job.block, job.ext_origin, job.shape_hw
+    valid_ext = job.raw != NODATA
+    whole = valid_ext.all()  # no mask then: the same result, and sieve and shapes run 20% faster
+    # Sieve rather than drop: small specks join their largest neighbour, so the
+    # polygons still tile the area and match the statistics.
+    sieved = sieve(job.raw, job.min_pixels, mask=None if whole else valid_ext, connectivity=4)  # NODATA stays
+    core = np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0]
+    classes, valid = sieved[core], valid_ext[core]
+    traced = list(shapes(classes, mask=None if whole else valid, transform=Affine.translation(c0, r0),
+                         connectivity=4))
+    pixels = PixelPolygons.from_geojson([g for g, _ in traced])
+    values = np.fromiter((v for _, v in traced), np.int64, len(traced))
+    px_areas = pixels.areas()
+    rows = row_pixel_areas(job.transform * Affine.translation(0, r0), job.crs, r1 - r0, width)
+    if (rows == rows[0]).all():  # projected: the traced polygons' areas count the pixels (exact integers)
+        m2 = np.bincount(values, px_areas, minlength=256)[:job.n_classes] * rows[0]
+    else:
+        m2 = np.bincount(classes[valid], np.broadcast_to(rows[:, None], classes.shape)[valid],
+                         minlength=job.n_classes)[:job.n_classes]
+    geoms = simplify_coverage(pixels, classes, (c0, r0), SIMPLIFY_PX)
+    x0, y0, x1, y1 = shapely.bounds(geoms).T if len(geoms) else np.zeros((4, 0))
+    # pieces touching an inner block border (left, top, right, bottom) wait for their other parts
+    border = ((c0 > 0) & (x0 <= c0)) | ((r0 > 0) & (y0 <= r0)) | ((c1 < width) & (x1 >= c1)) | \
+        ((r1 < height) & (y1 >= r1))
+    kept = border | (px_areas >= job.min_pixels * 0.999)  # isolated specks (no neighbour to join) go
+    return geoms[kept], values[kept], border[kept], m2
+
+
+@contextmanager
+def block_runner(n_blocks: int):
+    """map(fn, jobs) in order: in forked worker processes when there are several blocks
+    and cores (rasterio's sieve and shapes hold the GIL, so threads would not help),
+    else here. At most two blocks wait per worker, so memory stays flat with the area."""
+    workers = min(os.cpu_count() or 1, MAX_WORKERS, n_blocks)
+    if workers < 2 or "fork" not in mp.get_all_start_methods():
+        yield map
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+
+    def ordered(fn, jobs):
+        queue: deque = deque()
+        for job in jobs:
+            queue.append(pool.submit(fn, job))
+            if len(queue) > 2 * workers:
+                yield queue.popleft().result()
+        while queue:
+            yield queue.popleft().result()
+
+    try:
+        yield ordered
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def landcover_layers(classes: np.ndarray, valid: np.ndarray, transform: Affine, crs: CRS,
@@ -119,42 +197,23 @@ def landcover_blocks(read, shape_hw: tuple[int, int], transform: Affine, crs: CR
     pending: dict[int, list[BaseGeometry]] = {}  # pieces touching an inner block border, by class
     m2 = np.zeros(len(class_names))
     plan = blocks(height, width, block_size)
-    for n, (r0, c0, r1, c1) in enumerate(plan, start=1):
-        e0, f0 = max(r0 - SIEVE_MARGIN, 0), max(c0 - SIEVE_MARGIN, 0)
-        raw = read(e0, f0, min(r1 + SIEVE_MARGIN, height), min(c1 + SIEVE_MARGIN, width))
-        valid_ext = raw != NODATA
-        whole = valid_ext.all()  # no mask then: the same result, and sieve and shapes run 20% faster
-        # Sieve rather than drop: small specks join their largest neighbour, so the
-        # polygons still tile the area and match the statistics.
-        sieved = sieve(raw, min_pixels, mask=None if whole else valid_ext, connectivity=4)  # NODATA stays
-        core = np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0]
-        classes, valid = sieved[core], valid_ext[core]
-        traced = list(shapes(classes, mask=None if whole else valid, transform=Affine.translation(c0, r0),
-                             connectivity=4))
-        pixels = PixelPolygons.from_geojson([g for g, _ in traced])
-        values = np.fromiter((v for _, v in traced), np.int64, len(traced))
-        px_areas = pixels.areas()
-        rows = row_pixel_areas(transform * Affine.translation(0, r0), crs, r1 - r0, width)
-        if (rows == rows[0]).all():  # projected: the traced polygons' areas count the pixels (exact integers)
-            m2 += np.bincount(values, px_areas, minlength=256)[:len(class_names)] * rows[0]
-        else:
-            m2 += np.bincount(classes[valid], np.broadcast_to(rows[:, None], classes.shape)[valid],
-                              minlength=len(class_names))[:len(class_names)]
-        geoms = simplify_coverage(pixels, classes, (c0, r0), SIMPLIFY_PX)
-        x0, y0, x1, y1 = shapely.bounds(geoms).T if len(geoms) else np.zeros((4, 0))
-        # pieces touching an inner block border (left, top, right, bottom) wait for their other parts
-        border = ((c0 > 0) & (x0 <= c0)) | ((r0 > 0) & (y0 <= r0)) | ((c1 < width) & (x1 >= c1)) | \
-            ((r1 < height) & (y1 >= r1))
-        kept = border | (px_areas >= min_pixels * 0.999)  # isolated specks (no neighbour to join) go
-        for geom, v, b, k in zip(geoms, values, border, kept):
-            if not k:
-                continue
-            if b:
-                pending.setdefault(int(v), []).append(geom)
-            else:
-                done.append((geom, int(v)))
-        if on_block:
-            on_block(n, len(plan))
+
+    def jobs():
+        for r0, c0, r1, c1 in plan:
+            e0, f0 = max(r0 - SIEVE_MARGIN, 0), max(c0 - SIEVE_MARGIN, 0)
+            raw = read(e0, f0, min(r1 + SIEVE_MARGIN, height), min(c1 + SIEVE_MARGIN, width))
+            yield BlockJob(raw, (r0, c0, r1, c1), (e0, f0), shape_hw, transform, crs, len(class_names), min_pixels)
+
+    with block_runner(len(plan)) as run:
+        for n, (geoms, values, border, block_m2) in enumerate(run(block_polygons, jobs()), start=1):
+            m2 += block_m2
+            for geom, v, b in zip(geoms, values, border):
+                if b:
+                    pending.setdefault(int(v), []).append(geom)
+                else:
+                    done.append((geom, int(v)))
+            if on_block:
+                on_block(n, len(plan))
     for v, pieces in pending.items():
         merged = shapely.union_all(pieces)
         done.extend((g, v) for g in getattr(merged, "geoms", [merged]))

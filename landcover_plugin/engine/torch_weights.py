@@ -118,10 +118,10 @@ def read_legacy_pth(path: Path) -> dict[str, np.ndarray]:
             if numel != storage.numel or len(raw) != nbytes:
                 raise TorchFileError(f"storage {key} is truncated or of the wrong size")
             storage.data = np.frombuffer(raw, dtype=np.dtype(storage.dtype).newbyteorder("<"))
+    except TorchFileError:
+        raise
     except (pickle.UnpicklingError, EOFError, struct.error, KeyError, AttributeError, TypeError,
             IndexError, ValueError) as exc:
-        if isinstance(exc, TorchFileError):
-            raise
         raise TorchFileError(f"not a legacy torch file: {type(exc).__name__}: {exc}") from None
     if not isinstance(state, dict) or not all(isinstance(t, _Tensor) for t in state.values()):
         raise TorchFileError("the file holds no state dict of tensors")

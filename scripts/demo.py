@@ -31,6 +31,12 @@ DATA = ROOT / "data"
 LANDCOVER = ROOT / ".venv" / "bin" / "landcover"
 
 
+def spec_path(path: Path) -> str:
+    """A path as the pipeline file gives it: relative to the file's folder (WORK), so the
+    written example names no folder of this machine and works wherever the repository is."""
+    return os.path.relpath(path, WORK)
+
+
 def run_pipeline(spec: dict, name: str) -> None:
     path = WORK / f"{name}.yaml"
     path.write_text(json.dumps(spec, indent=2))  # JSON is YAML
@@ -47,10 +53,10 @@ def trees_job(tile_url: str) -> None:
         "task": "trees",
         "aoi": ",".join(f"{v:.7f}" for v in aoi),
         "imagery": {"source": tile_url, "gsd": 0.1},
-        "labels": {"path": str(DATA / "deepforest" / "OSBS_029.csv")},
+        "labels": {"path": spec_path(DATA / "deepforest" / "OSBS_029.csv")},
         "train": {"epochs": 100, "chip_size": 128, "batch_size": 4},  # early stopping ends it
-        "workdir": str(WORK / "trees"),
-        "out": str(OUT / "trees.gpkg"),
+        "workdir": spec_path(WORK / "trees"),
+        "out": spec_path(OUT / "trees.gpkg"),
     }, "trees")
 
 
@@ -59,11 +65,11 @@ def landcover_job() -> None:
     stack = stack_bands(bands, WORK / "lsat7_2000.tif")
     run_pipeline({
         "task": "landcover",
-        "imagery": {"source": str(stack)},
-        "labels": {"path": str(DATA / "nc_landsat" / "landsat96_polygons.shp"), "class_field": "label"},
+        "imagery": {"source": spec_path(stack)},
+        "labels": {"path": spec_path(DATA / "nc_landsat" / "landsat96_polygons.shp"), "class_field": "label"},
         "train": {"epochs": 150, "chip_size": 32, "batch_size": 8},  # early stopping ends it
-        "workdir": str(WORK / "landcover"),
-        "out": str(OUT / "landcover.gpkg"),
+        "workdir": spec_path(WORK / "landcover"),
+        "out": spec_path(OUT / "landcover.gpkg"),
     }, "landcover")
 
 

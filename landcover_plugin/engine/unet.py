@@ -167,8 +167,9 @@ def _load_encoder_weights(net, path: Path, tile: int, bands: int, alpha: float) 
 
     rgb = net if bands == 3 else keras.applications.MobileNetV2(
         input_shape=(tile, tile, 3), include_top=False, weights=None, alpha=alpha)
+    from_torch = path.suffix in TORCH_SUFFIXES
     try:
-        if path.suffix in TORCH_SUFFIXES:
+        if from_torch:
             _load_torchvision_weights(rgb, path)
         else:
             rgb.load_weights(str(path))
@@ -177,7 +178,7 @@ def _load_encoder_weights(net, path: Path, tile: int, bands: int, alpha: float) 
                           f"weights file: {exc}",
                           f"Give Keras's {MOBILENET_WEIGHTS} (or another alpha's *_no_top.h5), or "
                           f"torchvision's {TORCHVISION_WEIGHTS} (data/imagenet/ after setup).") from None
-    if path.suffix in TORCH_SUFFIXES:  # torch's BN epsilon, also on the multi-band copy
+    if from_torch:  # torch's BN epsilon, also on the multi-band copy
         for layer in net.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.epsilon = TORCH_BN_EPSILON

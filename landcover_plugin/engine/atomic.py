@@ -1,7 +1,11 @@
-"""Outputs are written whole or not at all.
+"""Outputs are written whole or not at all, and never over what landcover did not write.
 
 Each stage writes to a temporary name beside the final one and renames it when
 complete, so a cancelled or failed run never leaves a half-written output.
+An existing output is replaced only when landcover made it: a folder that holds
+our marker file, or a file of the same kind (GeoTIFF over GeoTIFF, GeoPackage
+over GeoPackage). A user's folder or document given as `--out`, or the stage's
+own input, is refused before any work starts.
 """
 from __future__ import annotations
 
@@ -9,7 +13,22 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from .errors import EngineError
+
+# Written into every output folder; its presence is what allows replacing the folder.
+MARKER = ".landcover-output"
+
+# The first bytes of each kind of file a stage writes, by suffix.
+_SIGNATURES = {
+    ".tif": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+    ".tiff": (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"),
+    ".gpkg": (b"SQLite format 3\x00",),
+    ".mbtiles": (b"SQLite format 3\x00",),
+    ".osm": (b"<?xml", b"<osm"),
+    ".onnx": (b"\x08",),  # protobuf field 1 (ir_version), a varint
+}
 
 
 def _remove(path: Path) -> None:
@@ -25,25 +44,72 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
 
 
-@contextmanager
-def atomic_output(final: Path | str, directory: bool = False) -> Iterator[Path]:
-    """Yield a temporary path to write; rename it to `final` on success,
-    delete it on any exception (including cancellation)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(final)
-    _remove(tmp)
+def _made_by_us(path: Path, directory: bool) -> bool:
     if directory:
-        tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        _remove(tmp)
-        raise
-    if final.is_dir() and not final.is_symlink():
+        return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()
+    if not path.is_file():
+        return False
+    signatures = _SIGNATURES.get(path.suffix.lower())
+    if signatures is None:
+        return path.stat().st_size == 0
+    with open(path, "rb") as f:
+        head = f.read(16)
+    return head.startswith(signatures)
+
+
+def check_out_path(final: Path | str, directory: bool = False, inputs: Iterable[Path | str | None] = ()) -> None:
+    """Refuse an output path that would destroy something: the stage's own input (or a
+    folder holding it), an existing folder or file landcover did not write."""
+    final = Path(final)
+    target = final.resolve()
+    for given in inputs:
+        if given is None or "://" in str(given):
+            continue
+        source = Path(given).resolve()
+        if source == target or target in source.parents:
+            raise EngineError("OUT_IS_INPUT", f"The output {final} would overwrite the input {given}.",
+                              "Give --out a new name, beside the input rather than on it.")
+    if (final.exists() or final.is_symlink()) and not _made_by_us(final, directory):
+        what = ("a folder landcover did not write" if final.is_dir() else
+                "a file of another kind" if final.is_file() else "not a regular file")
+        expected = "a folder" if directory else f"a {final.suffix or 'file'}"
+        raise EngineError("OUT_EXISTS", f"{final} exists and is {what}; it was left untouched "
+                          f"(landcover writes {expected} there and replaces only what it made).",
+                          "Give --out a new name, or move that one away yourself.")
+
+
+def mark_output_dir(folder: Path) -> None:
+    """Mark a folder as landcover's, so a later run may replace it."""
+    (folder / MARKER).write_text("written by landcover; a rerun may replace this folder\n")
+
+
+def replace_with(tmp: Path, final: Path, directory: bool) -> None:
+    """Put the complete `tmp` at `final`, replacing only an output landcover made."""
+    check_out_path(final, directory)
+    if directory and final.is_dir():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")
         final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
+
+
+@contextmanager
+def atomic_output(final: Path | str, directory: bool = False) -> Iterator[Path]:
+    """Yield a temporary path to write; rename it to `final` on success,
+    delete it on any exception (including cancellation)."""
+    final = Path(final)
+    check_out_path(final, directory)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(final)
+    _remove(tmp)
+    if directory:
+        tmp.mkdir()
+        mark_output_dir(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        _remove(tmp)
+        raise
+    replace_with(tmp, final, directory)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import check_out_path, mark_output_dir, replace_with
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .labels import Labels, read_labels
@@ -163,6 +164,7 @@ def resolution_m(src) -> float:
 
 
 def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
+    check_out_path(params.out, directory=True, inputs=[params.imagery, params.labels, params.source])
     if params.source is not None:
         from .catalog import build_snapshot
 
@@ -310,16 +312,9 @@ def _remove_dir(path: Path) -> None:
 
 
 def _replace_dir(work: Path, out: Path) -> None:
-    import os
-
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        work.rename(out)
-        _remove_dir(old)
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work.rename(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mark_output_dir(work)
+    replace_with(work, out, directory=True)
 
 
 def _resume(work: Path) -> list[dict]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, check_out_path
 from .crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
 from .errors import EngineError
 from .events import Reporter, StageResult
@@ -75,6 +75,7 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
 
     from .train import load_manifest, read_chip
 
+    check_out_path(params.out, directory=True, inputs=[params.model, params.dataset])
     info = read_info(params.model)
     manifest = load_manifest(params.dataset)
     if manifest["task"] != info.task or manifest["band_count"] != info.band_count:

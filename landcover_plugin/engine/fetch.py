@@ -43,7 +43,7 @@ from rasterio.windows import Window
 
 from . import http_client, mosaic, wms
 from .aoi import AOI, utm_crs
-from .atomic import partial_path
+from .atomic import check_out_path, partial_path, replace_with
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .http_client import host_of
@@ -96,6 +96,9 @@ class FetchParams:
 
 def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     """Write imagery covering `params.aoi` from `params.source` to `params.out`."""
+    check_out_path(params.out, inputs=[params.source])
+    if params.mbtiles is not None:
+        check_out_path(params.mbtiles, inputs=[params.source, params.out])
     if params.gsd is not None and not params.gsd > 0:
         raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
                           "Give --gsd in metres per pixel, e.g. --gsd 0.1")
@@ -568,7 +571,7 @@ def reuse_mosaic(made: MosaicCache, key: str, tile_keys: list[str], out: Path) -
     try:
         info = made.get(key, tile_keys, tmp)
         if info is not None:
-            tmp.replace(out)
+            replace_with(tmp, out, directory=False)
         return info
     finally:
         tmp.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from .aoi import AOI, utm_crs
+from .atomic import atomic_output, check_out_path
 from .errors import EngineError
 from .events import Reporter, StageResult
 
@@ -358,6 +359,7 @@ def build_labels(params: LabelsParams, reporter: Reporter) -> StageResult:
     from .osm import ATTRIBUTION, OverpassParams, fetch_overpass, read_osm_file
     from .presets import load_preset
 
+    check_out_path(params.out, inputs=[params.osm_file])
     preset = load_preset(params.preset)
     if (params.osm_file is None) == (params.overpass is None):
         raise EngineError("NO_LABEL_SOURCE", "Give exactly one OSM source.",
@@ -456,7 +458,6 @@ def _label_polygons(features: list, aoi: BaseGeometry | None) -> tuple[list, lis
 def _write_labels(out: Path, geoms: list, features: list, crs: str, preset, info: dict[str, str]) -> None:
     import fiona
 
-    from .atomic import atomic_output
     from .styles import landcover_qml, write_styles
 
     schema = {"geometry": "MultiPolygon",

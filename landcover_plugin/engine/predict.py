@@ -26,7 +26,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from .aoi import AOI
-from .atomic import atomic_output
+from .atomic import atomic_output, check_out_path
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .imagery import open_raster
@@ -435,6 +435,7 @@ def steady_malloc() -> None:
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
+    check_out_path(params.out, inputs=[params.model, params.imagery])
     steady_malloc()
     info = read_info(params.model)
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)

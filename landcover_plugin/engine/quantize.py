@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, check_out_path
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .imagery import open_raster
@@ -88,6 +88,7 @@ def quantize(params: QuantizeParams, reporter: Reporter) -> StageResult:
     src = onnx_path(params.model)
     info = read_info(src)
     single_file = params.out.suffix == ".onnx"
+    check_out_path(params.out, directory=not single_file, inputs=[params.model, params.imagery])
     reporter.progress("quantize", 0, 1, "quantizing")
     with atomic_output(params.out, directory=not single_file) as tmp:
         target = tmp if single_file else tmp / ONNX_NAME

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
+from .atomic import atomic_output, check_out_path
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .model_package import KERAS_NAME, ONNX_NAME, TASKS, ModelInfo, read_info, write_metadata
@@ -651,6 +651,7 @@ def can_resume(params: TrainParams) -> bool:
 
 
 def train(params: TrainParams, reporter: Reporter) -> StageResult:
+    check_out_path(params.out, directory=True, inputs=[params.dataset, params.base, params.encoder_weights])
     manifest = load_manifest(params.dataset)
     task = params.task or manifest["task"]
     if task not in TASKS or task != manifest["task"]:

@@ -12,11 +12,11 @@ install:
 	@bash scripts/install.sh
 
 test: install
-	$(VENV)/bin/pytest -q tests/engine tests/e2e
+	$(VENV)/bin/pytest -q tests/contract tests/engine tests/e2e
 	$(QGIS_TEST_ENV) .venv-test/bin/pytest -q -p pytest_qgis tests/plugin tests/desktop
 
 test-engine: install
-	$(VENV)/bin/pytest -q tests/engine tests/e2e
+	$(VENV)/bin/pytest -q tests/contract tests/engine tests/e2e
 
 test-plugin: install
 	$(QGIS_TEST_ENV) .venv-test/bin/pytest -q -p pytest_qgis tests/plugin tests/desktop

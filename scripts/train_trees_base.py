@@ -125,7 +125,7 @@ def predict_image(model_dir: Path, tif: Path) -> tuple[np.ndarray, np.ndarray]:
     import rasterio
 
     from landcover_plugin.engine.predict import PROB_SCALE, aoi_window, open_session, predict_to_raster
-    from landcover_plugin.engine.vectorize import NODATA
+    from landcover_plugin.contract.names import NODATA
 
     info = read_info(model_dir)
     session, _ = open_session(model_dir / "model.onnx", quiet())

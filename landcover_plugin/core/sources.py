@@ -10,6 +10,8 @@ from urllib.parse import urlencode
 from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsSettings
 from qgis.PyQt.QtCore import QUrl
 
+from ..contract.names import HEADERS_ENV  # read by the engine (engine/fetch.py)
+
 # QGIS 3.22 stores XYZ connections under the first key, 3.30+ under the second.
 _XYZ_GROUPS = ("qgis/connections-xyz", "connections/xyz/items")
 
@@ -18,7 +20,6 @@ class SourceError(ValueError):
     """A layer the engine cannot read; the message says what to do instead."""
 
 
-HEADERS_ENV = "LANDCOVER_HTTP_HEADERS"  # read by the engine (engine/fetch.py)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,8 @@ from typing import Any, Callable
 
 from qgis.core import Qgis, QgsMessageLog, QgsTask
 
-from .engine_runner import EngineFailed, EngineRun, OverallProgress
+from ..contract.runner import EngineFailed, EngineRun
+from .job import EventRelay
 
 LOG_TAG = "Landcover"
 _QUIET = {"seconds", "tiles", "provider"}  # bookkeeping, not results
@@ -30,6 +31,10 @@ def summary_text(summary: dict[str, Any]) -> str:
     return text
 
 
+def _log(message: str, level: str) -> None:
+    QgsMessageLog.logMessage(message, LOG_TAG, _LEVELS.get(level, Qgis.Info))
+
+
 def _fmt(value: Any) -> str:
     return f"{value:,.2f}".rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
 
@@ -47,11 +52,11 @@ class EngineTask(QgsTask):
         self.on_success, self.on_failure = on_success, on_failure
         self.result_event: dict | None = None
         self.failure: EngineFailed | None = None
-        self._progress = OverallProgress()
+        self._relay = EventRelay(self.setProgress, _log)
 
     def run(self) -> bool:  # worker thread
         try:
-            self.result_event = self.engine.run(self._on_event, self.isCanceled)
+            self.result_event = self.engine.run(self._relay, self.isCanceled)  # worker thread: thread-safe calls only
             return True
         except EngineFailed as exc:
             self.failure = exc
@@ -59,15 +64,6 @@ class EngineTask(QgsTask):
             self.failure = EngineFailed("PLUGIN_ERROR", f"{type(exc).__name__}: {exc}",
                                         "This is a bug in the Landcover plugin; please report it.")
         return False
-
-    def _on_event(self, event: dict) -> None:  # worker thread: only thread-safe calls
-        if event["event"] == "progress":
-            value = self._progress.update(event)
-            if value is not None:
-                self.setProgress(value)
-        elif event["event"] == "log":
-            QgsMessageLog.logMessage(event.get("message", ""), LOG_TAG,
-                                     _LEVELS.get(event.get("level", "info"), Qgis.Info))
 
     def finished(self, ok: bool) -> None:  # main thread
         if ok and self.result_event is not None:

@@ -15,11 +15,11 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
+from ..contract.protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
+from ..contract.tasks import TASK_IDS
 from .errors import Cancelled, EngineError
 from .events import Reporter
 from .health import HealthThresholds
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 130
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--class-field", help="attribute holding the class (land cover)")
     p.add_argument("--class-map", metavar="VALUE=CLASS,...",
                    help="rename class values, e.g. \"1=water,2=forested\" (unmapped values are an error)")
-    p.add_argument("--task", choices=("trees", "landcover", "buildings", "classification"), default="landcover",
+    p.add_argument("--task", choices=TASK_IDS, default="landcover",
                    help="buildings: any polygons are buildings, the rest background; classification: "
                    "one class per chip, the majority of its labelled pixels (default landcover)")
     p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a dataset and export it to ONNX")
     _add_common(p)
     p.add_argument("--dataset", type=Path, help="dataset folder from `landcover dataset` (or in --config)")
-    p.add_argument("--task", choices=("trees", "landcover", "buildings", "classification"),
+    p.add_argument("--task", choices=TASK_IDS,
                    help="default: the dataset's task")
     p.add_argument("--base", type=Path, help="model folder, .onnx beside model.keras, or shipped model name "
                    "(e.g. trees-base) to fine-tune from")

@@ -40,14 +40,15 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract.names import IGNORE
+from ..contract.tasks import TASK_IDS
 from .atomic import check_out_path, mark_output_dir, replace_with
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .labels import Labels, read_labels
-from .rasterize import (IGNORE, centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
+from .rasterize import (centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
                         trees_mask)
 
-TASKS = ("trees", "landcover", "buildings", "classification")
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
 BUILDING, BUILDING_COLOR = "building", "#d62728"  # as the buildings preset
 BLOCK = 2  # chips per block side in the spatial split
@@ -66,7 +67,7 @@ Cell = tuple[int, int]  # (row, col) of a chip in the chip grid
 class DatasetParams:
     imagery: Path | None  # None with `source` (a snapshot of another dataset)
     labels: Path | None
-    task: str  # one of TASKS
+    task: str  # one of contract.tasks.TASK_IDS
     out: Path
     class_field: str | None = None
     chip_size: int = 128
@@ -228,8 +229,8 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
 
 
 def _check(params: DatasetParams) -> None:
-    if params.task not in TASKS:
-        raise EngineError("BAD_TASK", f"Unknown task '{params.task}'.", f"Use one of {', '.join(TASKS)}.")
+    if params.task not in TASK_IDS:
+        raise EngineError("BAD_TASK", f"Unknown task '{params.task}'.", f"Use one of {', '.join(TASK_IDS)}.")
     if params.imagery is None or params.labels is None:
         raise EngineError("NO_INPUT", "A dataset needs imagery and labels (or --from another dataset).",
                           "Give --imagery RASTER --labels VECTOR, or --from DATASET --where SQL.")

@@ -1,13 +1,7 @@
-"""The engine's event stream.
+"""The engine's side of the event stream (contract/protocol.py).
 
-With `--json`, one JSON object per line on stdout, each with an "event" key:
-
-    {"event": "progress", "stage": "fetch", "done": 3, "total": 12, "message": ""}
-    {"event": "log", "level": "info", "message": "..."}
-    {"event": "result", "stage": "predict", "outputs": {...}, "summary": {...}}
-    {"event": "error", "code": "AOI_OUTSIDE_IMAGERY", "message": "...", "hint": "..."}
-
-Without it, a progress bar and plain lines on stderr, results on stdout.
+With `--json`, one JSON event per line on stdout; without it, a progress bar
+and plain lines on stderr, results on stdout.
 """
 from __future__ import annotations
 
@@ -71,16 +65,6 @@ class Reporter:
         else:
             self.err.write(f"error: {message}\n" + (f"  hint: {hint}\n" if hint else ""))
             self.err.flush()
-
-
-def parse_event(line: str) -> dict[str, Any] | None:
-    """Parse one line of the stream; None for a line that is not an event
-    (a library printing to stdout must not break the reader)."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return None
-    return event if isinstance(event, dict) and "event" in event else None
 
 
 @dataclass

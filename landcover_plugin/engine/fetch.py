@@ -41,6 +41,7 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
+from ..contract.names import HEADERS_ENV, RESOLUTION_TOLERANCE
 from . import http_client, mosaic, wms
 from .aoi import AOI, utm_crs
 from .atomic import check_out_path, partial_path, replace_with
@@ -65,7 +66,6 @@ MAX_ZOOM = 24
 MOSAIC_VERSION = 1  # bump when the warp or the output format changes: older finished mosaics are not reused
 FAIL_FAST = 16  # this many failed tiles before any success: the server is broken, stop asking
 TILE_SIZES = (256, 512)
-RESOLUTION_TOLERANCE = 0.25  # imagery this much finer or coarser than the model's resolution gets a warning
 DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
 # warnings.catch_warnings swaps process-wide filters: threads decoding at once would
 # leave them scrambled, so tile decoding (about a millisecond) takes turns.
@@ -121,9 +121,6 @@ def check_model_resolution(actual: float, params: FetchParams, reporter: Reporte
     if wanted and abs(actual / wanted - 1) > RESOLUTION_TOLERANCE:
         reporter.log(f"The imagery is {actual:.3g} m/px at the AOI, {actual / wanted - 1:+.0%} from the "
                      f"{wanted:g} m/px the model expects: its results may be poor. {hint}", level="warning")
-
-
-HEADERS_ENV = "LANDCOVER_HTTP_HEADERS"
 
 
 def env_headers() -> dict[str, str]:

@@ -356,7 +356,8 @@ class LabelsParams:
 
 def build_labels(params: LabelsParams, reporter: Reporter) -> StageResult:
     """OSM features of a preset in the AOI -> polygons with `class` and `priority`, styled, attributed."""
-    from .osm import ATTRIBUTION, OverpassParams, fetch_overpass, read_osm_file
+    from ..contract.names import OSM_ATTRIBUTION as ATTRIBUTION
+    from .osm import OverpassParams, fetch_overpass, read_osm_file
     from .presets import load_preset
 
     check_out_path(params.out, inputs=[params.osm_file])

@@ -22,16 +22,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..contract.names import MODELS_DIR
 from .errors import EngineError
 
-TASKS = ("trees", "landcover", "buildings", "classification")
 ONNX_NAME = "model.onnx"
 KERAS_NAME = "model.keras"
 
 
 @dataclass
 class ModelInfo:
-    task: str  # one of TASKS
+    task: str  # one of contract.tasks.TASK_IDS
     class_names: list[str]  # landcover: one per output channel; trees: ["crown"]
     class_colors: list[str]  # "#rrggbb", one per class name
     band_count: int  # imagery bands the model reads, in order 1..band_count
@@ -92,15 +92,14 @@ def _from_deepness(props: dict[str, str]) -> ModelInfo:
     )
 
 
-SHIPPED_MODELS = Path(__file__).resolve().parents[2] / "resources" / "models"
 
 
 def onnx_path(model: Path | str) -> Path:
     """A model folder, an .onnx file or the name of a shipped model
     (a folder in resources/models, e.g. "trees-base") -> the .onnx file."""
     path = Path(model)
-    if not path.exists() and len(path.parts) == 1 and (SHIPPED_MODELS / path.name).is_dir():
-        path = SHIPPED_MODELS / path.name
+    if not path.exists() and len(path.parts) == 1 and (MODELS_DIR / path.name).is_dir():
+        path = MODELS_DIR / path.name
     if path.is_dir():
         path = path / ONNX_NAME
     if not path.is_file():

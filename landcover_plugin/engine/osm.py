@@ -23,7 +23,6 @@ from .http_client import retry_after
 from .presets import ANY, Preset
 from .tile_cache import user_cache_dir
 
-ATTRIBUTION = "© OpenStreetMap contributors"
 OSM_SUFFIXES = (".osm", ".osm.bz2", ".osm.pbf", ".pbf", ".osm.gz")
 RETRY_STATUS = (429, 502, 503, 504)  # Overpass: rate limited, busy, gateway timeout
 

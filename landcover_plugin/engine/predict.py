@@ -25,6 +25,7 @@ from rasterio.windows import Window, from_bounds
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
+from ..contract.names import RESOLUTION_TOLERANCE
 from .aoi import AOI
 from .atomic import atomic_output, check_out_path
 from .errors import EngineError
@@ -37,7 +38,6 @@ from .trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_la
 from .vectorize import BLOCK_SIZE, NODATA, Layer, areas_m2, blocks, landcover_blocks, pixel_size_m, write_gpkg
 
 BATCH_SIZE = 8
-RESOLUTION_TOLERANCE = 0.25  # warn when the imagery's pixel size is off the model's by more
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..contract.names import PRESETS_DIR
 from .errors import EngineError
 
-PRESETS_DIR = Path(__file__).resolve().parents[1] / "resources" / "presets"
 ANY = "*"
 
 

@@ -16,7 +16,8 @@ import math
 import numpy as np
 from shapely import affinity
 
-IGNORE = 255
+from ..contract.names import IGNORE
+
 
 
 def offset_in_crs(dx_m: float, dy_m: float, crs, lat: float) -> tuple[float, float]:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract.names import IGNORE
+from ..contract.tasks import TASK_IDS
 from .atomic import atomic_output, check_out_path
 from .errors import EngineError
 from .events import Reporter, StageResult
-from .model_package import KERAS_NAME, ONNX_NAME, TASKS, ModelInfo, read_info, write_metadata
+from .model_package import KERAS_NAME, ONNX_NAME, ModelInfo, read_info, write_metadata
 
-IGNORE = 255
 LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-3, 1e-4
 PATIENCE = 10  # epochs without a better val loss before stopping
 WARMUP_EPOCHS = 10  # tiny datasets: val loss is noisy at first, never stop before this
@@ -654,9 +655,9 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     check_out_path(params.out, directory=True, inputs=[params.dataset, params.base, params.encoder_weights])
     manifest = load_manifest(params.dataset)
     task = params.task or manifest["task"]
-    if task not in TASKS or task != manifest["task"]:
+    if task not in TASK_IDS or task != manifest["task"]:
         raise EngineError("BAD_TASK", f"Cannot train a '{task}' model on a '{manifest['task']}' dataset.",
-                          f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASKS)}).")
+                          f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASK_IDS)}).")
     if params.epochs < 1 or params.batch_size < 0 or (params.learning_rate is not None and params.learning_rate <= 0):
         raise EngineError("BAD_PARAMS", "Epochs must be at least 1, batch size at least 0 (0: automatic) and "
                           "the learning rate positive.", "Use e.g. --epochs 20 --batch-size 8.")

@@ -24,6 +24,7 @@ from rasterio.warp import transform_geom
 from shapely.geometry import MultiPolygon, box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
+from ..contract.names import NODATA  # class raster value of pixels outside the AOI or without imagery
 from .aoi import utm_crs
 from .coverage import PixelPolygons, simplify_coverage
 
@@ -88,7 +89,6 @@ def _polygonal(geom: BaseGeometry) -> MultiPolygon:
 
 # --- land cover ------------------------------------------------------------
 
-NODATA = 255  # class raster value of pixels outside the AOI or without imagery
 BLOCK_SIZE = 2048  # pixels per side of a vectorization block: memory stays flat with the area
 SIEVE_MARGIN = 8  # context read around a block so that sieving sees whole specks
 MAX_WORKERS = 4  # vectorization processes at most (one block each)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsProcessing,
+from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing,
                        QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
                        QgsProcessingOutputMultipleLayers, QgsProcessingParameterEnum,
                        QgsProcessingParameterExtent, QgsProcessingParameterField, QgsProcessingParameterFile,
@@ -16,11 +16,14 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, Qgs
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
                        QgsProcessingParameterVectorLayer)
 
+from ..contract.names import OVERPASS_DEFAULT
+from ..contract.pipeline_file import PipelineFile
+from ..contract.runner import EngineFailed
+from ..contract.tasks import TASK_IDS, TASKS, presets_for_task, read_presets
+from ..core import job
 from ..core.engine_env import check_engine
-from ..core.engine_runner import EngineFailed, EngineRun, OverallProgress
 from ..core.layers import gpkg_layer_names, open_result_layers
 from ..core.locate import engine_location
-from ..core.pipeline_spec import OVERPASS_DEFAULT, TASKS, PipelineSpec, presets_for_task, read_presets, write_pipeline
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 
 HELP = """<p>Maps trees (one polygon per crown, one point per tree), land cover (polygons with a
@@ -44,7 +47,8 @@ resources/presets/; trees fits the trees task, buildings the buildings task, all
 <b>OSM file</b> (.osm, .osm.pbf, .osm.bz2). The result layers then carry the attribution
 "© OpenStreetMap contributors" (ODbL) in their metadata.</p>
 <p><b>Output</b>: a GeoPackage with the result layers and their styles, loaded into the project.
-Intermediate files go to a folder beside it (<i>NAME-work</i>); running again reuses finished stages.</p>
+The job's pipeline file goes beside it (<i>NAME-pipeline.yaml</i>: <code>landcover run</code> reruns it),
+intermediate files to a folder beside it (<i>NAME-work</i>); running again reuses finished stages.</p>
 <p>If the engine environment is missing, run <code>make install</code> in the plugin's source folder
 or use 'Create environment' in the Landcover dock.</p>"""
 
@@ -54,7 +58,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
     LABELS, LABELS_FILE, CLASS_FIELD, MODEL = "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL"
     EPOCHS, GSD, OUTPUT, LAYERS = "EPOCHS", "GSD", "OUTPUT", "LAYERS"
     LABEL_SOURCE, PRESET, OVERPASS_URL, OSM_FILE, DATE = "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE"
-    LABEL_SOURCES = ("layer", "overpass", "osm_file")  # LABEL_SOURCE's values; 0 keeps older command lines working
+    LABEL_SOURCES = tuple(job.LABEL_SOURCES)  # LABEL_SOURCE's values; 0 keeps older command lines working
 
     def __init__(self) -> None:
         super().__init__()
@@ -80,7 +84,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
                                                        "(or a saved XYZ connection's name)", optional=True))
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Area"))
         self.addParameter(QgsProcessingParameterEnum(
-            self.TASK, "Task", options=["Trees", "Land cover", "Buildings", "Land cover per chip"], defaultValue=0))
+            self.TASK, "Task", options=[t.label for t in TASKS], defaultValue=0))
         self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, "Training labels",
                                                             [QgsProcessing.TypeVectorAnyGeometry], optional=True))
         self.addParameter(QgsProcessingParameterFile(self.LABELS_FILE, "Or training labels file (DeepForest CSV)",
@@ -90,9 +94,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterFile(self.MODEL, "Or an existing model (predict only)",
                                                      optional=True, fileFilter="ONNX models (*.onnx)"))
         self.addParameter(QgsProcessingParameterEnum(
-            self.LABEL_SOURCE, "Labels from", defaultValue=0,
-            options=["Training labels layer or file", "OpenStreetMap (Overpass)",
-                     "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)"]))
+            self.LABEL_SOURCE, "Labels from", defaultValue=0, options=list(job.LABEL_SOURCES.values())))
         presets = [p.name for p in read_presets()]
         self.addParameter(QgsProcessingParameterEnum(self.PRESET, "OSM preset", options=presets,
                                                      defaultValue="landcover", usesStaticStrings=True))
@@ -103,7 +105,8 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.DATE, "OSM date (YYYY-MM-DD, Overpass only)",
                                                        optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Training epochs",
-                                                       QgsProcessingParameterNumber.Integer, 10, minValue=1))
+                                                       QgsProcessingParameterNumber.Integer, job.QUICK_EPOCHS,
+                                                       minValue=1))
         self.addParameter(QgsProcessingParameterNumber(self.GSD, "Resolution of XYZ tiles (m/px)",
                                                        QgsProcessingParameterNumber.Double, None, optional=True,
                                                        minValue=0.0))
@@ -121,12 +124,14 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         source = self.LABEL_SOURCES[self.parameterAsEnum(parameters, self.LABEL_SOURCE, context)]
         if source == "osm_file" and not parameters.get(self.OSM_FILE):
             return False, "Give the OSM file (.osm, .osm.pbf, .osm.bz2) to take the labels from."
-        if source != "layer":
-            task = TASKS[self.parameterAsEnum(parameters, self.TASK, context)]
+        if source in ("overpass", "osm_file"):
+            task = TASK_IDS[self.parameterAsEnum(parameters, self.TASK, context)]
             preset = self.parameterAsEnumString(parameters, self.PRESET, context)
             fit = [p.name for p in presets_for_task(task)]
             if preset not in fit:
                 return False, f"Preset {preset} does not fit the {task} task: use {' or '.join(fit)}."
+        elif source == "model" and not parameters.get(self.MODEL):
+            return False, "Give the model (.onnx) to predict with."
         elif not (parameters.get(self.LABELS) or parameters.get(self.LABELS_FILE) or parameters.get(self.MODEL)):
             return False, "Give training labels (a layer or a DeepForest CSV), or an existing model to predict with."
         return True, ""
@@ -140,21 +145,15 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         source = saved.get(url) or next((s for s in saved.values() if s.source == url), ImagerySource(url))
         return source, QgsCoordinateReferenceSystem("EPSG:4326")
 
-    def _aoi(self, parameters, context, default_crs) -> tuple[tuple[float, float, float, float], str]:
-        """The extent in its own CRS when that has an EPSG code, else in WGS84."""
-        rect = self.parameterAsExtent(parameters, self.EXTENT, context)
+    def _aoi(self, parameters, context, default_crs) -> tuple[job.Bbox, str]:
         crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
-        crs = crs if crs.isValid() else default_crs
-        if not crs.authid().upper().startswith("EPSG:"):
-            wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
-            rect = QgsCoordinateTransform(crs, wgs84, context.transformContext()).transformBoundingBox(rect)
-            crs = wgs84
-        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid()
+        return job.aoi_for_engine(self.parameterAsExtent(parameters, self.EXTENT, context),
+                                  crs if crs.isValid() else default_crs, context.transformContext())
 
-    def build_spec(self, parameters, context) -> PipelineSpec:
+    def build_spec(self, parameters, context) -> PipelineFile:
         return self._spec_and_env(parameters, context)[0]
 
-    def _spec_and_env(self, parameters, context) -> tuple[PipelineSpec, dict[str, str]]:
+    def _spec_and_env(self, parameters, context) -> tuple[PipelineFile, dict[str, str]]:
         """The pipeline, and the engine's extra environment: credentials from QGIS's
         authentication database go there, never into the pipeline file, argv or a log."""
         try:
@@ -175,8 +174,10 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         osm = self._osm_labels(parameters, context)
         if osm:  # OSM is the chosen source: the layer, file and model parameters are not used
             labels, model = None, ""
-        return PipelineSpec(
-            task=TASKS[self.parameterAsEnum(parameters, self.TASK, context)], aoi=aoi, aoi_crs=aoi_crs,
+        elif self.LABEL_SOURCES[self.parameterAsEnum(parameters, self.LABEL_SOURCE, context)] == "model":
+            labels = None
+        return PipelineFile(
+            task=TASK_IDS[self.parameterAsEnum(parameters, self.TASK, context)], aoi=aoi, aoi_crs=aoi_crs,
             imagery=imagery.source, headers=imagery.headers, gsd=gsd if imagery.is_xyz else None,
             labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
             model=Path(model) if model and labels is None else None,
@@ -184,9 +185,9 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
             out=out, workdir=out.with_name(out.stem + "-work"), **osm), imagery.engine_env()
 
     def _osm_labels(self, parameters, context) -> dict:
-        """PipelineSpec's OSM fields for the chosen label source ({} for a layer or file)."""
+        """The pipeline file's OSM fields for the chosen label source ({} for a layer, file or model)."""
         source = self.LABEL_SOURCES[self.parameterAsEnum(parameters, self.LABEL_SOURCE, context)]
-        if source == "layer":
+        if source not in ("overpass", "osm_file"):
             return {}
         preset = self.parameterAsEnumString(parameters, self.PRESET, context)
         if source == "osm_file":
@@ -197,30 +198,21 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802
         spec, secrets = self._spec_and_env(parameters, context)
-        problems = spec.problems()
+        problems = job.problems(spec)
         if problems:
             raise QgsProcessingException(" ".join(problems))
         location = engine_location()
         missing = check_engine(location)
         if missing:
             raise QgsProcessingException(missing)
-        pipeline = write_pipeline(spec, spec.workdir / "pipeline.yaml")
-        feedback.pushInfo(f"Pipeline: {pipeline}")
-        progress = OverallProgress()
-
-        def on_event(event: dict) -> None:
-            if event["event"] == "progress":
-                value = progress.update(event)
-                if value is not None:
-                    feedback.setProgress(value)
-                if event.get("stage") == "pipeline" and event.get("message"):
-                    feedback.setProgressText(f"Landcover: {event['message']}")
-            elif event["event"] == "log":
-                (feedback.pushDebugInfo if event.get("level") == "debug" else feedback.pushInfo)(event["message"])
-
+        run = job.engine_run(spec, location, secrets)
+        feedback.pushInfo(f"Pipeline: {job.pipeline_path(spec)}")
+        relay = job.EventRelay(feedback.setProgress,
+                               lambda message, level: (feedback.pushDebugInfo if level == "debug"
+                                                       else feedback.pushInfo)(message),
+                               lambda stage: feedback.setProgressText(f"Landcover: {stage}"))
         try:
-            result = EngineRun(location.python, ["run", str(pipeline)], cwd=spec.workdir,
-                               extra_env=secrets).run(on_event, feedback.isCanceled)
+            result = run.run(relay, feedback.isCanceled)
         except EngineFailed as exc:
             if exc.code == "CANCELLED":
                 feedback.reportError(str(exc))

@@ -9,8 +9,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsGeometry,
-                       QgsMapLayerProxyModel, QgsProject, QgsRectangle, QgsSettings, QgsWkbTypes)
+from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsGeometry, QgsMapLayerProxyModel, QgsProject,
+                       QgsRectangle, QgsSettings, QgsWkbTypes)
 from qgis.gui import (QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox,
                       QgsMapToolExtent, QgsRubberBand)
 from qgis.PyQt.QtCore import Qt
@@ -18,23 +18,20 @@ from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMessageBox,
                                  QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
+from ..contract.names import OSM_ATTRIBUTION, OVERPASS_DEFAULT
+from ..contract.pipeline_file import PipelineFile
+from ..contract.runner import EngineFailed
+from ..contract.tasks import TASKS, presets_for_task
+from ..contract.tasks import task as task_info
+from ..core import job
 from ..core.engine_env import EngineLocation, check_engine, create_env_commands, requirement_files, user_venv
-from ..core.engine_runner import EngineFailed, EngineRun
 from ..core.layers import load_result_layers
 from ..core.locate import engine_location, user_data_dir
-from ..core.pipeline_spec import (OSM_ATTRIBUTION, OVERPASS_DEFAULT, PipelineSpec, presets_for_task,
-                                  write_pipeline)
 from ..core.setup_task import CreateEnvTask
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 from ..core.task import EngineTask
 
 XYZ_PREFIX = "XYZ: "
-TASK_LABELS = {"trees": "Trees", "landcover": "Land cover", "buildings": "Buildings",
-               "classification": "Land cover per chip"}
-LABEL_SOURCES = {"overpass": "OpenStreetMap (Overpass)",
-                 "osm_file": "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)",
-                 "layer": "Vector layer or file (with class field)",
-                 "model": "None: predict with a model file"}
 OVERPASS_SETTING = "landcover/overpass_url"
 
 
@@ -115,17 +112,15 @@ class LandcoverDock(QgsDockWidget):
         form.addRow("Resolution", self.gsd_spin)
 
         self.task_combo = QComboBox(objectName="taskCombo")
-        for key, label in TASK_LABELS.items():
-            self.task_combo.addItem(label, key)
-        self.task_combo.setToolTip("Trees: one polygon per crown and one point per tree. "
-                                   "Land cover: polygons with a class, and hectares per class. "
-                                   "Buildings: building footprints. Land cover per chip: one class per "
-                                   "square chip, for very large areas at coarse resolution.")
+        for t in TASKS:
+            self.task_combo.addItem(t.label, t.id)
+        self.task_combo.setToolTip(" ".join(f"{t.label}: {t.help}." for t in TASKS))
         form.addRow("Task", self.task_combo)
 
         self.label_source_combo = QComboBox(objectName="labelSourceCombo")
-        for key, label in LABEL_SOURCES.items():
+        for key, label in job.LABEL_SOURCES.items():
             self.label_source_combo.addItem(label, key)
+        self.set_label_source("overpass")  # a first map needs nothing but the area
         self.label_source_combo.setToolTip(
             "Where the training labels come from: OpenStreetMap features of a preset, downloaded for the area "
             "from an Overpass server or read from a local OSM file; your own vector layer or file (with a class "
@@ -190,7 +185,7 @@ class LandcoverDock(QgsDockWidget):
 
         self.epochs_spin = QSpinBox(objectName="epochsSpin")
         self.epochs_spin.setRange(1, 1000)
-        self.epochs_spin.setValue(10)
+        self.epochs_spin.setValue(job.QUICK_EPOCHS)
         self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better.")
         form.addRow("Epochs", self.epochs_spin)
 
@@ -286,17 +281,10 @@ class LandcoverDock(QgsDockWidget):
         if self.area is not None:
             self.rubber_band.setToGeometry(QgsGeometry.fromRect(self.area), self.area_crs)
 
-    def aoi(self) -> tuple[tuple[float, float, float, float], str]:
-        """The area for the engine: in its own CRS when that has an EPSG code,
-        else transformed to WGS84."""
+    def aoi(self) -> tuple[job.Bbox, str]:
         if self.area is None:
             return (0.0, 0.0, 0.0, 0.0), "EPSG:4326"
-        rect, crs = self.area, self.area_crs
-        if not crs.authid().upper().startswith("EPSG:"):
-            wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
-            rect = QgsCoordinateTransform(crs, wgs84, QgsProject.instance()).transformBoundingBox(rect)
-            crs = wgs84
-        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid()
+        return job.aoi_for_engine(self.area, self.area_crs, QgsProject.instance().transformContext())
 
     def imagery(self) -> ImagerySource | None:
         layer = self.imagery_combo.currentLayer()
@@ -308,9 +296,9 @@ class LandcoverDock(QgsDockWidget):
     def task_key(self) -> str:
         return self.task_combo.currentData()
 
-    def build_spec(self, out_dir: Path) -> PipelineSpec:
+    def build_spec(self, out_dir: Path) -> PipelineFile:
         """The pipeline for the current inputs; raises SourceError for a layer the
-        engine cannot read. Check spec.problems() before running it."""
+        engine cannot read. Check job.problems(spec) before running it."""
         imagery = self.imagery()
         source = self.label_source()
         labels_layer = self.labels_combo.currentLayer() if source == "layer" else None
@@ -320,7 +308,7 @@ class LandcoverDock(QgsDockWidget):
         aoi, aoi_crs = self.aoi()
         task = self.task_key()
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        return PipelineSpec(
+        return PipelineFile(
             task=task, aoi=aoi, aoi_crs=aoi_crs,
             imagery=imagery.source if imagery else "",
             headers=imagery.headers if imagery else {},
@@ -384,25 +372,21 @@ class LandcoverDock(QgsDockWidget):
         except SourceError as exc:
             self.status_label.setText(str(exc))
             return None
-        problems = spec.problems()
+        problems = job.problems(spec)
         if problems:
             self.status_label.setText("\n".join(problems))
             return None
         if spec.overpass:
             self._remember_overpass()
-        pipeline = write_pipeline(spec, spec.out.with_name(spec.out.stem + "-pipeline.yaml"))
-        label = TASK_LABELS[spec.task].lower()
+        label = task_info(spec.task).label.lower()
         imagery = self.imagery()
-        secrets = imagery.engine_env() if imagery else {}  # credentials: through the environment only
-        task = EngineTask(f"Landcover: {label}", EngineRun(location.python, ["run", str(pipeline)], cwd=out_dir,
-                                                           extra_env=secrets),
-                          message_bar=self.iface.messageBar(),
-                          on_success=lambda event: self._succeeded(event, label),
-                          on_failure=self._failed)
+        run = job.engine_run(spec, location, imagery.engine_env() if imagery else {})
+        task = EngineTask(f"Landcover: {label}", run, message_bar=self.iface.messageBar(),
+                          on_success=lambda event: self._succeeded(event, label), on_failure=self._failed)
         task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
         self.task = task
         self._set_running(True)
-        self.status_label.setText(f"Running; pipeline: {pipeline}")
+        self.status_label.setText(f"Running; pipeline: {job.pipeline_path(spec)}")
         QgsApplication.taskManager().addTask(task)
         return task
 

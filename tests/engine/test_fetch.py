@@ -735,13 +735,13 @@ def test_model_resolution_is_reported_and_checked(tiles_dir, aoi, osbs_tif, tmp_
 
 def test_pipeline_fetch_checks_the_models_resolution(tiles_dir, aoi, tmp_path):
     """`landcover run` with a model: its fetch stage takes the model's resolution and warns like `fetch --model`."""
-    from landcover_plugin.engine.model_package import SHIPPED_MODELS
+    from landcover_plugin.contract.names import MODELS_DIR
     from landcover_plugin.engine.pipeline import load_pipeline, run_pipeline
 
     log = tmp_path / "run.jsonl"
     with serve(tiles_dir) as url:
         (tmp_path / "p.yaml").write_text(f"task: trees\nimagery: '{url}'\naoi: '{','.join(map(str, aoi.bounds))}'\n"
-                                         f"model: {SHIPPED_MODELS / 'trees-base'}\nout: trees.gpkg\n")
+                                         f"model: {MODELS_DIR / 'trees-base'}\nout: trees.gpkg\n")
         with open(log, "w") as stream:
             result = run_pipeline(load_pipeline(tmp_path / "p.yaml"), Reporter(json_mode=True, out=stream))
     assert (result.summary["fetch"]["zoom"], result.summary["fetch"]["gsd_m"]) == (20, 0.1)

@@ -12,10 +12,11 @@ import fiona
 import pytest
 from shapely.geometry import box, shape
 
+from landcover_plugin.contract.protocol import parse_event
 from landcover_plugin.engine.aoi import AOI, reproject_geometry
 from landcover_plugin.engine.cli import main
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.events import Reporter, parse_event
+from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.labels import LabelsParams, build_labels, read_info
 from landcover_plugin.engine.osm import OverpassParams, fetch_overpass, overpass_query, read_osm_file
 from landcover_plugin.engine.presets import available_presets, load_preset

@@ -16,10 +16,12 @@ from rasterio.transform import from_origin
 from rasterio.warp import transform as warp
 from shapely.geometry import Point, mapping
 
+from landcover_plugin.contract.names import IGNORE
+from landcover_plugin.contract.protocol import parse_event
 from landcover_plugin.engine.cli import main
-from landcover_plugin.engine.dataset import IGNORE, DatasetParams, build_dataset
+from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.events import Reporter, parse_event
+from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.labels import read_labels
 
 CRS = "EPSG:32617"

@@ -15,7 +15,8 @@ import rasterio
 from rasterio.transform import from_origin
 from shapely.geometry import box, mapping
 
-from landcover_plugin.engine.dataset import IGNORE, DatasetParams, build_dataset
+from landcover_plugin.contract.names import IGNORE
+from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.labels import LabelsParams, build_labels, read_labels

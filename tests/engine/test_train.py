@@ -15,9 +15,11 @@ import pytest
 import rasterio
 from rasterio.windows import Window
 
+from landcover_plugin.contract.protocol import parse_event
+from landcover_plugin.engine.atomic import MARKER
 from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.events import Reporter, parse_event
+from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.model_package import read_info
 from landcover_plugin.engine.train import TrainParams, train
 
@@ -89,7 +91,7 @@ def check_package(model_dir: Path, dataset: Path, result, events: list[dict], ch
     manifest = json.loads((dataset / "dataset.json").read_text())
     assert result.outputs == {"model": str(model_dir), "onnx": str(model_dir / "model.onnx")}
     assert {p.name for p in model_dir.iterdir()} == {"model.onnx", "model.keras", "MODEL_CARD.md",
-                                                     "training_curves.png", "train_config.json"}
+                                                     "training_curves.png", "train_config.json", MARKER}
     info = read_info(model_dir)
     assert (info.task, info.class_names, info.class_colors) == (
         manifest["task"], manifest["class_names"], manifest["class_colors"])
@@ -343,7 +345,7 @@ def test_eval_reports(trees_model, trees_dataset, landcover_model, landcover_dat
     result = evaluate(EvalParams(model=landcover_model[0], dataset=landcover_dataset, out=out), quiet())
     names = {p.name for p in out.iterdir()}
     assert names == {"report.md", "report.html", "metrics.json", "confusion_matrix.png", "training_curves.png",
-                     "examples.png"}
+                     "examples.png", MARKER}
     metrics = json.loads((out / "metrics.json").read_text())
     ious = [v for k, v in metrics.items() if k.startswith("iou_")]
     assert metrics["miou"] == pytest.approx(np.mean(ious)) and 0 <= metrics["miou"] <= 1
@@ -367,7 +369,7 @@ def test_shipped_model_resolves_by_name(trees_model, tmp_path, monkeypatch):
     from landcover_plugin.engine import model_package
 
     shutil.copytree(trees_model[0], tmp_path / "trees-mine")
-    monkeypatch.setattr(model_package, "SHIPPED_MODELS", tmp_path)
+    monkeypatch.setattr(model_package, "MODELS_DIR", tmp_path)
     assert model_package.onnx_path("trees-mine") == tmp_path / "trees-mine" / "model.onnx"
     assert read_info("trees-mine").task == "trees"
 

@@ -9,7 +9,8 @@ from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, 
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
-from landcover_plugin.core.pipeline_spec import OVERPASS_DEFAULT
+from landcover_plugin.contract.names import OVERPASS_DEFAULT
+from landcover_plugin.core import job
 from landcover_plugin.core.sources import ImagerySource
 from landcover_plugin.ui.dock import OVERPASS_SETTING, LandcoverDock
 
@@ -125,7 +126,7 @@ def test_drawn_area_and_the_pipeline_file(dock, osbs_layers, tmp_path):
     dock.task_combo.setCurrentIndex(dock.task_combo.findData("trees"))
     dock.epochs_spin.setValue(3)
     spec = dock.build_spec(tmp_path)
-    assert spec.problems() == []
+    assert job.problems(spec) == []
     data = spec.to_dict()
     aoi = [float(v) for v in data["aoi"].split(",")]
     area = dock.area
@@ -214,7 +215,8 @@ def test_wms_layer_becomes_an_engine_wms_source(qgis_iface):
 def test_credentials_from_the_qgis_auth_database(basic_authcfg):
     """A layer's authcfg becomes an Authorization header for the engine's environment, kept out of
     the source (which goes into the pipeline file) and out of repr (logs)."""
-    from landcover_plugin.core.sources import HEADERS_ENV, raster_layer_source
+    from landcover_plugin.contract.names import HEADERS_ENV
+    from landcover_plugin.core.sources import raster_layer_source
 
     uri = f"authcfg={basic_authcfg}&crs=EPSG:4326&format=image/png&layers=ortho&styles=&url=http://127.0.0.1:9/wms"
     source = raster_layer_source(QgsRasterLayer(uri, "agency WMS", "wms"))
@@ -242,11 +244,11 @@ def test_label_sources_become_the_pipelines_labels(dock, osbs_layers, tmp_path):
     assert dock.overpass_edit.text() == OVERPASS_DEFAULT
     dock.date_edit.setText("2021-06-01")
     spec = dock.build_spec(tmp_path)
-    assert spec.problems() == [] and spec.osm
+    assert job.problems(spec) == [] and spec.osm
     assert spec.to_dict()["labels"] == {"preset": "landcover", "overpass": OVERPASS_DEFAULT, "date": "2021-06-01"}
     assert "model" not in spec.to_dict()
     dock.date_edit.setText("1 June")
-    assert any("YYYY-MM-DD" in p for p in dock.build_spec(tmp_path).problems())
+    assert any("YYYY-MM-DD" in p for p in job.problems(dock.build_spec(tmp_path)))
 
     # the trees task lists only the presets that fit it
     dock.task_combo.setCurrentIndex(dock.task_combo.findData("trees"))
@@ -259,9 +261,9 @@ def test_label_sources_become_the_pipelines_labels(dock, osbs_layers, tmp_path):
     assert _rows_shown(dock) == {"presetCombo", "osmFile"}
     dock.osm_file.setFilePath(str(osm))
     spec = dock.build_spec(tmp_path)
-    assert spec.problems() == [] and spec.to_dict()["labels"] == {"preset": "trees", "osm_file": str(osm)}
+    assert job.problems(spec) == [] and spec.to_dict()["labels"] == {"preset": "trees", "osm_file": str(osm)}
     dock.osm_file.setFilePath(str(tmp_path / "missing.osm"))
-    assert any("does not exist" in p for p in dock.build_spec(tmp_path).problems())
+    assert any("does not exist" in p for p in job.problems(dock.build_spec(tmp_path)))
 
     # picking a labels layer switches to it; picking a model file, to predicting
     dock.labels_combo.setLayer(labels)

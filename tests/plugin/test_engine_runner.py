@@ -8,15 +8,14 @@ import pytest
 
 from landcover_plugin.core.engine_env import (ENV_VAR, check_engine, create_env_commands, find_engine_python,
                                               package_root, requirement_files, venv_python)
-from landcover_plugin.core.engine_runner import EngineFailed, EngineRun, OverallProgress, engine_env
-from landcover_plugin.core.pipeline_spec import PipelineSpec, write_pipeline
+from landcover_plugin.contract.pipeline_file import PipelineFile
+from landcover_plugin.contract.runner import EngineFailed, EngineRun, OverallProgress, engine_env
 
 
 def test_bad_input_reports_code_message_and_hint(engine_python, osbs_csv, tmp_path):
     missing = tmp_path / "no-such-imagery.tif"
-    pipeline = write_pipeline(PipelineSpec(task="trees", aoi=(0, 0, 1, 1), aoi_crs="EPSG:32617",
-                                           imagery=str(missing), labels=osbs_csv, out=tmp_path / "out.gpkg",
-                                           workdir=tmp_path / "work"), tmp_path / "p.yaml")
+    pipeline = PipelineFile(task="trees", aoi=(0, 0, 1, 1), aoi_crs="EPSG:32617", imagery=str(missing),
+                            labels=osbs_csv, out=tmp_path / "out.gpkg", workdir=tmp_path / "work").write(tmp_path / "p.yaml")
     run = EngineRun(engine_python, ["run", str(pipeline)], cwd=tmp_path)
     seen = []
     with pytest.raises(EngineFailed) as info:

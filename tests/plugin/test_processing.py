@@ -5,7 +5,8 @@ import pytest
 from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
                        QgsProject, QgsRasterLayer)
 
-from landcover_plugin.core.pipeline_spec import OSM_ATTRIBUTION, OVERPASS_DEFAULT
+from landcover_plugin.contract.names import OSM_ATTRIBUTION, OVERPASS_DEFAULT
+from landcover_plugin.core import job
 
 ALG_ID = "landcover:mapfromimagery"
 
@@ -85,7 +86,7 @@ def test_parameters_become_the_pipeline(alg, osbs_tif, osbs_csv, tmp_path):
     assert spec.aoi_crs == "EPSG:32617" and spec.task == "trees" and spec.epochs == 2
     assert spec.imagery == str(osbs_tif) and spec.labels == osbs_csv and spec.model is None
     assert spec.out == tmp_path / "out.gpkg" and spec.workdir == tmp_path / "out-work"
-    assert spec.problems() == []
+    assert job.problems(spec) == []
 
 
 def test_osm_parameters_become_the_pipeline(alg, osbs_tif, tmp_path):
@@ -97,7 +98,7 @@ def test_osm_parameters_become_the_pipeline(alg, osbs_tif, tmp_path):
     instance = alg.create()
     assert instance.prepare(overpass, context, QgsProcessingFeedback())
     spec = instance.build_spec(overpass, context)
-    assert spec.problems() == [] and spec.labels is None and spec.model is None
+    assert job.problems(spec) == [] and spec.labels is None and spec.model is None
     assert spec.to_dict()["labels"] == {"preset": "buildings", "overpass": OVERPASS_DEFAULT, "date": "2021-06-01"}
 
     ok, message = alg.checkParameterValues({**overpass, "TASK": 0}, context)
@@ -168,8 +169,8 @@ def test_saved_connection_credentials_reach_the_engine_env_only(alg, engine_pyth
     import processing
     from qgis.core import QgsSettings
 
-    from landcover_plugin.core import engine_runner
-    from landcover_plugin.core.sources import HEADERS_ENV
+    from landcover_plugin.contract import runner as engine_runner
+    from landcover_plugin.contract.names import HEADERS_ENV
 
     seen: list[str | None] = []
 
@@ -268,7 +269,7 @@ def test_runs_with_osm_labels_and_credits_them(alg, qgis_new_project, engine_pyt
               "LABEL_SOURCE": 2, "PRESET": "landcover", "OSM_FILE": str(osm), "EPOCHS": 1, "OUTPUT": str(out)}
     results = processing.run(ALG_ID, params, context=context, feedback=feedback)
     assert results["OUTPUT"] == str(out) and out.exists()
-    pipeline = (tmp_path / "landcover-work" / "pipeline.yaml").read_text()
+    pipeline = (tmp_path / "landcover-pipeline.yaml").read_text()
     assert '"osm_file"' in pipeline and '"preset": "landcover"' in pipeline
     layers = [context.temporaryLayerStore().mapLayer(i) for i in context.layersToLoadOnCompletion()]
     assert "landcover" in {layer.name() for layer in layers}

@@ -7,9 +7,9 @@ import time
 import pytest
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
 
-from landcover_plugin.core.engine_runner import EngineRun
+from landcover_plugin.contract.pipeline_file import PipelineFile
+from landcover_plugin.contract.runner import EngineRun
 from landcover_plugin.core.layers import load_result_layers
-from landcover_plugin.core.pipeline_spec import PipelineSpec, write_pipeline
 from landcover_plugin.core.task import EngineTask, summary_text
 
 
@@ -86,9 +86,9 @@ def test_summary_text_shows_the_results():
     assert summary_text(osm) == "crowns: 2. Labels: © OpenStreetMap contributors"
 
 
-def osbs_spec(osbs_tif, osbs_csv, tmp_path) -> PipelineSpec:
+def osbs_spec(osbs_tif, osbs_csv, tmp_path) -> PipelineFile:
     extent = QgsRasterLayer(str(osbs_tif), "osbs").extent()
-    return PipelineSpec(task="trees", aoi=(extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()),
+    return PipelineFile(task="trees", aoi=(extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()),
                         aoi_crs="EPSG:32617", imagery=str(osbs_tif), labels=osbs_csv, epochs=1, chip_size=64,
                         out=tmp_path / "trees.gpkg", workdir=tmp_path / "work")
 
@@ -97,7 +97,7 @@ def osbs_spec(osbs_tif, osbs_csv, tmp_path) -> PipelineSpec:
 def test_pipeline_task_adds_styled_layers(qgis_iface, qgis_new_project, engine_python, osbs_tif, osbs_csv, tmp_path,
                                           wait_until, assert_styled):
     spec = osbs_spec(osbs_tif, osbs_csv, tmp_path)
-    pipeline = write_pipeline(spec, tmp_path / "pipeline.yaml")
+    pipeline = spec.write(tmp_path / "pipeline.yaml")
     loaded, progress = [], []
     bar = qgis_iface.messageBar()
     bar.clear_messages()

@@ -1,8 +1,8 @@
-"""Run the engine as a subprocess and read its JSON-lines events.
+"""Run the engine as a subprocess and read its JSON-lines events (protocol.py).
 
-Pure Python (no qgis, no Qt) so the QgsTask, the Processing algorithm and
-tests share it. The engine is `PYTHON -m landcover_plugin.engine --json ...`;
-see engine/events.py for the events and engine/cli.py for exit codes.
+Standard library only: the plugin's QgsTask and Processing algorithm run the
+engine with it, and so does the engine itself for a pipeline's training child.
+The engine is `PYTHON -m landcover_plugin.engine --json ...`.
 """
 from __future__ import annotations
 
@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from ..engine.events import parse_event
-from .engine_env import EngineLocation, missing_message, package_root
+from .protocol import Event, parse_event
 
-Event = dict[str, Any]
+PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding landcover_plugin/
 
 # Variables QGIS may set for its own GDAL/PROJ/Python; the engine's wheels
 # bring their own, and a mismatched proj.db or PYTHONPATH breaks them.
 _STRIP_ENV = ("PYTHONPATH", "PYTHONHOME", "GDAL_DATA", "GDAL_DRIVER_PATH", "PROJ_LIB", "PROJ_DATA")
 _EOF = object()
+MISSING_HINT = ("Run `make install` in the plugin's source folder, or 'Create environment' in the Landcover "
+                "dock, or set LANDCOVER_ENGINE_PYTHON to the engine's Python.")
 
 
 class EngineFailed(Exception):
@@ -83,7 +84,7 @@ class EngineRun:
 
     python: Path | str
     args: list[str]
-    root: Path = field(default_factory=package_root)
+    root: Path = PACKAGE_ROOT
     cwd: Path | None = None
     # Extra environment for the engine, e.g. LANDCOVER_HTTP_HEADERS with credentials:
     # never on the command line or in a file, and kept out of repr (logs).
@@ -107,8 +108,8 @@ class EngineRun:
                 text=True, bufsize=1, cwd=self.cwd, env={**engine_env(self.root), **self.extra_env},
                 start_new_session=(sys.platform != "win32"))  # own group: cancel reaches its children
         except OSError as exc:
-            raise EngineFailed("ENGINE_MISSING", missing_message(EngineLocation(Path(self.python), "the plugin")),
-                               f"({exc.strerror})") from None
+            raise EngineFailed("ENGINE_MISSING", f"The landcover engine environment is missing: {self.python} "
+                               f"cannot be started ({exc.strerror}). {MISSING_HINT}", "") from None
         # Reader threads: the caller's loop never blocks on a silent engine, so
         # it can notice a cancel at any time (select() does not work on Windows pipes).
         threading.Thread(target=_pump, args=(self.proc.stdout, self._lines.put, _EOF), daemon=True).start()

@@ -1,18 +1,21 @@
-"""The plugin's pipeline file (core/pipeline_spec.py, pure Python) read by the engine's
+"""The pipeline file (contract/pipeline_file.py) the plugin writes, read by the engine's
 load_pipeline: each label source the dock and the Processing algorithm offer."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
-from landcover_plugin.core.pipeline_spec import OVERPASS_DEFAULT, PipelineSpec, presets_for_task, write_pipeline
+from landcover_plugin.contract.names import OVERPASS_DEFAULT
+from landcover_plugin.contract.pipeline_file import PipelineFile
+from landcover_plugin.contract.tasks import presets_for_task
 from landcover_plugin.engine.pipeline import load_pipeline
 from landcover_plugin.engine.presets import available_presets, load_preset
 
 
-def _spec(tmp_path: Path, **labels) -> PipelineSpec:
-    return PipelineSpec(task="landcover", aoi=(500000, 4000000, 500256, 4000256), aoi_crs="EPSG:32617",
+def _spec(tmp_path: Path, **labels) -> PipelineFile:
+    return PipelineFile(task="landcover", aoi=(500000, 4000000, 500256, 4000256), aoi_crs="EPSG:32617",
                         imagery=str(tmp_path / "scene.tif"), out=tmp_path / "lc.gpkg", workdir=tmp_path / "work",
                         **labels)
 
@@ -28,7 +31,7 @@ def _spec(tmp_path: Path, **labels) -> PipelineSpec:
 ])
 def test_each_label_source_reads_back_in_the_engine(tmp_path, labels, expected):
     labels = {k: tmp_path / v if isinstance(v, Path) else v for k, v in labels.items()}
-    pipeline = load_pipeline(write_pipeline(_spec(tmp_path, **labels), tmp_path / "pipeline.yaml"))
+    pipeline = load_pipeline(_spec(tmp_path, **labels).write(tmp_path / "pipeline.yaml"))
     for key, value in expected.items():
         assert getattr(pipeline, key) == value, key
     if "osm_file" in labels:
@@ -38,7 +41,7 @@ def test_each_label_source_reads_back_in_the_engine(tmp_path, labels, expected):
 
 def test_plugin_reads_the_presets_as_the_engine_does():
     """The plugin reads presets without PyYAML; it must agree with the engine's parser."""
-    from landcover_plugin.core.pipeline_spec import read_presets
+    from landcover_plugin.contract.tasks import read_presets
 
     assert [p.name for p in read_presets()] == available_presets()
     for info in read_presets():
@@ -57,4 +60,39 @@ def test_every_engine_task_can_be_asked_for_from_the_plugin(tmp_path, task):
                  overpass=OVERPASS_DEFAULT)
     spec.task = task
     assert spec.problems() == []
-    assert load_pipeline(write_pipeline(spec, tmp_path / "pipeline.yaml")).task == task
+    assert load_pipeline(spec.write(tmp_path / "pipeline.yaml")).task == task
+
+
+@pytest.mark.parametrize("spec, key, nearest", [
+    ({"wrokdir": "w"}, "wrokdir", "workdir"),
+    ({"trian": {"epochs": 1}}, "trian", "train"),
+    ({"train": {"epoch": 1}}, "epoch", "epochs"),
+    ({"imagery": {"source": "a.tif", "gds": 0.1}}, "gds", "gsd"),
+])
+def test_a_typo_is_an_error_naming_the_nearest_key(tmp_path, spec, key, nearest):
+    """An ignored `trian:` would train 20 epochs with defaults: refuse, and say what was meant."""
+    from landcover_plugin.engine.errors import EngineError
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(json.dumps({"task": "trees", "imagery": "a.tif", "out": "t.gpkg", "model": "m.onnx"} | spec))
+    with pytest.raises(EngineError) as err:
+        load_pipeline(path)
+    assert err.value.code == "BAD_PIPELINE" and err.value.hint
+    assert f"'{key}' (did you mean '{nearest}'?)" in err.value.message
+
+
+def test_model_names_a_shipped_model_as_on_the_command_line(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("task: trees\nimagery: a.tif\nout: t.gpkg\nmodel: trees-base\n")
+    assert load_pipeline(path).model == "trees-base"
+    (tmp_path / "trees-base").mkdir()  # a model of the user's beside the file wins
+    assert load_pipeline(path).model == tmp_path / "trees-base"
+
+
+def test_what_the_plugin_writes_the_engine_reads_back_whole(tmp_path):
+    """Every field survives the round trip, batch size and seed included."""
+    spec = PipelineFile(task="trees", aoi=(1.0, 2.0, 3.0, 4.0), aoi_crs="EPSG:32617", imagery="https://t/{z}/{x}/{y}.png",
+                        out=tmp_path / "t.gpkg", workdir=tmp_path / "w", labels=tmp_path / "c.gpkg", epochs=3,
+                        batch_size=4, chip_size=64, seed=7, gsd=0.1, headers={"Referer": "https://x"})
+    back = load_pipeline(spec.write(tmp_path / "p.yaml"))
+    assert back.to_dict() == spec.to_dict()

@@ -1,0 +1,79 @@
+"""The one job recipe the dock and the Processing algorithm share: the user's
+choices -> a pipeline file (contract/pipeline_file.py) -> an engine run, and
+the engine's events -> progress, stage text and log lines."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCoordinateTransformContext, QgsRectangle
+
+from ..contract.pipeline_file import PipelineFile
+from ..contract.runner import EngineRun, OverallProgress
+from .engine_env import EngineLocation
+
+QUICK_EPOCHS = 10  # the dock's and Processing's default: a first result in minutes on a laptop
+
+# Where training labels come from; Processing's enum takes this order (its index 0 stays "layer").
+LABEL_SOURCES = {"layer": "Vector layer or file (with class field)",
+                 "overpass": "OpenStreetMap (Overpass)",
+                 "osm_file": "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)",
+                 "model": "None: predict with a model file"}
+
+Bbox = tuple[float, float, float, float]
+
+
+def aoi_for_engine(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem,
+                   context: QgsCoordinateTransformContext) -> tuple[Bbox, str]:
+    """The area in its own CRS when that has an EPSG code (the engine reads those), else in WGS84."""
+    if not crs.authid().upper().startswith("EPSG:"):
+        wgs84 = QgsCoordinateReferenceSystem("EPSG:4326")
+        rect = QgsCoordinateTransform(crs, wgs84, context).transformBoundingBox(rect)
+        crs = wgs84
+    return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid()
+
+
+def problems(job: PipelineFile) -> list[str]:
+    """The pipeline file's own checks, and two the plugin makes before starting: land cover
+    from the user's vectors needs the field holding the class, and the OSM file must exist."""
+    found = job.problems()
+    if job.task in ("landcover", "classification") and job.labels is not None and not job.class_field \
+            and job.labels.suffix.lower() != ".csv":
+        found.append("Land cover needs the labels' class field: choose the attribute holding the class.")
+    if job.osm_file is not None and job.osm_file.suffix and not job.osm_file.is_file():
+        found.append(f"The OpenStreetMap file {job.osm_file} does not exist.")
+    return found
+
+
+def pipeline_path(job: PipelineFile) -> Path:
+    """The pipeline file beside the result: a user finds it there to rerun or edit the job."""
+    return job.out.with_name(job.out.stem + "-pipeline.yaml")
+
+
+def engine_run(job: PipelineFile, location: EngineLocation, secrets: dict[str, str]) -> EngineRun:
+    """Write the pipeline file and return the `landcover run` that runs it; credentials go
+    in `secrets`, to the engine's environment only, never into the file, argv or a log."""
+    path = job.write(pipeline_path(job))
+    return EngineRun(location.python, ["run", str(path)], cwd=job.out.parent, extra_env=secrets)
+
+
+@dataclass
+class EventRelay:
+    """Engine events -> a 0-100 progress value, the running stage's name and log lines:
+    what a QgsTask and a Processing feedback both show."""
+
+    set_progress: Callable[[float], None]
+    log: Callable[[str, str], None]  # (message, level)
+    set_stage: Callable[[str], None] = lambda name: None
+    progress: OverallProgress = field(default_factory=OverallProgress)
+
+    def __call__(self, event: dict) -> None:
+        if event["event"] == "progress":
+            value = self.progress.update(event)
+            if value is not None:
+                self.set_progress(value)
+            if event.get("stage") == "pipeline" and event.get("message"):
+                self.set_stage(event["message"])
+        elif event["event"] == "log":
+            self.log(event.get("message", ""), event.get("level", "info"))

@@ -40,6 +40,7 @@ class Download:
     retries: int = 0
     error: str = ""
     value: object = None  # what `validate` returned for the body
+    broken: bool = False  # the last try's body did not validate (cut short, not an image ...)
 
 
 def host_of(url: str) -> str:
@@ -116,7 +117,7 @@ def get(session: requests.Session, url: str, validate: Callable[[requests.Respon
         if stop.is_set():
             return Download(None, "failed", retries, "stopped")
         limiter.wait(host, stop)
-        wait = None
+        wait, broken = None, False
         try:
             response = session.get(url, timeout=TIMEOUT)
         except requests.ConnectionError as exc:
@@ -132,7 +133,7 @@ def get(session: requests.Session, url: str, validate: Callable[[requests.Respon
                 try:
                     return Download(response.content, "ok", retries, value=validate(response))
                 except ValueError as exc:
-                    error = str(exc)
+                    error, broken = str(exc), True
             elif response.status_code in RETRY_STATUS:
                 error = f"HTTP {response.status_code}"
                 wait = retry_after(response) if response.status_code in (429, 503) else None
@@ -142,4 +143,4 @@ def get(session: requests.Session, url: str, validate: Callable[[requests.Respon
                 return Download(None, "failed", retries, f"HTTP {response.status_code}")
         if attempt + 1 < ATTEMPTS:
             stop.wait(wait if wait is not None else backoff(attempt))
-    return Download(None, "failed", retries, error)
+    return Download(None, "failed", retries, error, broken=broken)

@@ -68,13 +68,32 @@ class RateLimiter:
             stop.wait(slot - now)
 
 
+class HostBoundSession(requests.Session):
+    """A session whose user-given headers go only to the host they were given for.
+
+    They are how users pass credentials (API keys, tokens, cookies), under any
+    name; requests drops only Authorization when a redirect leads to another
+    host (or port, or from https to http), so a tile server answering 302 to a
+    CDN would hand it the key. The same rule as requests' own for Authorization."""
+
+    user_headers: frozenset[str] = frozenset()
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        super().rebuild_auth(prepared_request, response)
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            for name in self.user_headers:
+                prepared_request.headers.pop(name, None)  # case-insensitive, like HTTP header names
+
+
 def make_session(headers: dict[str, str], pool_size: int) -> requests.Session:
-    """A keep-alive session with a connection pool as large as the worker count."""
+    """A keep-alive session with a connection pool as large as the worker count;
+    `headers` are sent to the source's host only, never after a redirect elsewhere."""
     adapter = HTTPAdapter(max_retries=0, pool_connections=4, pool_maxsize=max(pool_size, 1))
-    session = requests.Session()
+    session = HostBoundSession()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers.update({"User-Agent": USER_AGENT, **headers})
+    session.user_headers = frozenset(headers)
     return session
 
 

@@ -771,6 +771,26 @@ def test_credentials_from_the_environment(tiles_dir, aoi, tmp_path, monkeypatch)
     assert err.value.code == "BAD_HEADERS"
 
 
+def test_credentials_go_only_to_their_host(tiles_dir, aoi, tmp_path, monkeypatch):
+    """A 302 to another host (127.0.0.1 -> localhost) carries none of the user's headers, whether
+    from LANDCOVER_HTTP_HEADERS or given with the source (--header, a pipeline's imagery.headers):
+    requests itself strips only Authorization. A redirect within the host keeps them."""
+    monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", '{"X-Api-Key": "env-s3cret", "Authorization": "Bearer t0ken"}')
+    given = {"X-Other-Key": "param-s3cret", "Referer": "https://example.org/"}
+    user_headers = {"X-Api-Key", "Authorization", "X-Other-Key", "Referer"}
+    with serve(tiles_dir) as target:
+        elsewhere = target.replace("127.0.0.1", "localhost").split("/{z}")[0]
+        with serve(tiles_dir, moved=elsewhere) as redirecting:
+            result = run(redirecting, tmp_path, aoi, zoom=20, headers=given)
+    assert result.summary["downloaded"] == 4 and len(target.headers) == 4
+    assert all(user_headers <= set(h) for h in redirecting.headers)  # sent where they were given
+    assert not any(user_headers & set(h) for h in target.headers)
+    assert all(h["User-Agent"].startswith("landcover-plugin/") for h in target.headers)
+    with serve(tiles_dir, moved="") as same_host:
+        run(same_host, tmp_path, aoi, zoom=20, headers=given, cache_dir=tmp_path / "c2")
+    assert len(same_host.headers) == 8 and all(user_headers <= set(h) for h in same_host.headers)
+
+
 # --- resolution against the model's -----------------------------------------------------------
 
 

@@ -96,6 +96,7 @@ class FetchParams:
     # Metres per pixel the model that will read the imagery expects (its package's resolution_m):
     # the default --gsd of a remote source, and a warning when the imagery's differs too much.
     model_gsd: float | None = None
+    tile_deadline: float = http_client.DEADLINE  # seconds a tile's answers may take over all its tries
 
 
 def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
@@ -260,6 +261,7 @@ class Remote:
     stop: threading.Event
     decode: Callable[[bytes], np.ndarray]
     host: str
+    deadline: float = http_client.DEADLINE
 
 
 def get_piece(remote: Remote, job: Job) -> Outcome:
@@ -275,7 +277,7 @@ def get_piece(remote: Remote, job: Job) -> Outcome:
         if stale is not None and fresh:
             return Outcome(job, stale, "cache", data)
     try:
-        got = http_client.get(remote.session, job.url, lambda r: remote.decode(r.content), remote.limiter, remote.stop)
+        got = http_client.get(remote.session, job.url, remote.decode, remote.limiter, remote.stop, remote.deadline)
     except http_client.Unreachable:
         if stale is not None:
             return Outcome(job, stale, "cache", data)
@@ -632,7 +634,8 @@ def reuse_mosaic(made: MosaicCache, key: str, tile_keys: list[str], out: Path) -
 def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:
     return Remote(http_client.make_session({**params.headers, **env_headers()}, params.workers),
                   TileCache.for_source(params.cache_dir, source_key, params.cache_days),
-                  http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url))
+                  http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url),
+                  params.tile_deadline)
 
 
 # --- XYZ ----------------------------------------------------------------------------------------------

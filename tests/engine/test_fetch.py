@@ -316,6 +316,21 @@ def test_cut_tiles_are_retried_reported_and_never_cached(tiles_dir, aoi, tmp_pat
         assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
 
 
+def test_tile_trickled_past_its_deadline_is_reported_failed(tiles_dir, aoi, tmp_path):
+    """A server sending a tile one byte at a time, each gap under the 30 s read timeout, held
+    a worker as long as it pleased: a tile now has a deadline for its whole answer (short
+    here), and a tile past it is reported as failed while the others make the mosaic."""
+    paths = tile_paths(aoi, 20)
+    with serve(tiles_dir, fail=Fail(trickle=0.25, trickle_bytes=40, paths=frozenset(paths[:2]))) as url:
+        result, events = fetch_events(url, tmp_path, aoi, "slow.tif", zoom=20, tile_deadline=1.0)
+    s = result.summary
+    assert (s["downloaded"], s["failed"]) == (2, 2)
+    assert s["failed_tiles"] == sorted(p.strip("/").removesuffix(".png") for p in paths[:2])
+    warned, = warnings_of(events)
+    assert "2 of 4 tiles could not be fetched (no complete answer within 1 s)" in warned
+    assert len(list((tmp_path / "cache").rglob("*.tile"))) == 2
+
+
 def test_server_sending_only_cut_tiles(tiles_dir, aoi, tmp_path, monkeypatch):
     """Every tile cut: the error says the server sends broken tiles, not that the AOI is outside the imagery."""
     from landcover_plugin.engine import http_client

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import tempfile
 import threading
 import time
@@ -148,6 +149,34 @@ def env_headers() -> dict[str, str]:
         raise EngineError("BAD_HEADERS", f"{HEADERS_ENV} is not a JSON object of header names and values.",
                           'Set it like {"Authorization": "Basic ..."}.')
     return {str(k): str(v) for k, v in headers.items()}
+
+
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other than tab
+
+
+def request_headers(params: FetchParams) -> dict[str, str]:
+    """The user's headers (--header or a pipeline's imagery.headers, then $LANDCOVER_HTTP_HEADERS),
+    checked before any request: one a request cannot carry used to fail every tile, reported as
+    a server failure, or crash. Messages name the header, never its value (often a secret)."""
+    headers = {str(k): str(v).strip(" \t") for k, v in {**params.headers, **env_headers()}.items()}
+    hint = f"Correct it where it was given: --header, the pipeline's imagery.headers or {HEADERS_ENV}."
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise EngineError("BAD_HEADERS", f"HTTP header name {name!r} is not a valid header name "
+                              "(letters, digits and - only, as a rule).", hint)
+        if HEADER_VALUE_BAD.search(value):
+            raise EngineError("BAD_HEADERS", f"The value of HTTP header {name} holds a line break or another "
+                              "control character (the value is not shown: it may be a secret).",
+                              "Give the value on one line. " + hint)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise EngineError("BAD_HEADERS", f"The value of HTTP header {name} holds characters HTTP headers "
+                              "cannot carry (the value is not shown: it may be a secret).",
+                              "Use the value's ASCII form (e.g. Base64 or percent-encoded, as the server "
+                              "expects). " + hint) from None
+    return headers
 
 
 def check_template(template: str) -> str:
@@ -632,7 +661,7 @@ def reuse_mosaic(made: MosaicCache, key: str, tile_keys: list[str], out: Path) -
 
 
 def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:
-    return Remote(http_client.make_session({**params.headers, **env_headers()}, params.workers),
+    return Remote(http_client.make_session(request_headers(params), params.workers),
                   TileCache.for_source(params.cache_dir, source_key, params.cache_days),
                   http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url),
                   params.tile_deadline)

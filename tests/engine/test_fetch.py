@@ -806,6 +806,58 @@ def test_credentials_go_only_to_their_host(tiles_dir, aoi, tmp_path, monkeypatch
     assert len(same_host.headers) == 8 and all(user_headers <= set(h) for h in same_host.headers)
 
 
+@pytest.mark.parametrize("where", ["param", "env", "cli"])
+@pytest.mark.parametrize("name,value,problem", [
+    ("X-Key", "s3cr\net", "line break"), ("X-Key", "s3cr\ret", "line break"), ("X-Key", "s3cr\x00et", "control"),
+    ("X-Key", "s3cr€t", "cannot carry"), ("X Key", "s3cret", "not a valid"), ("X-Key\n", "s3cret", "not a valid")])
+def test_bad_header_is_refused_up_front_without_its_value(aoi, tmp_path, monkeypatch, capsys, where, name, value,
+                                                          problem):
+    """A header a request cannot carry (a line break would end its head early) was reported as a
+    server failure, or crashed: it is refused before any request, naming the header, never its value."""
+    url = "http://127.0.0.1:9/{z}/{x}/{y}.png"  # never contacted
+    if where == "cli":
+        if name.strip() != name:
+            pytest.skip("the command line strips names")
+        bounds = ",".join(f"{v:.9f}" for v in aoi.bounds)
+        from landcover_plugin.engine.cli import main
+
+        code = main(["--json", "fetch", "--aoi", bounds, "--source", url, "--zoom", "20", "--header",
+                     f"{name}:{value}", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "m.tif")])
+        out = capsys.readouterr().out
+        error = json.loads(out.splitlines()[-1])
+        assert code == 2 and error["code"] == "BAD_HEADERS" and "s3cr" not in out
+        message, hint = error["message"], error["hint"]
+    else:
+        if where == "env":
+            monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", json.dumps({name: value}))
+        with pytest.raises(EngineError) as err:
+            run(url, tmp_path, aoi, zoom=20, headers={name: value} if where == "param" else {})
+        assert err.value.code == "BAD_HEADERS"
+        message, hint = err.value.message, err.value.hint
+    assert name.strip() in message and problem in message and hint
+    assert "s3cr" not in message + hint
+    assert out_files(tmp_path) == []
+
+
+def test_header_values_lose_surrounding_blanks(tiles_dir, aoi, tmp_path, monkeypatch):
+    """Blanks around a value are not part of it in HTTP (the command line strips them already);
+    from the environment or a pipeline they made every request fail."""
+    monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", '{"X-Api-Key": "  k3y "}')
+    with serve(tiles_dir) as url:
+        run(url, tmp_path, aoi, zoom=20, headers={"X-Other": "\tv "})
+    assert all(h["X-Api-Key"] == "k3y" and h["X-Other"] == "v" for h in url.headers) and len(url.headers) == 4
+
+
+def test_header_without_a_colon_on_the_command_line(aoi, tmp_path, capsys):
+    from landcover_plugin.engine.cli import main
+
+    bounds = ",".join(f"{v:.9f}" for v in aoi.bounds)
+    code = main(["--json", "fetch", "--aoi", bounds, "--source", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--zoom",
+                 "20", "--header", "s3cret", "--out", str(tmp_path / "m.tif")])
+    out = capsys.readouterr().out
+    assert code == 2 and json.loads(out.splitlines()[-1])["code"] == "BAD_HEADERS" and "s3cret" not in out
+
+
 # --- resolution against the model's -----------------------------------------------------------
 
 

@@ -153,7 +153,7 @@ def get(session: requests.Session, url: str, validate: Callable[[bytes], object]
     on a bad body: truncated, garbage, wrong size), retrying transient failures
     while the answers have taken less than `deadline` seconds in all.
     Raises Unreachable when the server cannot be connected to at all."""
-    host, retries, error, waited = host_of(url), 0, "", 0.0
+    host, retries, error, spent = host_of(url), 0, "", 0.0
     for attempt in range(ATTEMPTS):
         if attempt:
             retries += 1
@@ -163,7 +163,7 @@ def get(session: requests.Session, url: str, validate: Callable[[bytes], object]
         wait, broken, started = None, False, time.monotonic()
         try:
             with session.get(url, timeout=TIMEOUT, stream=True) as response:
-                body = read_body(response, started + deadline - waited)
+                body = read_body(response, started + deadline - spent)
         except requests.ConnectionError as exc:
             if _unreachable(exc):
                 raise Unreachable(host) from None
@@ -173,7 +173,7 @@ def get(session: requests.Session, url: str, validate: Callable[[bytes], object]
         except (urllib3.exceptions.HTTPError, OSError) as exc:  # from read_body: body cut short, read timeout
             error = type(exc).__name__
         except DeadlinePassed:
-            pass
+            pass  # given up just below
         else:
             if response.status_code in MISSING_STATUS:
                 return Download(None, "missing", retries)
@@ -189,8 +189,8 @@ def get(session: requests.Session, url: str, validate: Callable[[bytes], object]
                     return Download(None, "failed", retries, f"{error}, Retry-After {wait:.0f} s")
             else:  # 401, 403, ...: asking again will not help
                 return Download(None, "failed", retries, f"HTTP {response.status_code}")
-        waited += time.monotonic() - started
-        if waited >= deadline:
+        spent += time.monotonic() - started
+        if spent >= deadline:
             return Download(None, "failed", retries, f"no complete answer within {deadline:g} s")
         if attempt + 1 < ATTEMPTS:
             stop.wait(wait if wait is not None else backoff(attempt))

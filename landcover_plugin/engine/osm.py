@@ -203,7 +203,7 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
         with atomic_output(osm_path) as tmp:
             write_osm_xml(document, tmp)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:  # elements that are not OSM JSON
-        raise _malformed(params.url, f"{type(exc).__name__}: {exc}") from None
+        raise _malformed(params.url, f"{type(exc).__name__}: {exc}"[:200]) from None
     if not document["elements"]:
         # An overloaded server or one still loading its data may answer nothing: written for this
         # run only (the lookup above skips it), so that the next run asks again.

@@ -7,8 +7,9 @@ extract (read with pyosmium) and answers with what lies in the query's
 nodes) and relations with such members (with their other members too), as
 `(._;>;); out body;` would. Faults can be scripted: HTTP statuses answered
 before the real answer (429, 504 ...), a Retry-After for the 429s, a
-runtime-error remark, or stalls: the first `stalls` requests get no answer
-for `stall_s` seconds (a server stuck past the client's read timeout).
+runtime-error remark, raw bodies answered (HTTP 200, JSON) before the real
+answer (an empty or malformed one), or stalls: the first `stalls` requests get
+no answer for `stall_s` seconds (a server stuck past the client's read timeout).
 
     with serve_overpass(Path("data/osm/test.osm.pbf"), statuses=[429, 504]) as server:
         server.url          # "http://127.0.0.1:PORT/api/interpreter"
@@ -76,6 +77,7 @@ class OverpassStandIn:
     url: str = ""
     queries: list[str] = field(default_factory=list)
     statuses: list[int] = field(default_factory=list)  # answered (and consumed) before real answers
+    bodies: list[str] = field(default_factory=list)  # then these, with HTTP 200 (and consumed)
     remark: str | None = None  # e.g. "runtime error: Query timed out in \"query\" at line 3"
     retry_after: str = "0"  # Retry-After of the 429 answers
     stalls: int = 0  # requests (the first ones) answered only after stall_s, or at shutdown
@@ -92,6 +94,7 @@ def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
             with lock:
                 state.queries.append(query)
                 status = state.statuses.pop(0) if state.statuses else 200
+                body = state.bodies.pop(0) if status == 200 and state.bodies else None
                 stall = state.stalls > 0
                 state.stalls -= stall
             if stall:
@@ -101,6 +104,8 @@ def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
             if status != 200:
                 headers = {"Retry-After": state.retry_after} if status == 429 else {}
                 return self._answer(status, "text/html", f"<p><strong>Error</strong>: status {status}</p>", headers)
+            if body is not None:
+                return self._answer(200, "application/json", body)
             bbox = re.search(r"\[bbox:([-\d.]+),([-\d.]+),([-\d.]+),([-\d.]+)\]", query)
             if not query.startswith("[out:json]") or not bbox:
                 return self._answer(400, "text/html", "<p><strong>Error</strong>: line 1: parse error</p>")
@@ -131,9 +136,10 @@ def _handler(data: dict, state: OverpassStandIn, lock: threading.Lock):
 
 @contextmanager
 def serve_overpass(osm_file: Path, statuses: list[int] | None = None, remark: str | None = None,
-                   retry_after: str = "0", stalls: int = 0, stall_s: float = 0.0) -> Iterator[OverpassStandIn]:
-    state = OverpassStandIn(statuses=list(statuses or []), remark=remark, retry_after=retry_after,
-                            stalls=stalls, stall_s=stall_s)
+                   retry_after: str = "0", stalls: int = 0, stall_s: float = 0.0,
+                   bodies: list[str] | None = None) -> Iterator[OverpassStandIn]:
+    state = OverpassStandIn(statuses=list(statuses or []), bodies=list(bodies or []), remark=remark,
+                            retry_after=retry_after, stalls=stalls, stall_s=stall_s)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(load_osm(osm_file), state, threading.Lock()))
     state.url = f"http://127.0.0.1:{server.server_address[1]}/api/interpreter"
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -66,14 +66,29 @@ def make_tiles(raster: Path, out_dir: Path, zooms: str = "19-21", tile_size: int
 @dataclass(frozen=True)
 class Fail:
     """Faults to inject. `first`: only the first N requests of each tile fail
-    (None: every request). `truncate`: fail by cutting the body in half after
-    sending the full Content-Length, instead of answering `status`.
-    `retry_after`: seconds sent in a Retry-After header with the error."""
+    (None: every request); `paths`: only requests for these paths fail (None: all).
+    Instead of answering `status`: `truncate` cuts the body in half after sending
+    the full Content-Length; `cut` sends half the body with the half's
+    Content-Length (nothing for HTTP to notice); `trickle` sends the body's first
+    `trickle_bytes` bytes one at a time, `trickle` seconds apart (each gap under the
+    client's read timeout), then the rest. `retry_after`: seconds sent in a
+    Retry-After header with the error."""
 
     status: int = 500
     first: int | None = None
     truncate: bool = False
     retry_after: int | None = None
+    cut: bool = False
+    trickle: float = 0.0
+    trickle_bytes: int = 20
+    paths: frozenset[str] | None = None
+
+    def applies(self, path: str, nth: int) -> bool:
+        return (self.first is None or nth <= self.first) and (self.paths is None or path in self.paths)
+
+    @property
+    def sends_body(self) -> bool:
+        return self.truncate or self.cut or self.trickle > 0
 
 
 @dataclass(frozen=True)
@@ -161,7 +176,8 @@ def wms_image(raster: Path, query: str) -> tuple[bytes, str]:
 
 
 def _handler(directory: Path | None, fail: Fail | Chaos | None, requests: Counter, times: dict,
-             seen_headers: list, lock: threading.Lock, latency: float, synthetic: list[bytes] | None, wms: Path | None):
+             seen_headers: list, lock: threading.Lock, latency: float, synthetic: list[bytes] | None, wms: Path | None,
+             moved: str | None = None):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive, as real tile servers do
 
@@ -173,39 +189,52 @@ def _handler(directory: Path | None, fail: Fail | Chaos | None, requests: Counte
                 seen_headers.append(dict(self.headers))
             if latency:
                 time.sleep(latency)
+            if moved is not None and not self.path.startswith("/moved/"):
+                return self._send(302, b"", "text/plain", {"Location": f"{moved}/moved{self.path}"})
             fault = fail.pick(self.path, nth) if isinstance(fail, Chaos) else \
-                fail if fail is not None and (fail.first is None or nth <= fail.first) else None
-            if fault is not None and not fault.truncate:
+                fail if fail is not None and fail.applies(self.path, nth) else None
+            if fault is not None and not fault.sends_body:
                 headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
                 return self._send(fault.status, b"error", "text/plain", headers)
             body, content_type = self._body()
             if body is None:
                 return self._send(404, b"not found", "text/plain")
-            self._send(200, body, content_type, truncate=fault is not None)
+            self._send(200, body, content_type, fault=fault)
 
         def _body(self) -> tuple[bytes | None, str]:
             if wms is not None:
                 return wms_image(wms, urlsplit(self.path).query)
+            path = self.path.removeprefix("/moved")  # where `moved` servers send their clients
             if synthetic is not None:
-                return synthetic_tile(self.path, synthetic), "image/png"
-            path = (directory / urlsplit(self.path).path.lstrip("/")).resolve()
+                return synthetic_tile(path, synthetic), "image/png"
+            path = (directory / urlsplit(path).path.lstrip("/")).resolve()
             if directory.resolve() not in path.parents or not path.is_file():
                 return None, ""
             return path.read_bytes(), "image/png"
 
         def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None,
-                  truncate: bool = False) -> None:
+                  fault: Fail | None = None) -> None:
+            if fault is not None and fault.cut:  # half the body, announced as the whole of it
+                body = body[: len(body) // 2]
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
             for key, value in (headers or {}).items():
                 self.send_header(key, value)
-            if truncate:  # the full length announced, half the body sent, then the connection dropped
+            if fault is not None and fault.truncate:  # the full length announced, half sent, the connection dropped
                 self.send_header("Connection", "close")
                 self.close_connection = True
                 body = body[: len(body) // 2]
             self.end_headers()
-            self.wfile.write(body)
+            try:
+                if fault is not None and fault.trickle:
+                    for i in range(min(fault.trickle_bytes, len(body))):
+                        self.wfile.write(body[i:i + 1])
+                        time.sleep(fault.trickle)
+                    body = body[fault.trickle_bytes:]
+                self.wfile.write(body)
+            except OSError:  # the client gave up (a trickle past its deadline) and closed the connection
+                self.close_connection = True
 
         def log_message(self, format: str, *args) -> None:  # keep test output quiet
             pass
@@ -215,17 +244,19 @@ def _handler(directory: Path | None, fail: Fail | Chaos | None, requests: Counte
 
 @contextmanager
 def serve(directory: Path | None = None, port: int = 0, fail: Fail | Chaos | None = None, latency: float = 0.0,
-          synthetic: bool = False, wms: Path | None = None) -> Iterator[ServedURL]:
+          synthetic: bool = False, wms: Path | None = None, moved: str | None = None) -> Iterator[ServedURL]:
     """Serve over HTTP on 127.0.0.1 (port 0: any free port) in a daemon thread;
     yield the URL template with its request counter. Sources: `directory`
     (z/x/y.png files), `synthetic` (any z/x/y gets a tile made once), or `wms`
-    (a raster answering WMS GetMap). `latency`: seconds added to each answer."""
+    (a raster answering WMS GetMap). `latency`: seconds added to each answer.
+    `moved`: answer each request with a 302 to MOVED/moved/PATH, which every
+    server answers as PATH ("": to this server itself, another base URL: elsewhere)."""
     requests: Counter = Counter()
     times: dict = {}
     seen_headers: list = []
     tiles = synthetic_tiles() if synthetic else None
     server = ThreadingHTTPServer(("127.0.0.1", port), _handler(directory, fail, requests, times, seen_headers,
-                                                               threading.Lock(), latency, tiles, wms))
+                                                               threading.Lock(), latency, tiles, wms, moved))
     server.daemon_threads = True
     server.request_queue_size = 128
     # A short poll interval: shutdown() waits for the next poll.

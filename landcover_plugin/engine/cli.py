@@ -203,6 +203,9 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
     if args.command == "fetch":
         from .fetch import FetchParams, fetch
 
+        if any(":" not in h for h in args.header):  # not shown: it may be a secret
+            raise EngineError("BAD_HEADERS", "A --header is not NAME:VALUE.",
+                              "Give each header as NAME:VALUE, e.g. --header Referer:https://example.org")
         headers = dict(h.split(":", 1) for h in args.header)
         headers = {k.strip(): v.strip() for k, v in headers.items()}
         return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 import queue
+import re
 import tempfile
 import threading
 import time
 import warnings
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -63,8 +65,11 @@ EST_TILE_BYTES = 25_000  # a typical 256-px aerial tile (JPEG/PNG), for the esti
 EST_TILE_SECONDS = 0.3  # a typical tile request, for the time estimate
 MAX_PIXELS = 4_000_000_000  # output grid limit (catches a --gsd typo); the mosaic is written in windows
 MAX_ZOOM = 24
-MOSAIC_VERSION = 1  # bump when the warp or the output format changes: older finished mosaics are not reused
+# Bump when the warp, the output format or the tile checks change: older finished mosaics are not reused.
+# 2: tiles cut short are refused (mosaics made from such tiles before must be made again).
+MOSAIC_VERSION = 2
 FAIL_FAST = 16  # this many failed tiles before any success: the server is broken, stop asking
+LISTED_FAILURES = 50  # failed tiles named in the result summary (all are counted); the warning names fewer
 TILE_SIZES = (256, 512)
 DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
 # warnings.catch_warnings swaps process-wide filters: threads decoding at once would
@@ -92,6 +97,7 @@ class FetchParams:
     # Metres per pixel the model that will read the imagery expects (its package's resolution_m):
     # the default --gsd of a remote source, and a warning when the imagery's differs too much.
     model_gsd: float | None = None
+    tile_deadline: float = http_client.DEADLINE  # seconds a tile's answers may take over all its tries
 
 
 def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
@@ -142,6 +148,34 @@ def env_headers() -> dict[str, str]:
     return {str(k): str(v) for k, v in headers.items()}
 
 
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other than tab
+
+
+def request_headers(params: FetchParams) -> dict[str, str]:
+    """The user's headers (--header or a pipeline's imagery.headers, then $LANDCOVER_HTTP_HEADERS),
+    checked before any request: one a request cannot carry used to fail every tile, reported as
+    a server failure, or crash. Messages name the header, never its value (often a secret)."""
+    headers = {str(k): str(v).strip(" \t") for k, v in {**params.headers, **env_headers()}.items()}
+    hint = f"Correct it where it was given: --header, the pipeline's imagery.headers or {HEADERS_ENV}."
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise EngineError("BAD_HEADERS", f"HTTP header name {name!r} is not a valid header name "
+                              "(letters, digits and - only, as a rule).", hint)
+        if HEADER_VALUE_BAD.search(value):
+            raise EngineError("BAD_HEADERS", f"The value of HTTP header {name} holds a line break or another "
+                              "control character (the value is not shown: it may be a secret).",
+                              "Give the value on one line. " + hint)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise EngineError("BAD_HEADERS", f"The value of HTTP header {name} holds characters HTTP headers "
+                              "cannot carry (the value is not shown: it may be a secret).",
+                              "Use the value's ASCII form (e.g. Base64 or percent-encoded, as the server "
+                              "expects). " + hint) from None
+    return headers
+
+
 def check_template(template: str) -> str:
     if not urlsplit(template).hostname:
         raise EngineError("BAD_SOURCE", f"XYZ source has no host: {template.split('?')[0]}",
@@ -155,11 +189,43 @@ def check_template(template: str) -> str:
 
 # --- decoding ---------------------------------------------------------------------------------------
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_complete(data: bytes) -> bool:
+    """Whether a PNG's chunks run whole up to IEND, the critical ones with a right CRC."""
+    view, pos = memoryview(data), len(PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = int.from_bytes(view[pos:pos + 4], "big"), bytes(view[pos + 4:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return False
+        critical = not kind[0] & 0x20  # IHDR, PLTE, IDAT, IEND: lowercase first letters are ancillary
+        if critical and zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+            return False
+        if kind == b"IEND":
+            return True
+        pos = end
+    return False
+
+
+def check_complete(data: bytes) -> None:
+    """ValueError when a PNG, JPEG or WebP ends before its end: GDAL decodes a PNG cut
+    short without an error (the missing rows come out as garbage), so a tile cut in
+    transit, with a Content-Length to match, would pass as imagery and be cached."""
+    if data.startswith(PNG_SIGNATURE) and not png_complete(data):
+        raise ValueError("PNG tile cut short or damaged: its chunks do not run whole to IEND")
+    if data.startswith(b"\xff\xd8") and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        raise ValueError("JPEG tile cut short: no end-of-image marker")
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP" and len(data) < 8 + int.from_bytes(data[4:8], "little"):
+        raise ValueError("WebP tile cut short: shorter than its RIFF size")
+
 
 def decode_tile(data: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
     """PNG/JPEG/WebP bytes -> (4, rows, cols) RGBA uint8. ValueError unless the
-    bytes decode to an 8-bit image of `size` (width, height), or by default a
-    square of 256 or 512 px."""
+    bytes are whole and decode to an 8-bit image of `size` (width, height), or by
+    default a square of 256 or 512 px."""
+    check_complete(data)
     try:
         with _DECODE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # tiles carry no georeference
@@ -208,6 +274,7 @@ class Outcome:
     requests: int = 0
     nbytes: int = 0
     error: str = ""
+    broken: bool = False  # failed on bodies that do not validate (cut short, not an image)
 
 
 @dataclass(frozen=True)
@@ -220,6 +287,7 @@ class Remote:
     stop: threading.Event
     decode: Callable[[bytes], np.ndarray]
     host: str
+    deadline: float = http_client.DEADLINE
 
 
 def get_piece(remote: Remote, job: Job) -> Outcome:
@@ -235,7 +303,7 @@ def get_piece(remote: Remote, job: Job) -> Outcome:
         if stale is not None and fresh:
             return Outcome(job, stale, "cache", data)
     try:
-        got = http_client.get(remote.session, job.url, lambda r: remote.decode(r.content), remote.limiter, remote.stop)
+        got = http_client.get(remote.session, job.url, remote.decode, remote.limiter, remote.stop, remote.deadline)
     except http_client.Unreachable:
         if stale is not None:
             return Outcome(job, stale, "cache", data)
@@ -247,7 +315,8 @@ def get_piece(remote: Remote, job: Job) -> Outcome:
         return Outcome(job, got.value, "downloaded", got.body, got.retries, requests_sent, len(got.body))
     if got.status == "failed" and stale is not None:
         return Outcome(job, stale, "cache", data, got.retries, requests_sent)
-    return Outcome(job, None, got.status, retries=got.retries, requests=requests_sent, error=got.error)
+    return Outcome(job, None, got.status, retries=got.retries, requests=requests_sent, error=got.error,
+                   broken=got.broken)
 
 
 def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threading.Event,
@@ -302,7 +371,12 @@ def run_pool(fn: Callable[[Any], Any], items: list, workers: int, stop: threadin
         stop.set()
 
 
-def server_error(host: str, which: str, error: str) -> EngineError:
+def server_error(host: str, which: str, error: str, broken: bool = False) -> EngineError:
+    """`broken`: every failure was a body that did not validate: the server answers, with broken tiles."""
+    if broken:
+        return EngineError("TILE_SERVER_ERROR", f"The tile server {host} sent broken tiles for {which}, "
+                           f"each time it was asked ({error}).", "The server or a proxy on the way cuts or "
+                           "damages its answers: try again later, or use another imagery source.")
     return EngineError("TILE_SERVER_ERROR", f"The tile server {host} failed on {which} ({error}).",
                        "The server may be down or refusing us: try again later, check the URL, "
                        "or add the headers it needs (--header).")
@@ -354,16 +428,20 @@ def download_to_mosaic(jobs: list[Job], layout: Layout, remote: Remote, params: 
     """Get every piece and write it into a temporary source mosaic as it arrives; `warp`
     (which owns the mosaic) warps the output windows whose pieces are all in meanwhile."""
     counts: Counter = Counter()
-    state: dict[str, Any] = {"first_error": ""}
+    state: dict[str, Any] = {"first_error": "", "failed_keys": []}
 
     def on_result(o: Outcome) -> None:
         counts[o.status] += 1
         counts["retried"] += o.retries
         counts["requests"] += o.requests
         counts["bytes"] += o.nbytes
+        counts["broken"] += o.broken
         state["first_error"] = state["first_error"] or o.error
+        if o.status == "failed":
+            state["failed_keys"].append(o.job.key)
         if counts["failed"] >= FAIL_FAST and counts["cache"] + counts["downloaded"] == 0:
-            raise server_error(remote.host, f"the first {counts['failed']} tiles", o.error)
+            raise server_error(remote.host, f"the first {counts['failed']} tiles", o.error,
+                               broken=counts["broken"] == counts["failed"])
         if o.rgba is not None:
             if not o.rgba[3].any():
                 counts["blank"] += 1  # fully transparent: nodata, nothing to write
@@ -387,6 +465,7 @@ def download_to_mosaic(jobs: list[Job], layout: Layout, remote: Remote, params: 
     finally:
         remote.session.close()
     counts["first_error"] = state["first_error"]  # type: ignore[assignment]
+    counts["failed_keys"] = sorted(state["failed_keys"])  # type: ignore[assignment]
     return counts
 
 
@@ -394,13 +473,17 @@ def check_counts(counts: Counter, total: int, host: str, where: str, reporter: R
     """Raise when no piece has imagery; warn about pieces that failed."""
     if counts["cache"] + counts["downloaded"] == 0:
         if counts["failed"]:
-            raise server_error(host, f"all {total} tiles", counts["first_error"])
+            raise server_error(host, f"all {total} tiles", counts["first_error"],
+                               broken=counts["broken"] == counts["failed"])
         raise EngineError("AOI_OUTSIDE_IMAGERY", f"The tile server {host} has no tiles for this AOI {where} "
                           f"(all {total} were missing).", "Check that the AOI lies inside the imagery, or use a "
                           "lower --zoom: the server may not go this deep.")
     if counts["failed"]:
-        reporter.log(f"{counts['failed']} of {total} tiles failed ({counts['first_error']}); they are left empty "
-                     "in the mosaic. Run again to retry them (the others come from the cache).", level="warning")
+        keys = counts["failed_keys"]
+        named = ", ".join(keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        reporter.log(f"{counts['failed']} of {total} tiles could not be fetched ({counts['first_error']}): {named}. "
+                     "They are left empty in the mosaic. Run again to retry them (the others come from the cache).",
+                     level="warning")
 
 
 def aoi_grid(bounds: tuple[float, float, float, float], crs: str, res: float) -> Grid:
@@ -478,7 +561,7 @@ def report(reporter: Reporter, counts: Counter, total: int, seconds: float) -> d
     summary = {"tiles": total, "requested": counts["requests"], "from_cache": counts["cache"],
                "downloaded": counts["downloaded"], "missing": counts["missing"], "blank": counts["blank"],
                "failed": counts["failed"], "retried": counts["retried"], "bytes": counts["bytes"],
-               "seconds": round(seconds, 2)}
+               "seconds": round(seconds, 2), "failed_tiles": list(counts["failed_keys"] or [])[:LISTED_FAILURES]}
     reporter.log(f"fetch: {total} tiles, {counts['requests']} requests, {counts['cache']} from cache, "
                  f"{counts['downloaded']} downloaded, {counts['retried']} retried, {counts['failed']} failed, "
                  f"{counts['missing'] + counts['blank']} empty, {counts['bytes'] / 1e6:.1f} MB in {seconds:.1f} s")
@@ -575,9 +658,10 @@ def reuse_mosaic(made: MosaicCache, key: str, tile_keys: list[str], out: Path) -
 
 
 def make_remote(params: FetchParams, source_key: str, url: str, decode: Callable[[bytes], np.ndarray]) -> Remote:
-    return Remote(http_client.make_session({**params.headers, **env_headers()}, params.workers),
+    return Remote(http_client.make_session(request_headers(params), params.workers),
                   TileCache.for_source(params.cache_dir, source_key, params.cache_days),
-                  http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url))
+                  http_client.RateLimiter(params.rate), threading.Event(), decode, host_of(url),
+                  params.tile_deadline)
 
 
 # --- XYZ ----------------------------------------------------------------------------------------------
@@ -747,7 +831,8 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
                 write_windowed(params.out, profile, read, colorinterp=src.colorinterp,
                                progress=lambda i, n: reporter.progress(STAGE, i, n))
     summary = {"zoom": None, "tiles": 0, "requested": 0, "from_cache": 0, "downloaded": 0, "missing": 0,
-               "blank": 0, "failed": 0, "retried": 0, "bytes": 0, "seconds": round(time.monotonic() - started, 2),
+               "blank": 0, "failed": 0, "failed_tiles": [], "retried": 0, "bytes": 0,
+               "seconds": round(time.monotonic() - started, 2),
                "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs, "native_gsd_m": round(native, 6)}
     return StageResult(outputs={"mosaic": str(params.out)}, summary=summary)
 

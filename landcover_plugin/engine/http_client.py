@@ -16,11 +16,18 @@ from typing import Callable
 from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 USER_AGENT = "landcover-plugin/0.2 (+https://github.com/landcover-plugin; QGIS land cover plugin)"
 TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes
+# Seconds of waiting for one URL's answers over all its tries (not counting the waits between
+# tries): TIMEOUT's read limit restarts at every byte, so a server sending a byte now and
+# then would hold a worker for hours. A tile takes well under a second; a 512-px WMS image
+# at 1 Mbit/s about 5 s.
+DEADLINE = 60.0
+READ_CHUNK = 64 * 1024
 ATTEMPTS = 6  # tries per URL for 5xx/429, broken connections and bodies that do not validate
 BACKOFF_BASE = 0.2  # seconds; the n-th retry waits up to BACKOFF_BASE * 2**n ("full jitter")
 BACKOFF_CAP = 10.0
@@ -33,6 +40,10 @@ class Unreachable(Exception):
     """Connection refused, unknown host or connect timeout: the server is not there."""
 
 
+class DeadlinePassed(Exception):
+    """The answer was not in whole by the deadline."""
+
+
 @dataclass
 class Download:
     body: bytes | None
@@ -40,6 +51,7 @@ class Download:
     retries: int = 0
     error: str = ""
     value: object = None  # what `validate` returned for the body
+    broken: bool = False  # the last try's body did not validate (cut short, not an image ...)
 
 
 def host_of(url: str) -> str:
@@ -67,13 +79,32 @@ class RateLimiter:
             stop.wait(slot - now)
 
 
+class HostBoundSession(requests.Session):
+    """A session whose user-given headers go only to the host they were given for.
+
+    They are how users pass credentials (API keys, tokens, cookies), under any
+    name; requests drops only Authorization when a redirect leads to another
+    host (or port, or from https to http), so a tile server answering 302 to a
+    CDN would hand it the key. The same rule as requests' own for Authorization."""
+
+    user_headers: frozenset[str] = frozenset()
+
+    def rebuild_auth(self, prepared_request: requests.PreparedRequest, response: requests.Response) -> None:
+        super().rebuild_auth(prepared_request, response)
+        if self.should_strip_auth(response.request.url, prepared_request.url):
+            for name in self.user_headers:
+                prepared_request.headers.pop(name, None)  # case-insensitive, like HTTP header names
+
+
 def make_session(headers: dict[str, str], pool_size: int) -> requests.Session:
-    """A keep-alive session with a connection pool as large as the worker count."""
+    """A keep-alive session with a connection pool as large as the worker count;
+    `headers` are sent to the source's host only, never after a redirect elsewhere."""
     adapter = HTTPAdapter(max_retries=0, pool_connections=4, pool_maxsize=max(pool_size, 1))
-    session = requests.Session()
+    session = HostBoundSession()
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     session.headers.update({"User-Agent": USER_AGENT, **headers})
+    session.user_headers = frozenset(headers)
     return session
 
 
@@ -104,35 +135,53 @@ def _unreachable(exc: requests.ConnectionError) -> bool:
     return isinstance(exc, requests.ConnectTimeout) or isinstance(reason, (NewConnectionError, ConnectTimeoutError))
 
 
-def get(session: requests.Session, url: str, validate: Callable[[requests.Response], object],
-        limiter: RateLimiter, stop: threading.Event) -> Download:
-    """GET `url` until `validate(response)` accepts a 200 answer (it raises ValueError
-    on a bad body: truncated, garbage, wrong size), retrying transient failures.
+def read_body(response: requests.Response, deadline: float) -> bytes:
+    """The whole body of a streamed response; DeadlinePassed once time.monotonic()
+    passes `deadline`. read1 returns what has arrived rather than waiting for a
+    full chunk, so the clock is looked at however slowly the bytes come."""
+    chunks = []
+    while chunk := response.raw.read1(READ_CHUNK, decode_content=True):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise DeadlinePassed
+    return b"".join(chunks)
+
+
+def get(session: requests.Session, url: str, validate: Callable[[bytes], object],
+        limiter: RateLimiter, stop: threading.Event, deadline: float = DEADLINE) -> Download:
+    """GET `url` until `validate(body)` accepts a 200 answer (it raises ValueError
+    on a bad body: truncated, garbage, wrong size), retrying transient failures
+    while the answers have taken less than `deadline` seconds in all.
     Raises Unreachable when the server cannot be connected to at all."""
-    host, retries, error = host_of(url), 0, ""
+    host, retries, error, spent = host_of(url), 0, "", 0.0
     for attempt in range(ATTEMPTS):
         if attempt:
             retries += 1
         if stop.is_set():
             return Download(None, "failed", retries, "stopped")
         limiter.wait(host, stop)
-        wait = None
+        wait, broken, started = None, False, time.monotonic()
         try:
-            response = session.get(url, timeout=TIMEOUT)
+            with session.get(url, timeout=TIMEOUT, stream=True) as response:
+                body = read_body(response, started + deadline - spent)
         except requests.ConnectionError as exc:
             if _unreachable(exc):
                 raise Unreachable(host) from None
             error = type(exc).__name__  # not str(exc): it holds the URL, maybe with a key
-        except requests.RequestException as exc:  # read timeout, body cut short
+        except requests.RequestException as exc:  # read timeout
             error = type(exc).__name__
+        except (urllib3.exceptions.HTTPError, OSError) as exc:  # from read_body: body cut short, read timeout
+            error = type(exc).__name__
+        except DeadlinePassed:
+            pass  # given up just below
         else:
             if response.status_code in MISSING_STATUS:
                 return Download(None, "missing", retries)
             if response.status_code == 200:
                 try:
-                    return Download(response.content, "ok", retries, value=validate(response))
+                    return Download(body, "ok", retries, value=validate(body))
                 except ValueError as exc:
-                    error = str(exc)
+                    error, broken = str(exc), True
             elif response.status_code in RETRY_STATUS:
                 error = f"HTTP {response.status_code}"
                 wait = retry_after(response) if response.status_code in (429, 503) else None
@@ -140,6 +189,9 @@ def get(session: requests.Session, url: str, validate: Callable[[requests.Respon
                     return Download(None, "failed", retries, f"{error}, Retry-After {wait:.0f} s")
             else:  # 401, 403, ...: asking again will not help
                 return Download(None, "failed", retries, f"HTTP {response.status_code}")
+        spent += time.monotonic() - started
+        if spent >= deadline:
+            return Download(None, "failed", retries, f"no complete answer within {deadline:g} s")
         if attempt + 1 < ATTEMPTS:
             stop.wait(wait if wait is not None else backoff(attempt))
-    return Download(None, "failed", retries, error)
+    return Download(None, "failed", retries, error, broken=broken)

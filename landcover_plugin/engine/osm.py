@@ -8,6 +8,7 @@ share one parser and one multipolygon assembly.
 from __future__ import annotations
 
 import hashlib
+import re
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -155,7 +156,7 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
     cache = Path(params.cache_dir or default_cache_dir())
     key = hashlib.sha256(f"{params.url}\n{query}".encode()).hexdigest()[:32]
     osm_path = cache / f"{key}.osm"
-    if osm_path.is_file():
+    if osm_path.is_file() and has_elements(osm_path):  # an empty answer is never taken from the cache
         log(f"Overpass: answer from the cache ({osm_path})")
         return osm_path
     wait = params.backoff_s
@@ -197,10 +198,30 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
         time.sleep(wait)
         wait *= 2
     cache.mkdir(parents=True, exist_ok=True)
-    with atomic_output(osm_path) as tmp:
-        write_osm_xml(document, tmp)
+    try:
+        with atomic_output(osm_path) as tmp:
+            write_osm_xml(document, tmp)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # elements that are not OSM JSON
+        raise _malformed(params.url, f"{type(exc).__name__}: {exc}"[:200]) from None
+    if not document["elements"]:
+        # An overloaded server or one still loading its data may answer nothing: written for this
+        # run only (the lookup above skips it), so that the next run asks again.
+        log("Overpass: the answer holds no elements; not cached (asked again next time)")
+        return osm_path
     (cache / f"{key}.query").write_text(f"{params.url}\n{query}")
     return osm_path
+
+
+def has_elements(osm_path: Path) -> bool:
+    """Whether an .osm file written by write_osm_xml holds any element (they follow the root tag)."""
+    with open(osm_path, "rb") as f:
+        return re.search(rb"<(node|way|relation)\b", f.read(4096)) is not None
+
+
+def _malformed(url: str, what: str) -> EngineError:
+    return EngineError("OVERPASS_ERROR", f"Overpass API at {url} sent a malformed answer ({what}): not the OSM "
+                       "JSON of an Overpass interpreter.", "Try again later (a busy server or a proxy may cut or "
+                       "replace answers), another Overpass server (--overpass URL), or a local OSM file (--osm-file).")
 
 
 def _remark(text: str) -> str:
@@ -218,7 +239,11 @@ def _json_answer(response, url: str) -> dict:
         raise EngineError("OVERPASS_ERROR", f"Overpass API at {url} did not answer JSON: {response.text[:200]}",
                           "Check the URL: it is an Overpass interpreter endpoint, e.g. "
                           "https://overpass-api.de/api/interpreter.") from None
+    if not isinstance(document, dict) or not isinstance(document.get("elements"), list):
+        raise _malformed(url, "not an object with a list of elements")
     remark = document.get("remark", "")
+    if not isinstance(remark, str):
+        raise _malformed(url, "its remark is not text")
     if "error" in remark.lower():  # e.g. "runtime error: Query timed out" with HTTP 200
         raise EngineError("OVERPASS_ERROR", f"Overpass API: {remark}",
                           "Use a smaller area or raise --overpass-timeout / --overpass-maxsize.")
@@ -226,20 +251,24 @@ def _json_answer(response, url: str) -> dict:
 
 
 def write_osm_xml(document: dict, path: Path) -> None:
-    """OSM JSON (Overpass `out body`) -> OSM XML, nodes before ways before relations (osmium needs that)."""
+    """OSM JSON (Overpass `out body`) -> OSM XML, nodes before ways before relations (osmium needs that).
+    KeyError, TypeError, ValueError or AttributeError when an element is not OSM JSON: ids and
+    coordinates are written as numbers only, so a broken answer never becomes a broken .osm file."""
     root = ET.Element("osm", {"version": "0.6", "generator": "landcover (from Overpass JSON)"})
     order = {"node": 0, "way": 1, "relation": 2}
     elements = sorted((e for e in document.get("elements", []) if e.get("type") in order),
-                      key=lambda e: (order[e["type"]], e["id"]))
+                      key=lambda e: (order[e["type"]], int(e["id"])))
     for e in elements:
-        attrs = {"id": str(e["id"]), "version": "1"}
+        attrs = {"id": str(int(e["id"])), "version": "1"}
         if e["type"] == "node":
-            attrs |= {"lat": repr(e["lat"]), "lon": repr(e["lon"])}
+            attrs |= {"lat": repr(float(e["lat"])), "lon": repr(float(e["lon"]))}
         el = ET.SubElement(root, e["type"], attrs)
         for ref in e.get("nodes", []):
-            ET.SubElement(el, "nd", {"ref": str(ref)})
+            ET.SubElement(el, "nd", {"ref": str(int(ref))})
         for m in e.get("members", []):
-            ET.SubElement(el, "member", {"type": m["type"], "ref": str(m["ref"]), "role": m.get("role", "")})
+            if m["type"] not in order:
+                raise ValueError(f"member type {m['type']!r}")
+            ET.SubElement(el, "member", {"type": m["type"], "ref": str(int(m["ref"])), "role": str(m.get("role", ""))})
         for k, v in e.get("tags", {}).items():
-            ET.SubElement(el, "tag", {"k": k, "v": str(v)})
+            ET.SubElement(el, "tag", {"k": str(k), "v": str(v)})
     ET.ElementTree(root).write(path, encoding="utf-8", xml_declaration=True)

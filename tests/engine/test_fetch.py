@@ -133,6 +133,23 @@ def test_decode_tile_formats():
         decode_tile(b"<html>rate limited</html>")
 
 
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # writing test tiles
+def test_decode_tile_refuses_tiles_cut_short():
+    """GDAL decodes a PNG cut short without an error (the missing rows come out as garbage):
+    such a tile must not pass as imagery, whatever its format and wherever it was cut."""
+    rgb = np.random.default_rng(2).integers(0, 255, (3, 256, 256), dtype=np.uint8)
+    rgba = np.concatenate([rgb, np.full((1, 256, 256), 255, np.uint8)])
+    for driver, bands in (("PNG", rgb), ("PNG", rgba), ("JPEG", rgb), ("WEBP", rgb)):
+        with MemoryFile() as mem:
+            with mem.open(driver=driver, count=bands.shape[0], width=256, height=256, dtype="uint8") as dst:
+                dst.write(bands)
+            whole = mem.read()
+        assert decode_tile(whole).shape == (4, 256, 256)
+        for keep in (0.5, 0.9, len(whole) - 1):
+            with pytest.raises(ValueError, match="cut short"):
+                decode_tile(whole[: int(keep * len(whole)) if keep < 1 else keep])
+
+
 # --- XYZ over loopback --------------------------------------------------------------------------
 
 
@@ -220,8 +237,8 @@ def test_second_fetch_uses_cache(tiles_dir, aoi, tmp_path):
         assert np.array_equal(a.read(), b.read()) and a.transform == b.transform
 
 
-@pytest.mark.parametrize("fail", [Fail(first=2), Fail(first=2, status=429), Fail(first=1, truncate=True)],
-                         ids=["500", "429", "truncated"])
+@pytest.mark.parametrize("fail", [Fail(first=2), Fail(first=2, status=429), Fail(first=1, truncate=True),
+                                  Fail(first=1, cut=True)], ids=["500", "429", "truncated", "cut"])
 def test_transient_errors_are_retried(tiles_dir, aoi, tmp_path, fail):
     with serve(tiles_dir) as url:
         clean = run(url, tmp_path, aoi, name="clean.tif", zoom=20, cache_dir=tmp_path / "c1")
@@ -252,6 +269,79 @@ def test_server_answering_errors(tiles_dir, aoi, tmp_path):
         assert 16 <= url.request_count <= 19 < count_tiles(bounds, 22)
     assert err.value.code == "TILE_SERVER_ERROR" and "403" in err.value.message
     assert out_files(tmp_path) == []
+
+
+def tile_paths(aoi: AOI, z: int) -> list[str]:
+    """The request paths of the tiles covering `aoi` at zoom `z`, in row order."""
+    return [f"/{t.z}/{t.x}/{t.y}.png" for t in sorted(tiles_covering(aoi.bounds, z), key=lambda t: (t.y, t.x))]
+
+
+def fetch_events(url: str, tmp_path: Path, aoi: AOI, name: str, **kw) -> tuple[object, list[dict]]:
+    log = tmp_path / f"{name}.jsonl"
+    with open(log, "w") as out:
+        result = run(url, tmp_path, aoi, name=name, reporter=Reporter(json_mode=True, out=out), **kw)
+    return result, [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_cut_tiles_are_retried_reported_and_never_cached(tiles_dir, aoi, tmp_path, monkeypatch):
+    """Tiles cut in half with a matching Content-Length (HTTP cannot tell): each is retried,
+    then reported as failed by name (a warning and the summary); none is cached, so a
+    rerun once the server is well fetches just those. A cut tile left in the cache by
+    an older version is downloaded again."""
+    from landcover_plugin.engine import http_client
+
+    monkeypatch.setattr(http_client, "BACKOFF_BASE", 0.01)  # the retries' waits: not what is tested
+    paths = tile_paths(aoi, 20)
+    with serve(tiles_dir) as url:
+        clean = run(url, tmp_path, aoi, name="clean.tif", zoom=20, cache_dir=tmp_path / "c1")
+    with serve(tiles_dir, fail=Fail(cut=True, paths=frozenset(paths[:2]))) as url:
+        cut, events = fetch_events(url, tmp_path, aoi, "cut.tif", zoom=20)
+        assert all(url.requests[p] == http_client.ATTEMPTS for p in paths[:2])
+        port = int(url.split(":")[2].split("/")[0])  # the same URL later: the cache is the URL's
+    s = cut.summary
+    assert (s["downloaded"], s["failed"], s["retried"]) == (2, 2, 2 * (http_client.ATTEMPTS - 1))
+    assert s["failed_tiles"] == sorted(p.strip("/").removesuffix(".png") for p in paths[:2])
+    warned, = warnings_of(events)
+    assert "2 of 4 tiles could not be fetched" in warned and "cut short" in warned and paths[0][1:-4] in warned
+    assert len(list((tmp_path / "cache").rglob("*.tile"))) == 2
+    with serve(tiles_dir, port=port) as url:  # the server is well again
+        again = run(url, tmp_path, aoi, name="again.tif", zoom=20)
+        assert sorted(url.requests) == sorted(paths[:2])
+        assert (again.summary["from_cache"], again.summary["downloaded"], again.summary["failed"]) == (2, 2, 0)
+        tile = next((tmp_path / "cache").rglob("*.tile"))
+        tile.write_bytes(tile.read_bytes()[: tile.stat().st_size // 2])  # as an older version cached it
+        healed = run(url, tmp_path, aoi, name="healed.tif", zoom=20)
+        assert healed.summary["downloaded"] == 1 and url.request_count == 3
+    with rasterio.open(clean.outputs["mosaic"]) as a, rasterio.open(healed.outputs["mosaic"]) as b:
+        assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+
+
+def test_tile_trickled_past_its_deadline_is_reported_failed(tiles_dir, aoi, tmp_path):
+    """A server sending a tile one byte at a time, each gap under the 30 s read timeout, held
+    a worker as long as it pleased: a tile now has a deadline for its whole answer (short
+    here), and a tile past it is reported as failed while the others make the mosaic."""
+    paths = tile_paths(aoi, 20)
+    with serve(tiles_dir, fail=Fail(trickle=0.25, trickle_bytes=40, paths=frozenset(paths[:2]))) as url:
+        result, events = fetch_events(url, tmp_path, aoi, "slow.tif", zoom=20, tile_deadline=1.0)
+    s = result.summary
+    assert (s["downloaded"], s["failed"]) == (2, 2)
+    assert s["failed_tiles"] == sorted(p.strip("/").removesuffix(".png") for p in paths[:2])
+    warned, = warnings_of(events)
+    assert "2 of 4 tiles could not be fetched (no complete answer within 1 s)" in warned
+    assert len(list((tmp_path / "cache").rglob("*.tile"))) == 2
+
+
+def test_server_sending_only_cut_tiles(tiles_dir, aoi, tmp_path, monkeypatch):
+    """Every tile cut: the error says the server sends broken tiles, not that the AOI is outside the imagery."""
+    from landcover_plugin.engine import http_client
+
+    monkeypatch.setattr(http_client, "BACKOFF_BASE", 0.01)
+    with serve(tiles_dir, fail=Fail(cut=True)) as url:
+        with pytest.raises(EngineError) as err:
+            run(url, tmp_path, aoi, zoom=20)
+    assert err.value.code == "TILE_SERVER_ERROR" and "broken tiles" in err.value.message
+    assert "cut short" in err.value.message and err.value.hint
+    assert out_files(tmp_path) == [] and not list((tmp_path / "cache").rglob("*.tile"))
 
 
 def test_server_down(aoi, tmp_path):
@@ -694,6 +784,78 @@ def test_credentials_from_the_environment(tiles_dir, aoi, tmp_path, monkeypatch)
     with pytest.raises(EngineError) as err:
         run("http://127.0.0.1:9/{z}/{x}/{y}.png", tmp_path, aoi, zoom=20, cache_dir=tmp_path / "empty")
     assert err.value.code == "BAD_HEADERS"
+
+
+def test_credentials_go_only_to_their_host(tiles_dir, aoi, tmp_path, monkeypatch):
+    """A 302 to another host (127.0.0.1 -> localhost) carries none of the user's headers, whether
+    from LANDCOVER_HTTP_HEADERS or given with the source (--header, a pipeline's imagery.headers):
+    requests itself strips only Authorization. A redirect within the host keeps them."""
+    monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", '{"X-Api-Key": "env-s3cret", "Authorization": "Bearer t0ken"}')
+    given = {"X-Other-Key": "param-s3cret", "Referer": "https://example.org/"}
+    user_headers = {"X-Api-Key", "Authorization", "X-Other-Key", "Referer"}
+    with serve(tiles_dir) as target:
+        elsewhere = target.replace("127.0.0.1", "localhost").split("/{z}")[0]
+        with serve(tiles_dir, moved=elsewhere) as redirecting:
+            result = run(redirecting, tmp_path, aoi, zoom=20, headers=given)
+    assert result.summary["downloaded"] == 4 and len(target.headers) == 4
+    assert all(user_headers <= set(h) for h in redirecting.headers)  # sent where they were given
+    assert not any(user_headers & set(h) for h in target.headers)
+    assert all(h["User-Agent"].startswith("landcover-plugin/") for h in target.headers)
+    with serve(tiles_dir, moved="") as same_host:
+        run(same_host, tmp_path, aoi, zoom=20, headers=given, cache_dir=tmp_path / "c2")
+    assert len(same_host.headers) == 8 and all(user_headers <= set(h) for h in same_host.headers)
+
+
+@pytest.mark.parametrize("where", ["param", "env", "cli"])
+@pytest.mark.parametrize("name,value,problem", [
+    ("X-Key", "s3cr\net", "line break"), ("X-Key", "s3cr\ret", "line break"), ("X-Key", "s3cr\x00et", "control"),
+    ("X-Key", "s3cr€t", "cannot carry"), ("X Key", "s3cret", "not a valid"), ("X-Key\n", "s3cret", "not a valid")])
+def test_bad_header_is_refused_up_front_without_its_value(aoi, tmp_path, monkeypatch, capsys, where, name, value,
+                                                          problem):
+    """A header a request cannot carry (a line break would end its head early) was reported as a
+    server failure, or crashed: it is refused before any request, naming the header, never its value."""
+    url = "http://127.0.0.1:9/{z}/{x}/{y}.png"  # never contacted
+    if where == "cli":
+        if name.strip() != name:
+            pytest.skip("the command line strips names")
+        bounds = ",".join(f"{v:.9f}" for v in aoi.bounds)
+        from landcover_plugin.engine.cli import main
+
+        code = main(["--json", "fetch", "--aoi", bounds, "--source", url, "--zoom", "20", "--header",
+                     f"{name}:{value}", "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "m.tif")])
+        out = capsys.readouterr().out
+        error = json.loads(out.splitlines()[-1])
+        assert code == 2 and error["code"] == "BAD_HEADERS" and "s3cr" not in out
+        message, hint = error["message"], error["hint"]
+    else:
+        if where == "env":
+            monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", json.dumps({name: value}))
+        with pytest.raises(EngineError) as err:
+            run(url, tmp_path, aoi, zoom=20, headers={name: value} if where == "param" else {})
+        assert err.value.code == "BAD_HEADERS"
+        message, hint = err.value.message, err.value.hint
+    assert name.strip() in message and problem in message and hint
+    assert "s3cr" not in message + hint
+    assert out_files(tmp_path) == []
+
+
+def test_header_values_lose_surrounding_blanks(tiles_dir, aoi, tmp_path, monkeypatch):
+    """Blanks around a value are not part of it in HTTP (the command line strips them already);
+    from the environment or a pipeline they made every request fail."""
+    monkeypatch.setenv("LANDCOVER_HTTP_HEADERS", '{"X-Api-Key": "  k3y "}')
+    with serve(tiles_dir) as url:
+        run(url, tmp_path, aoi, zoom=20, headers={"X-Other": "\tv "})
+    assert all(h["X-Api-Key"] == "k3y" and h["X-Other"] == "v" for h in url.headers) and len(url.headers) == 4
+
+
+def test_header_without_a_colon_on_the_command_line(aoi, tmp_path, capsys):
+    from landcover_plugin.engine.cli import main
+
+    bounds = ",".join(f"{v:.9f}" for v in aoi.bounds)
+    code = main(["--json", "fetch", "--aoi", bounds, "--source", "http://127.0.0.1:9/{z}/{x}/{y}.png", "--zoom",
+                 "20", "--header", "s3cret", "--out", str(tmp_path / "m.tif")])
+    out = capsys.readouterr().out
+    assert code == 2 and json.loads(out.splitlines()[-1])["code"] == "BAD_HEADERS" and "s3cret" not in out
 
 
 # --- resolution against the model's -----------------------------------------------------------

@@ -238,6 +238,51 @@ def test_overpass_runtime_error_remark_and_bad_status(test_pbf, tmp_path):
     assert err.value.code == "OVERPASS_UNREACHABLE"
 
 
+EMPTY_ANSWER = '{"version": 0.6, "generator": "Overpass API", "elements": []}'
+
+
+def test_overpass_empty_answer_is_not_cached(test_pbf, tmp_path):
+    """An empty answer (an overloaded server, data not loaded yet) was cached for good: every
+    later run got no features without asking. Now it is used once and asked for again next time;
+    an empty answer an older version cached is not taken from the cache either."""
+    logs: list[str] = []
+    with serve_overpass(test_pbf, bodies=[EMPTY_ANSWER, EMPTY_ANSWER]) as server:
+        empty = fetch_overpass(load_preset("buildings"), overpass_params(server.url, tmp_path), logs.append)
+        assert not read_osm_file(empty, load_preset("buildings")).features
+        assert any("no elements" in line and "not cached" in line for line in logs)
+        (tmp_path / "old.osm").write_bytes(empty.read_bytes())  # as older versions cached it
+        again = fetch_overpass(load_preset("buildings"), overpass_params(server.url, tmp_path), logs.append)
+        assert len(server.queries) == 2 and not read_osm_file(again, load_preset("buildings")).features
+        again.write_bytes((tmp_path / "old.osm").read_bytes())
+        full = fetch_overpass(load_preset("buildings"), overpass_params(server.url, tmp_path), logs.append)
+        assert len(server.queries) == 3 and read_osm_file(full, load_preset("buildings")).features
+        cached = fetch_overpass(load_preset("buildings"), overpass_params(server.url, tmp_path), logs.append)
+        assert cached == full and len(server.queries) == 3  # a real answer is cached
+
+
+@pytest.mark.parametrize("body", [
+    "[1, 2]",  # JSON, but not an object
+    '{"elements": "none"}',
+    '{"elements": [{"type": "node", "id": 1}]}',  # a node without its location
+    '{"elements": [{"type": "way", "id": "w1", "nodes": [1]}]}',
+    '{"elements": [{"type": "node", "id": 1, "lat": "north", "lon": 0}]}',
+    '{"elements": [{"type": "relation", "id": 1, "members": [{"ref": 2}]}]}',
+    '{"elements": [{"type": "node", "id": 1, "lat": 60.5, "lon": 26.9, "tags": ["building"]}]}',
+    '{"remark": 5, "elements": []}',
+    "<html>gateway says hello</html>",
+], ids=["list", "elements-str", "node-no-lat", "way-id-str", "lat-str", "member-no-type", "tags-list",
+        "remark-int", "html"])
+def test_overpass_malformed_answer_is_a_clear_error(test_pbf, tmp_path, capsys, body):
+    """An answer that is not OSM JSON is exit 2 with a code and a hint, not an internal error; nothing is cached."""
+    with serve_overpass(test_pbf, bodies=[body]) as server:
+        code = main(["--json", "labels", "--aoi", ",".join(map(str, TEST_AOI)), "--preset", "buildings",
+                     "--overpass", server.url, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "b.gpkg")])
+    error = [parse_event(line) for line in capsys.readouterr().out.splitlines()][-1]
+    assert code == 2 and error["event"] == "error" and error["code"] == "OVERPASS_ERROR"
+    assert server.url in error["message"] and error["hint"]
+    assert not list((tmp_path / "cache").glob("*.osm")) if (tmp_path / "cache").exists() else True
+
+
 def test_labels_command_over_overpass(test_pbf, tmp_path, capsys):
     with serve_overpass(test_pbf) as server:
         code = main(["--json", "labels", "--aoi", ",".join(map(str, TEST_AOI)), "--preset", "buildings",

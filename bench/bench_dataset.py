@@ -62,8 +62,8 @@ def make_labels(path: Path, rows: int, cols: int, count: int) -> None:
 CHILD = """
 import io, json, resource, sys, time
 from pathlib import Path
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.events import Reporter
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
 imagery, labels, out, mode = sys.argv[1:5]
 started = time.perf_counter()
 if mode == "build":

@@ -21,7 +21,7 @@ import rasterio
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from landcover_plugin.engine.tiles import Tile, lnglat_to_tile, tile_bounds_lnglat  # noqa: E402
+from landcover_plugin.engine.imagery.tiles import Tile, lnglat_to_tile, tile_bounds_lnglat  # noqa: E402
 from tile_server import Chaos, serve  # noqa: E402
 
 SECTION = "fetch"

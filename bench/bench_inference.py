@@ -20,11 +20,11 @@ TILE, N_TILES, BATCH = 256, 32, 8
 
 
 def ort_session(path: Path):
-    """A session tuned as predict's (landcover_plugin.engine.predict.open_session)."""
+    """A session tuned as predict's (landcover_plugin.engine.stages.predict.open_session)."""
     import io
 
     from landcover_plugin.engine.events import Reporter
-    from landcover_plugin.engine.predict import open_session
+    from landcover_plugin.engine.stages.predict import open_session
 
     session, _ = open_session(path, Reporter(json_mode=True, out=io.StringIO()))
     return session
@@ -42,7 +42,7 @@ def run(workdir: Path) -> dict:
     fp32 = tiles_per_second(lambda x: session.run(None, {name: x}), tiles, BATCH)
     pred32 = np.argmax(session.run(None, {name: tiles})[0], axis=1)
 
-    from landcover_plugin.engine.quantize import quantize_file
+    from landcover_plugin.engine.stages.quantize import quantize_file
 
     quantize_file(workdir / "model.onnx", workdir / "int8.onnx", [tiles[i:i + 1] for i in range(0, N_TILES, 4)])
     q = ort_session(workdir / "int8.onnx")

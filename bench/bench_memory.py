@@ -41,7 +41,7 @@ def colour_model(path: Path) -> Path:
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from landcover_plugin.engine.model_package import ModelInfo, write_metadata
+    from landcover_plugin.engine.learn.model_package import ModelInfo, write_metadata
 
     c = COLOURS.astype(np.float32) / 255.0
     weights = (2 * c)[:, :, None, None] * 20.0  # -|x - c|² up to a constant: 2 x.c - |c|²

@@ -34,8 +34,8 @@ def _chips(n: int) -> tuple[np.ndarray, np.ndarray]:
 def train_speed() -> float:
     import keras
 
-    from landcover_plugin.engine.train import make_loss
-    from landcover_plugin.engine.unet import build_unet
+    from landcover_plugin.engine.stages.train import make_loss
+    from landcover_plugin.engine.learn.unet import build_unet
 
     model = build_unet(TILE, 3, "trees")
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=make_loss("trees"))
@@ -49,7 +49,7 @@ def train_speed() -> float:
 
 
 def pipeline_speed() -> float:
-    from landcover_plugin.engine.train import augmented
+    from landcover_plugin.engine.stages.train import augmented
 
     x, y = _chips(32)
     data = augmented(x, y, BATCH, seed=0).repeat()
@@ -80,9 +80,9 @@ class _Clock:
 
 
 def demo_epoch(workdir: Path) -> tuple[float, float]:
-    from landcover_plugin.engine.dataset import DatasetParams, build_dataset
+    from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
     from landcover_plugin.engine.events import Reporter
-    from landcover_plugin.engine.train import TrainParams, train
+    from landcover_plugin.engine.stages.train import TrainParams, train
 
     data = ROOT / "data" / "deepforest"
     build_dataset(DatasetParams(imagery=data / "OSBS_029.tif", labels=data / "OSBS_029.csv", task="trees",

@@ -24,9 +24,9 @@ OURS = """
 import sys
 from pathlib import Path
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.model_package import ModelInfo
-from landcover_plugin.engine.predict import vectorize_landcover
-from landcover_plugin.engine.vectorize import write_gpkg
+from landcover_plugin.engine.learn.model_package import ModelInfo
+from landcover_plugin.engine.stages.predict import vectorize_landcover
+from landcover_plugin.engine.vector.vectorize import write_gpkg
 import rasterio
 info = ModelInfo(task="landcover", class_names=list("abcde"), class_colors=[], band_count=3, resolution_m=1.0,
                  tile_size=256, tile_overlap=32)

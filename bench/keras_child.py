@@ -35,8 +35,8 @@ def main(workdir: Path, tile: int, n_tiles: int, batch: int) -> None:
     import keras
     import tensorflow as tf
 
-    from landcover_plugin.engine.train import export_onnx
-    from landcover_plugin.engine.unet import build_unet
+    from landcover_plugin.engine.stages.train import export_onnx
+    from landcover_plugin.engine.learn.unet import build_unet
 
     keras.utils.set_random_seed(0)
     model = build_unet(tile, 3, "landcover", n_classes=N_CLASSES)

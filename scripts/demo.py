@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the loopback tile server lives with the tests
 from tile_server import make_tiles, serve  # noqa: E402
 
-from landcover_plugin.engine.imagery import stack_bands  # noqa: E402
+from landcover_plugin.engine.imagery.raster import stack_bands  # noqa: E402
 
 OUT = ROOT / "demo-output"
 WORK = OUT / "work"

@@ -32,11 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from landcover_plugin.engine.crown_metrics import CrownScore, crown_boxes, match_boxes  # noqa: E402
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset  # noqa: E402
 from landcover_plugin.engine.events import Reporter  # noqa: E402
-from landcover_plugin.engine.model_package import read_info, write_metadata  # noqa: E402
-from landcover_plugin.engine.train import TrainParams, train  # noqa: E402
+from landcover_plugin.engine.learn.model_package import read_info, write_metadata  # noqa: E402
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset  # noqa: E402
+from landcover_plugin.engine.stages.train import TrainParams, train  # noqa: E402
+from landcover_plugin.engine.vector.crown_metrics import CrownScore, crown_boxes, match_boxes  # noqa: E402
 
 DATA = ROOT / "data" / "deepforest"
 WORK = ROOT / "data" / "trees-base"
@@ -124,7 +124,7 @@ def predict_image(model_dir: Path, tif: Path) -> tuple[np.ndarray, np.ndarray]:
 
     import rasterio
 
-    from landcover_plugin.engine.predict import PROB_SCALE, aoi_window, open_session, predict_to_raster
+    from landcover_plugin.engine.stages.predict import PROB_SCALE, aoi_window, open_session, predict_to_raster
     from landcover_plugin.contract.names import NODATA
 
     info = read_info(model_dir)

@@ -62,6 +62,6 @@ def crop():
 @pytest.fixture(scope="session")
 def landsat_stack(landsat_bands, tmp_path_factory) -> Path:
     """The six Landsat bands stacked into one 6-band GeoTIFF."""
-    from landcover_plugin.engine.imagery import stack_bands
+    from landcover_plugin.engine.imagery.raster import stack_bands
 
     return stack_bands(landsat_bands, tmp_path_factory.mktemp("landsat") / "lsat7_2000.tif")

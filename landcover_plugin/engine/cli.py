@@ -19,7 +19,7 @@ from ..contract.protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXI
 from ..contract.tasks import TASK_IDS
 from .errors import Cancelled, EngineError
 from .events import Reporter
-from .health import HealthThresholds
+from .vector.health import HealthThresholds
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -178,13 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _aoi(args: argparse.Namespace):
-    from .aoi import parse_aoi
+    from .imagery.aoi import parse_aoi
 
     return parse_aoi(args.aoi, args.aoi_crs) if args.aoi else None
 
 
 def _model_gsd(model: Path | None) -> float | None:
-    from .model_package import read_info
+    from .learn.model_package import read_info
 
     return read_info(model).resolution_m if model else None
 
@@ -201,7 +201,7 @@ def _offset(text: str) -> tuple[float, float]:
 def dispatch(args: argparse.Namespace, reporter: Reporter):
     """Run the subcommand; return its StageResult."""
     if args.command == "fetch":
-        from .fetch import FetchParams, fetch
+        from .stages.fetch import FetchParams, fetch
 
         if any(":" not in h for h in args.header):  # not shown: it may be a secret
             raise EngineError("BAD_HEADERS", "A --header is not NAME:VALUE.",
@@ -214,15 +214,15 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                  cache_days=args.cache_days, subdomains=args.subdomains, mbtiles=args.mbtiles,
                                  wms_crs=args.wms_crs, model_gsd=_model_gsd(args.model)), reporter)
     if args.command == "labels":
-        from .labels import LabelsParams, build_labels
+        from .stages.labels import LabelsParams, build_labels
 
         return build_labels(LabelsParams(aoi=_aoi(args), preset=args.preset, out=args.out, osm_file=args.osm_file,
                                          overpass=args.overpass, date=args.date,
                                          overpass_timeout=args.overpass_timeout,
                                          overpass_maxsize=args.overpass_maxsize, cache_dir=args.cache), reporter)
     if args.command == "dataset":
-        from .dataset import DatasetParams, build_dataset
-        from .labels import parse_class_map
+        from .stages.dataset import DatasetParams, build_dataset
+        from .labels.read import parse_class_map
 
         return build_dataset(DatasetParams(imagery=args.imagery, labels=args.labels, task=args.task,
                                            out=args.out, class_field=args.class_field,
@@ -233,7 +233,7 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                            crown_radius_m=args.crown_radius),
                              reporter)
     if args.command == "train":
-        from .train import params_from_config, train
+        from .stages.train import params_from_config, train
 
         options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
                                                  "learning_rate", "freeze_encoder", "resume", "encoder",
@@ -245,11 +245,11 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                               "Give both, or a --config file that names them.")
         return train(params_from_config(None, **options), reporter)
     if args.command == "eval":
-        from .evaluate import EvalParams, evaluate
+        from .stages.evaluate import EvalParams, evaluate
 
         return evaluate(EvalParams(model=args.model, dataset=args.dataset, out=args.out, split=args.split), reporter)
     if args.command == "predict":
-        from .predict import PredictParams, predict
+        from .stages.predict import PredictParams, predict
 
         health = HealthThresholds(vari_stressed=args.vari_stressed, vari_dead=args.vari_dead,
                                   ndvi_stressed=args.ndvi_stressed, ndvi_dead=args.ndvi_dead, dead_prob=args.dead_prob)
@@ -257,12 +257,12 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                      batch_size=args.batch_size, threads=args.threads, block_size=args.block_size,
                                      nir_band=args.nir_band, health=health, orchard=not args.no_orchard), reporter)
     if args.command == "quantize":
-        from .quantize import QuantizeParams, quantize
+        from .stages.quantize import QuantizeParams, quantize
 
         return quantize(QuantizeParams(model=args.model, out=args.out, imagery=args.imagery,
                                        calibration_tiles=args.calibration_tiles), reporter)
     if args.command == "run":
-        from .pipeline import load_pipeline, run_pipeline
+        from .stages.pipeline import load_pipeline, run_pipeline
 
         return run_pipeline(load_pipeline(args.pipeline), reporter)
     raise AssertionError(args.command)

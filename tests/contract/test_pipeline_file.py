@@ -10,8 +10,8 @@ import pytest
 from landcover_plugin.contract.names import OVERPASS_DEFAULT
 from landcover_plugin.contract.pipeline_file import PipelineFile
 from landcover_plugin.contract.tasks import presets_for_task
-from landcover_plugin.engine.pipeline import load_pipeline
-from landcover_plugin.engine.presets import available_presets, load_preset
+from landcover_plugin.engine.labels.presets import available_presets, load_preset
+from landcover_plugin.engine.stages.pipeline import load_pipeline
 
 
 def _spec(tmp_path: Path, **labels) -> PipelineFile:

@@ -16,7 +16,7 @@ import rasterio
 from rasterio.transform import from_origin
 
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.pipeline import load_pipeline
+from landcover_plugin.engine.stages.pipeline import load_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from osm_xml import osm_file  # noqa: E402

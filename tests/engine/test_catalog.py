@@ -17,11 +17,11 @@ from shapely.geometry import box, mapping
 
 from landcover_plugin.contract.names import IGNORE
 from landcover_plugin.contract.protocol import parse_event
-from landcover_plugin.engine.catalog import catalog_info, fraction_field
 from landcover_plugin.engine.cli import main
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset, chip_hash
 from landcover_plugin.engine.errors import Cancelled
 from landcover_plugin.engine.events import Reporter
+from landcover_plugin.engine.stages.catalog import catalog_info, fraction_field
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset, chip_hash
 
 CRS, X0, Y0, SIZE, CHIP = "EPSG:32617", 500000.0, 4000256.0, 256, 32
 

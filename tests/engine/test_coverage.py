@@ -8,7 +8,7 @@ from affine import Affine
 from rasterio.features import shapes, sieve
 from scipy import ndimage
 
-from landcover_plugin.engine.coverage import PixelPolygons, simplify_coverage
+from landcover_plugin.engine.vector.coverage import PixelPolygons, simplify_coverage
 
 
 def traced(classes: np.ndarray, origin: tuple[int, int] = (0, 0)) -> tuple[list[dict], PixelPolygons]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landcover_plugin.engine.crown_metrics import box_iou, crown_boxes, match_boxes, truth_boxes_from_mask
+from landcover_plugin.engine.vector.crown_metrics import box_iou, crown_boxes, match_boxes, truth_boxes_from_mask
 
 
 def test_one_to_one_matching_at_iou_04():
@@ -21,7 +21,7 @@ def test_one_to_one_matching_at_iou_04():
 
 
 def test_touching_crowns_are_split_at_their_centres():
-    from landcover_plugin.engine.dataset import trees_mask
+    from landcover_plugin.engine.stages.dataset import trees_mask
     from rasterio.transform import from_origin
     from shapely.geometry import Point, box
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from rasterio.windows import Window
 
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.model_package import read_info
-from landcover_plugin.engine.train import TrainParams, train
+from landcover_plugin.engine.learn.model_package import read_info
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
+from landcover_plugin.engine.stages.train import TrainParams, train
 
 from test_tasks import CHIP, onnx_matches_keras, quiet  # tests/engine is on sys.path (pytest rootdir mode)
 
@@ -48,7 +48,7 @@ def test_pretrained_encoder_six_bands_frozen(classification_dataset, encoder_wei
     file's weights (batch norm statistics included); ONNX matches Keras."""
     import keras
 
-    from landcover_plugin.engine.unet import mobilenet_encoder
+    from landcover_plugin.engine.learn.unet import mobilenet_encoder
 
     model = tmp_path / "model"
     train(TrainParams(dataset=classification_dataset, out=model, epochs=1, batch_size=8, encoder="mobilenetv2",
@@ -75,8 +75,8 @@ def test_pretrained_encoder_six_bands_frozen(classification_dataset, encoder_wei
 def test_mobilenet_unet_random_init_exports(tmp_path, encoder_weights):
     """The U-Net over MobileNetV2, randomly initialised (no file needed), exports to ONNX
     matching Keras; wrong chip sizes and missing weight files are clear errors."""
-    from landcover_plugin.engine.train import check_onnx, export_onnx
-    from landcover_plugin.engine.unet import build_unet, mobilenet_encoder
+    from landcover_plugin.engine.stages.train import check_onnx, export_onnx
+    from landcover_plugin.engine.learn.unet import build_unet, mobilenet_encoder
 
     model = build_unet(CHIP, 3, "buildings", 2, width=8, encoder="mobilenetv2")
     export_onnx(model, tmp_path / "m.onnx", CHIP, 3)

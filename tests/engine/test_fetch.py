@@ -23,14 +23,14 @@ from rasterio.warp import transform, transform_bounds
 from rasterio.windows import from_bounds
 from shapely.geometry import box
 
-from landcover_plugin.engine import mosaic
-from landcover_plugin.engine.aoi import AOI
 from landcover_plugin.engine.errors import Cancelled, EngineError
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.fetch import FetchParams, TileCache, decode_tile, fetch
-from landcover_plugin.engine.tiles import (MAX_LAT, Tile, count_tiles, expand_template, ground_resolution,
+from landcover_plugin.engine.imagery import mosaic
+from landcover_plugin.engine.imagery.aoi import AOI
+from landcover_plugin.engine.imagery.tiles import (MAX_LAT, Tile, count_tiles, expand_template, ground_resolution,
                                            lnglat_to_tile, nearest_zoom, quadkey, template_tile_size,
                                            tile_bounds_lnglat, tile_bounds_mercator, tiles_covering)
+from landcover_plugin.engine.stages.fetch import FetchParams, TileCache, decode_tile, fetch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tile_server import Chaos, Fail, make_tiles, serve  # noqa: E402
@@ -288,7 +288,7 @@ def test_cut_tiles_are_retried_reported_and_never_cached(tiles_dir, aoi, tmp_pat
     then reported as failed by name (a warning and the summary); none is cached, so a
     rerun once the server is well fetches just those. A cut tile left in the cache by
     an older version is downloaded again."""
-    from landcover_plugin.engine import http_client
+    from landcover_plugin.engine.imagery import http_client
 
     monkeypatch.setattr(http_client, "BACKOFF_BASE", 0.01)  # the retries' waits: not what is tested
     paths = tile_paths(aoi, 20)
@@ -333,7 +333,7 @@ def test_tile_trickled_past_its_deadline_is_reported_failed(tiles_dir, aoi, tmp_
 
 def test_server_sending_only_cut_tiles(tiles_dir, aoi, tmp_path, monkeypatch):
     """Every tile cut: the error says the server sends broken tiles, not that the AOI is outside the imagery."""
-    from landcover_plugin.engine import http_client
+    from landcover_plugin.engine.imagery import http_client
 
     monkeypatch.setattr(http_client, "BACKOFF_BASE", 0.01)
     with serve(tiles_dir, fail=Fail(cut=True)) as url:
@@ -558,7 +558,7 @@ def test_warping_during_the_download_changes_nothing(tiles_dir, aoi, tmp_path, m
     """Windows warped as soon as their tile rows are in (overlapping the download) give the
     same mosaic as warping everything after the download: no window reads a piece row
     that may still be missing. Each window is warped at the earliest moment allowed."""
-    from landcover_plugin.engine.fetch import ProgressiveWarp
+    from landcover_plugin.engine.stages.fetch import ProgressiveWarp
 
     monkeypatch.setattr(mosaic, "WINDOW", 256)  # 16 windows of 256 x 64 px over 3 rows of tiles
     early = []
@@ -898,7 +898,7 @@ def test_model_resolution_is_reported_and_checked(tiles_dir, aoi, osbs_tif, tmp_
 def test_pipeline_fetch_checks_the_models_resolution(tiles_dir, aoi, tmp_path):
     """`landcover run` with a model: its fetch stage takes the model's resolution and warns like `fetch --model`."""
     from landcover_plugin.contract.names import MODELS_DIR
-    from landcover_plugin.engine.pipeline import load_pipeline, run_pipeline
+    from landcover_plugin.engine.stages.pipeline import load_pipeline, run_pipeline
 
     log = tmp_path / "run.jsonl"
     with serve(tiles_dir) as url:

@@ -10,9 +10,9 @@ import rasterio
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 from shapely.geometry import Point, box, mapping, shape
 
-from landcover_plugin.engine.aoi import reproject_geometry
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.labels import read_labels
+from landcover_plugin.engine.imagery.aoi import reproject_geometry
+from landcover_plugin.engine.labels.read import read_labels
 
 NC_CLASSES = ["agriculture", "developed", "forest", "herbaceous", "sediment", "shrubland", "water"]
 
@@ -164,7 +164,7 @@ def test_pascal_voc_boxes_land_where_the_csv_ones_do(osbs_csv, osbs_tif, tmp_pat
 
 
 def test_class_map_renames_values_and_refuses_unknown_ones(landsat_polygons, landsat_stack):
-    from landcover_plugin.engine.labels import parse_class_map
+    from landcover_plugin.engine.labels.read import parse_class_map
 
     mapping_ = parse_class_map("agriculture=cultivated,developed=developed,forest=forested,"
                                "herbaceous=herbaceous,sediment=barren,shrubland=shrub,water=water")

@@ -6,7 +6,7 @@ import pytest
 from rasterio.crs import CRS
 from shapely.geometry import Point
 
-from landcover_plugin.engine.orchard import fit_grid, GridParams, orchard_layers
+from landcover_plugin.engine.vector.orchard import fit_grid, GridParams, orchard_layers
 
 UTM = CRS.from_epsg(32617)
 

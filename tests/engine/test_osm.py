@@ -13,13 +13,14 @@ import pytest
 from shapely.geometry import box, shape
 
 from landcover_plugin.contract.protocol import parse_event
-from landcover_plugin.engine.aoi import AOI, reproject_geometry
 from landcover_plugin.engine.cli import main
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.labels import LabelsParams, build_labels, read_info
-from landcover_plugin.engine.osm import OverpassParams, fetch_overpass, overpass_query, read_osm_file
-from landcover_plugin.engine.presets import available_presets, load_preset
+from landcover_plugin.engine.imagery.aoi import AOI, reproject_geometry
+from landcover_plugin.engine.labels.osm import OverpassParams, fetch_overpass, overpass_query, read_osm_file
+from landcover_plugin.engine.labels.presets import available_presets, load_preset
+from landcover_plugin.engine.labels.read import read_info
+from landcover_plugin.engine.stages.labels import LabelsParams, build_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import DATA, _need  # noqa: E402
@@ -183,7 +184,7 @@ def test_overpass_retries_429_and_504_then_caches(test_pbf, tmp_path):
 
 def test_overpass_backoff_doubles_and_honours_retry_after(test_pbf, tmp_path, monkeypatch):
     """429 (Retry-After 0.05 s) then 504 twice: waits max(backoff, Retry-After), then doubling."""
-    from landcover_plugin.engine import osm
+    from landcover_plugin.engine.labels import osm
 
     waits: list[float] = []
     monkeypatch.setattr(osm.time, "sleep", waits.append)  # record the waits instead of sleeping

@@ -19,10 +19,10 @@ from shapely.geometry import Point, mapping
 from landcover_plugin.contract.names import IGNORE
 from landcover_plugin.contract.protocol import parse_event
 from landcover_plugin.engine.cli import main
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.labels import read_labels
+from landcover_plugin.engine.labels.read import read_labels
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
 
 CRS = "EPSG:32617"
 X0, Y0 = 500000.0, 4000064.0  # top-left corner; 1 m pixels, 64 rows x 128 columns: two 64-px chips
@@ -175,7 +175,7 @@ def test_dataset_command_from_tree_positions(osbs_tif, osbs_csv, tmp_path, capsy
 
 
 def test_training_on_tree_positions_learns_the_heatmap_only_and_needs_a_base(imagery, tmp_path):
-    from landcover_plugin.engine.train import TrainParams, check_labels, make_loss, train
+    from landcover_plugin.engine.stages.train import TrainParams, check_labels, make_loss, train
 
     params = DatasetParams(imagery=imagery, labels=points_gpkg(tmp_path / "trees.gpkg"), task="trees",
                            out=tmp_path / "ds", chip_size=64, crown_radius_m=3.0)

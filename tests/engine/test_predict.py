@@ -12,11 +12,11 @@ import rasterio
 from rasterio.transform import from_origin
 from shapely.geometry import Point, Polygon, box, shape
 
-from landcover_plugin.engine.aoi import AOI, reproject_geometry
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.model_package import ModelInfo, write_metadata
-from landcover_plugin.engine.predict import (PredictParams, aoi_window, open_session, predict,
+from landcover_plugin.engine.imagery.aoi import AOI, reproject_geometry
+from landcover_plugin.engine.learn.model_package import ModelInfo, write_metadata
+from landcover_plugin.engine.stages.predict import (PredictParams, aoi_window, open_session, predict,
                                              predict_to_raster, tile_origins)
 
 PIXEL = 0.1  # metres, the tree scenes' resolution

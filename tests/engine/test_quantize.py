@@ -9,7 +9,7 @@ import pytest
 from rasterio.transform import from_origin
 
 from landcover_plugin.engine.cli import main
-from landcover_plugin.engine.model_package import read_info
+from landcover_plugin.engine.learn.model_package import read_info
 
 from test_predict import box_sum_model, landcover_info, write_raster
 

@@ -16,10 +16,11 @@ from rasterio.transform import from_origin
 from shapely.geometry import box, mapping
 
 from landcover_plugin.contract.names import IGNORE
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.labels import LabelsParams, build_labels, read_labels
+from landcover_plugin.engine.labels.read import read_labels
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
+from landcover_plugin.engine.stages.labels import LabelsParams, build_labels
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from osm_xml import osm_file  # noqa: E402

@@ -12,9 +12,9 @@ import pytest
 from rasterio.crs import CRS
 from shapely.geometry import MultiPolygon, Point, box
 
-from landcover_plugin.engine.model_package import ModelInfo
-from landcover_plugin.engine.styles import landcover_qml, styles_for, write_styles
-from landcover_plugin.engine.vectorize import Layer, write_gpkg
+from landcover_plugin.engine.learn.model_package import ModelInfo
+from landcover_plugin.engine.vector.styles import landcover_qml, styles_for, write_styles
+from landcover_plugin.engine.vector.vectorize import Layer, write_gpkg
 
 QGIS_PYTHON = "/usr/bin/python3"  # Debian's, with QGIS 3.22 (the engine's .venv has no qgis)
 NAMES = ["barren", "forest", "water"]

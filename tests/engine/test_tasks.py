@@ -17,13 +17,13 @@ from rasterio.windows import Window
 from shapely.geometry import box, shape
 from shapely.ops import unary_union
 
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.evaluate import EvalParams, evaluate
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.model_package import read_info
-from landcover_plugin.engine.predict import PredictParams, predict
-from landcover_plugin.engine.train import TrainParams, train
+from landcover_plugin.engine.learn.model_package import read_info
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
+from landcover_plugin.engine.stages.evaluate import EvalParams, evaluate
+from landcover_plugin.engine.stages.predict import PredictParams, predict
+from landcover_plugin.engine.stages.train import TrainParams, train
 
 CHIP = 32
 RES = 0.5  # m per pixel of the synthetic imagery

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from landcover_plugin.engine.errors import EngineError
-from landcover_plugin.engine.torch_weights import TorchFileError, mobilenet_v2_keras_weights, read_legacy_pth
+from landcover_plugin.engine.learn.torch_weights import TorchFileError, mobilenet_v2_keras_weights, read_legacy_pth
 
 from conftest import DATA, ROOT, _need
 from test_tasks import CHIP
@@ -63,7 +63,7 @@ def test_train_with_the_imagenet_encoder(pth, state, tmp_path, capsys):
     from rasterio.windows import Window
 
     from landcover_plugin.engine.cli import main
-    from landcover_plugin.engine.dataset import DatasetParams, build_dataset
+    from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
 
     from conftest import crop_raster
     from test_tasks import quiet
@@ -84,7 +84,7 @@ def test_train_with_the_imagenet_encoder(pth, state, tmp_path, capsys):
 
 
 def test_bad_pth_files(pth, tmp_path):
-    from landcover_plugin.engine.unet import mobilenet_encoder
+    from landcover_plugin.engine.learn.unet import mobilenet_encoder
 
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes(pth.read_bytes()[:1_000_000])

@@ -17,11 +17,11 @@ from rasterio.windows import Window
 
 from landcover_plugin.contract.protocol import parse_event
 from landcover_plugin.engine.atomic import MARKER
-from landcover_plugin.engine.dataset import DatasetParams, build_dataset
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
-from landcover_plugin.engine.model_package import read_info
-from landcover_plugin.engine.train import TrainParams, train
+from landcover_plugin.engine.learn.model_package import read_info
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
+from landcover_plugin.engine.stages.train import TrainParams, train
 
 ROOT = Path(__file__).resolve().parents[2]
 CHIP = 64
@@ -200,7 +200,7 @@ def test_sigterm_keeps_the_last_checkpoint_and_resume_finishes(trees_dataset, tm
     ckpt = tmp_path / ".model.checkpoint"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.checkpoint"]  # no partial folder either
     assert json.loads((ckpt / "state.json").read_text())["epoch"] == 1
-    from landcover_plugin.engine.train import can_resume  # what `landcover run` checks to pass --resume
+    from landcover_plugin.engine.stages.train import can_resume  # what `landcover run` checks to pass --resume
 
     assert can_resume(TrainParams(dataset=trees_dataset, out=out, epochs=3, batch_size=1))
     assert not can_resume(TrainParams(dataset=trees_dataset, out=out, epochs=3, batch_size=2))
@@ -218,9 +218,9 @@ def test_sigterm_keeps_the_last_checkpoint_and_resume_finishes(trees_dataset, tm
 def test_pipeline_resumes_an_interrupted_training(osbs_tif, osbs_csv, tmp_path, crop, monkeypatch):
     """`landcover run` again after an interrupted training: the train stage gets --resume
     when the checkpoint is of the same options; with other options it starts over."""
-    from landcover_plugin.engine import pipeline
-    from landcover_plugin.engine.checkpoint import RunState, checkpoint_dir
-    from landcover_plugin.engine.train import _fingerprint, dataset_hash
+    from landcover_plugin.engine.stages import pipeline
+    from landcover_plugin.engine.learn.checkpoint import RunState, checkpoint_dir
+    from landcover_plugin.engine.stages.train import _fingerprint, dataset_hash
 
     imagery = crop(osbs_tif, Window(0, 0, 128, 128), tmp_path / "crop.tif")
     work = tmp_path / "work"
@@ -254,7 +254,7 @@ def test_disk_full_during_a_checkpoint(trees_dataset, tmp_path, monkeypatch):
     kept whole, no model package."""
     import errno
 
-    from landcover_plugin.engine import checkpoint
+    from landcover_plugin.engine.learn import checkpoint
 
     calls = []
     real = checkpoint.np.savez
@@ -306,7 +306,7 @@ def test_config_file_freeze_encoder_and_dead_channel(trees_dataset, trees_model,
     """A YAML config + CLI override; a frozen encoder stays as it was; a crown/dead
     dataset gets the third output channel."""
     import keras
-    from landcover_plugin.engine.train import params_from_config
+    from landcover_plugin.engine.stages.train import params_from_config
 
     config = tmp_path / "train.yaml"
     config.write_text(f"dataset: {trees_dataset}\nbase: {trees_model[0]}\nepochs: 5\nfreeze_encoder: true\n"
@@ -339,7 +339,7 @@ def test_config_file_freeze_encoder_and_dead_channel(trees_dataset, trees_model,
 
 def test_eval_reports(trees_model, trees_dataset, landcover_model, landcover_dataset, tmp_path):
     """`landcover eval`: report.md + report.html with metrics and plots; mIoU matches the confusion matrix."""
-    from landcover_plugin.engine.evaluate import EvalParams, evaluate
+    from landcover_plugin.engine.stages.evaluate import EvalParams, evaluate
 
     out = tmp_path / "lc_report"
     result = evaluate(EvalParams(model=landcover_model[0], dataset=landcover_dataset, out=out), quiet())
@@ -366,7 +366,7 @@ def test_eval_reports(trees_model, trees_dataset, landcover_model, landcover_dat
 
 
 def test_shipped_model_resolves_by_name(trees_model, tmp_path, monkeypatch):
-    from landcover_plugin.engine import model_package
+    from landcover_plugin.engine.learn import model_package
 
     shutil.copytree(trees_model[0], tmp_path / "trees-mine")
     monkeypatch.setattr(model_package, "MODELS_DIR", tmp_path)
@@ -377,7 +377,7 @@ def test_shipped_model_resolves_by_name(trees_model, tmp_path, monkeypatch):
 def test_shipped_trees_base_runs_by_name():
     """`--model trees-base` resolves to resources/models/trees-base: a trees model at 0.1 m
     whose ONNX output has the contract's 2 channels, with its leave-one-image-out scores."""
-    from landcover_plugin.engine.model_package import onnx_path
+    from landcover_plugin.engine.learn.model_package import onnx_path
 
     info = read_info("trees-base")
     assert (info.task, info.class_names, info.band_count, info.resolution_m) == ("trees", ["crown"], 3, 0.1)
@@ -392,7 +392,7 @@ def test_channel_softmax_written_as_ops_gives_the_same_output():
     import onnx
     from onnx import TensorProto, helper
 
-    from landcover_plugin.engine.train import channel_softmax_as_ops
+    from landcover_plugin.engine.stages.train import channel_softmax_as_ops
 
     graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
@@ -411,7 +411,7 @@ def test_concat_then_conv_written_as_a_sum_gives_the_same_output():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from landcover_plugin.engine.train import concat_conv_as_sum
+    from landcover_plugin.engine.stages.train import concat_conv_as_sum
 
     rng = np.random.default_rng(0)
     w, b = rng.normal(0, 1, (5, 7, 3, 3)).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32)

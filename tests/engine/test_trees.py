@@ -12,10 +12,10 @@ from rasterio.crs import CRS
 from rasterio.transform import from_origin
 from shapely.geometry import Point, shape
 
-from landcover_plugin.engine.model_package import ModelInfo
-from landcover_plugin.engine.predict import PredictParams, predict
-from landcover_plugin.engine.trees import HealthThresholds, tree_status, vari
-from landcover_plugin.engine.vectorize import landcover_layers
+from landcover_plugin.engine.learn.model_package import ModelInfo
+from landcover_plugin.engine.stages.predict import PredictParams, predict
+from landcover_plugin.engine.vector.trees import HealthThresholds, tree_status, vari
+from landcover_plugin.engine.vector.vectorize import landcover_layers
 
 from test_predict import PIXEL, conv_model, json_reporter, tree_scene, write_raster
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output
-from .errors import EngineError
+from ..atomic import atomic_output
+from ..errors import EngineError
 
 STATE, WEIGHTS, BEST, OPTIMIZER = "state.json", "last.weights.h5", "best.weights.h5", "optimizer.npz"
 

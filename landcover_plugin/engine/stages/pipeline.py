@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 import yaml
 
-from ..contract.pipeline_file import LABELS_HINT, PipelineFile, PipelineFileError
-from ..contract.runner import EngineFailed, EngineRun
-from .aoi import AOI, parse_aoi
-from .errors import EngineError
-from .events import Reporter, StageResult
+from ...contract.pipeline_file import LABELS_HINT, PipelineFile, PipelineFileError
+from ...contract.runner import EngineFailed, EngineRun
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..imagery.aoi import AOI, parse_aoi
 
 STAGES_TRAIN = ("fetch", "dataset", "train", "predict")
 STAGES_OSM = ("fetch", "labels", "dataset", "train", "predict")
@@ -52,7 +52,7 @@ def _imagery_aoi(imagery: Path) -> AOI:
     """The imagery's extent, where OSM labels are taken when the pipeline has no aoi."""
     from shapely.geometry import box
 
-    from .imagery import open_raster
+    from ..imagery.raster import open_raster
 
     with open_raster(imagery) as src:
         if src.crs is None:
@@ -112,7 +112,7 @@ def run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         if aoi is None:
             raise EngineError("BAD_PIPELINE", "Tiles from a server need an area of interest.",
                               "Add aoi: minx,miny,maxx,maxy (WGS84) to the pipeline.")
-        from .model_package import read_info
+        from ..learn.model_package import read_info
 
         fp = FetchParams(aoi=aoi, source=p.imagery, out=workdir / "imagery.tif",
                          zoom=p.zoom, gsd=p.gsd, headers=p.headers,
@@ -138,7 +138,7 @@ def run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
             labels = Path(res.outputs["labels"])
             summary["labels"] = res.summary
             outputs["labels"] = str(labels)
-        from .labels import read_info as labels_info
+        from ..labels.read import read_info as labels_info
 
         attribution = labels_info(labels).get("attribution", "") if labels else ""
         begin("dataset")

@@ -40,14 +40,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract.names import IGNORE
-from ..contract.tasks import TASK_IDS
-from .atomic import check_out_path, mark_output_dir, replace_with
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .labels import Labels, read_labels
-from .rasterize import (centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
+from ...contract.names import IGNORE
+from ...contract.tasks import TASK_IDS
+from ..atomic import check_out_path, mark_output_dir, replace_with
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..labels.rasterize import (centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
                         trees_mask)
+from ..labels.read import Labels, read_labels
 
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
 BUILDING, BUILDING_COLOR = "building", "#d62728"  # as the buildings preset
@@ -171,7 +171,7 @@ def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
 
         return build_snapshot(params, reporter)
     _check(params)
-    from .imagery import open_raster
+    from ..imagery.raster import open_raster
 
     labels = read_labels(params.labels, params.imagery, params.task, params.class_field, params.class_map)
     class_names, colors, values, priorities = _classes(labels, params)
@@ -257,7 +257,7 @@ def _classes(labels: Labels, params: DatasetParams) -> tuple[list[str], list[str
     if params.task == "buildings":  # binary: every polygon is a building, whatever its class value
         return [BACKGROUND, BUILDING], ["#9e9e9e", BUILDING_COLOR], [1] * len(labels.classes), [0] * len(labels.classes)
     if params.preset:
-        from .presets import load_preset
+        from ..labels.presets import load_preset
 
         preset = load_preset(params.preset)
         names, colors = list(preset.class_names), list(preset.class_colors)

@@ -18,11 +18,11 @@ from typing import Callable
 from shapely import wkb
 from shapely.geometry.base import BaseGeometry
 
-from .atomic import atomic_output
-from .errors import EngineError
-from .http_client import retry_after
+from ..atomic import atomic_output
+from ..errors import EngineError
+from ..imagery.http_client import retry_after
+from ..imagery.tile_cache import user_cache_dir
 from .presets import ANY, Preset
-from .tile_cache import user_cache_dir
 
 OSM_SUFFIXES = (".osm", ".osm.bz2", ".osm.pbf", ".pbf", ".osm.gz")
 RETRY_STATUS = (429, 502, 503, 504)  # Overpass: rate limited, busy, gateway timeout

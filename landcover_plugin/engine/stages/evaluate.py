@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract.names import IGNORE
-from .atomic import atomic_output, check_out_path
-from .crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .model_package import ModelInfo, onnx_path, read_info
+from ...contract.names import IGNORE
+from ..atomic import atomic_output, check_out_path
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..learn.model_package import ModelInfo, onnx_path, read_info
+from ..vector.crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
 
 BATCH = 8
 EXAMPLES = 4

@@ -22,8 +22,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..contract.names import MODELS_DIR
-from .errors import EngineError
+from ...contract.names import MODELS_DIR
+from ..errors import EngineError
 
 ONNX_NAME = "model.onnx"
 KERAS_NAME = "model.keras"

@@ -19,10 +19,10 @@ import shutil
 import sqlite3
 from pathlib import Path
 
-from .atomic import atomic_output
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .labels import read_info, write_info
+from ..atomic import atomic_output
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..labels.read import read_info, write_info
 
 LAYER = "chips"
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "buffer": "#bdbdbd"}
@@ -38,7 +38,7 @@ def write_catalog(path: Path, chips: list[dict], crs_wkt: str, class_names: list
     import fiona
     from shapely.geometry import box, mapping
 
-    from .styles import landcover_qml, write_styles
+    from ..vector.styles import landcover_qml, write_styles
 
     fractions = [fraction_field(n) for n in class_names]
     props = {"id": "str", "split": "str", "labelled": "float", **{f: "float" for f in fractions},

@@ -1,4 +1,4 @@
-"""Training labels in the imagery's CRS; and `landcover labels` (OSM -> GeoPackage).
+"""Training labels in the imagery's CRS, from the user's files or our OSM labels.
 
 Sources for a dataset:
 - any vector file fiona reads: polygons with a class field (land cover) or
@@ -23,14 +23,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from shapely.geometry import Polygon, box, mapping, shape
+from shapely.geometry import Polygon, box, shape
 from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
-from .aoi import AOI, utm_crs
-from .atomic import atomic_output, check_out_path
-from .errors import EngineError
-from .events import Reporter, StageResult
+from ..errors import EngineError
+from ..imagery.aoi import reproject_geometries, reproject_geometry
 
 # Tried in order when no class field is given (our OSM labels use "class").
 DEFAULT_CLASS_FIELDS = ("class", "label", "landcover", "type")
@@ -57,7 +55,7 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
                 class_map: dict[str, str] | None = None) -> Labels:
     """Read labels for `task` ("trees" | "landcover") and bring them into `imagery`'s CRS.
     `class_map` renames class values (e.g. codes -> names); a value it lacks is an error."""
-    from .imagery import open_raster
+    from ..imagery.raster import open_raster
 
     path = Path(path)
     if not path.is_file():
@@ -98,15 +96,6 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
                   counts["repaired"], counts["skipped"], points)
 
 
-def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
-    from rasterio.crs import CRS
-    from rasterio.warp import transform_geom
-
-    if CRS.from_user_input(src_crs) == CRS.from_user_input(dst_crs):
-        return geom
-    return shape(transform_geom(src_crs, dst_crs, mapping(geom)))
-
-
 def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
                  ) -> tuple[list, list[str], list[int] | None, dict[str, int]]:
     import fiona
@@ -140,13 +129,13 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
         raise EngineError("BAD_LABELS", f"Cannot read label file {path}: {exc}",
                           "Give a vector file GDAL can open, or a DeepForest CSV.") from None
     if not geoms and points:  # a file of tree positions; beside polygons, points are skipped
-        return _reproject_all(points, src_crs, crs_wkt), ["crown"] * len(points), None, counts
+        return reproject_geometries(points, src_crs, crs_wkt), ["crown"] * len(points), None, counts
     counts["skipped"] += len(points)
     if not geoms:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no polygon with a class.",
                           "Draw or download polygons (with a class value) first"
                           + (" (or points of tree positions, with --task trees)." if task != "trees" else "."))
-    return _reproject_all(geoms, src_crs, crs_wkt), classes, priorities if has_priority else None, counts
+    return reproject_geometries(geoms, src_crs, crs_wkt), classes, priorities if has_priority else None, counts
 
 
 def _polygonal(geom: BaseGeometry, counts: dict[str, int]) -> BaseGeometry | None:
@@ -166,14 +155,6 @@ def _polygonal(geom: BaseGeometry, counts: dict[str, int]) -> BaseGeometry | Non
         return None
     counts["repaired"] += 1
     return fixed
-
-
-def _reproject_all(geoms: list, src_crs: str, dst_crs: str) -> list:
-    from rasterio.crs import CRS
-
-    if CRS.from_user_input(src_crs) == CRS.from_user_input(dst_crs):
-        return geoms
-    return _to_crs(geoms, src_crs, dst_crs)
 
 
 def _class_field(fields: list[str], task: str, class_field: str | None, path: Path) -> str | None:
@@ -254,7 +235,7 @@ def _read_csv_points(path: Path, crs_wkt: str) -> list:
                                   f"Give numbers in the columns {xcol},{ycol}.") from None
     if not points:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no points.", "Add one row per tree: x,y.")
-    return _reproject_all(points, crs or crs_wkt, crs_wkt)
+    return reproject_geometries(points, crs or crs_wkt, crs_wkt)
 
 
 def _read_voc_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:
@@ -273,8 +254,8 @@ def _read_voc_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeom
     if not objects:
         raise EngineError("LABELS_EMPTY", f"Label file {path} has no boxes.", "Annotate at least one object.")
     transform, image_crs, size = _image_georef(path.parent / image_name, path)
-    geoms = [_reproject(_pixel_polygon(transform, *b), image_crs, crs_wkt) for _, b in objects]
-    return geoms, [n for n, _ in objects], _reproject(_pixel_polygon(transform, 0, 0, *size), image_crs, crs_wkt)
+    geoms = [reproject_geometry(_pixel_polygon(transform, *b), image_crs, crs_wkt) for _, b in objects]
+    return geoms, [n for n, _ in objects], reproject_geometry(_pixel_polygon(transform, 0, 0, *size), image_crs, crs_wkt)
 
 
 def _read_csv_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeometry]:
@@ -296,14 +277,14 @@ def _read_csv_boxes(path: Path, crs_wkt: str) -> tuple[list, list[str], BaseGeom
     geoms, classes, footprints = [], [], []
     for image_name in sorted({r["image_path"] for r in rows}):
         transform, image_crs, size = _image_georef(path.parent / image_name, path)
-        footprints.append(_reproject(_pixel_polygon(transform, 0, 0, *size), image_crs, crs_wkt))
+        footprints.append(reproject_geometry(_pixel_polygon(transform, 0, 0, *size), image_crs, crs_wkt))
         for r in (r for r in rows if r["image_path"] == image_name):
             try:
                 corners = [float(r[c]) for c in ("xmin", "ymin", "xmax", "ymax")]
             except ValueError:
                 raise EngineError("BAD_LABELS", f"CSV {path.name} has a non-numeric box: {r}.",
                                   "Box coordinates are pixel numbers.") from None
-            geoms.append(_reproject(_pixel_polygon(transform, *corners), image_crs, crs_wkt))
+            geoms.append(reproject_geometry(_pixel_polygon(transform, *corners), image_crs, crs_wkt))
             classes.append(r.get("label") or "crown")
     return geoms, classes, unary_union(footprints)
 
@@ -335,140 +316,7 @@ def _pixel_polygon(transform, xmin: float, ymin: float, xmax: float, ymax: float
     return Polygon([transform @ c for c in corners])
 
 
-# --- `landcover labels`: OpenStreetMap -> labels GeoPackage ------------------------------------------
-
 INFO_TABLE = "landcover_info"  # key/value provenance table in our GeoPackages
-
-
-@dataclass(frozen=True)
-class LabelsParams:
-    aoi: AOI | None  # None: the whole OSM file
-    preset: str
-    out: Path
-    osm_file: Path | None = None
-    overpass: str | None = None  # Overpass API interpreter URL
-    date: str | None = None  # Overpass [date:]: OSM as it was when the imagery was taken
-    overpass_timeout: int = 180
-    overpass_maxsize: int = 512 * 1024 * 1024
-    cache_dir: Path | None = None
-    backoff_s: float = 2.0
-
-
-def build_labels(params: LabelsParams, reporter: Reporter) -> StageResult:
-    """OSM features of a preset in the AOI -> polygons with `class` and `priority`, styled, attributed."""
-    from ..contract.names import OSM_ATTRIBUTION as ATTRIBUTION
-    from .osm import OverpassParams, fetch_overpass, read_osm_file
-    from .presets import load_preset
-
-    check_out_path(params.out, inputs=[params.osm_file])
-    preset = load_preset(params.preset)
-    if (params.osm_file is None) == (params.overpass is None):
-        raise EngineError("NO_LABEL_SOURCE", "Give exactly one OSM source.",
-                          "Use --osm-file FILE (.osm, .osm.bz2, .osm.pbf) or --overpass URL.")
-    aoi = params.aoi.to_crs("EPSG:4326") if params.aoi is not None else None
-    reporter.progress("labels", 0, 3, "reading OpenStreetMap")
-    if params.overpass:
-        if aoi is None:
-            raise EngineError("NO_AOI", "An Overpass query needs an area.", "Give --aoi minx,miny,maxx,maxy.")
-        osm_path = fetch_overpass(preset, OverpassParams(
-            url=params.overpass, bbox=aoi.bounds, timeout_s=params.overpass_timeout,
-            maxsize=params.overpass_maxsize, date=params.date, cache_dir=params.cache_dir,
-            backoff_s=params.backoff_s), reporter.log)
-        source = f"Overpass API {params.overpass}"
-    else:
-        osm_path, source = params.osm_file, f"OSM file {Path(params.osm_file).name}"
-    read = read_osm_file(osm_path, preset)
-    reporter.progress("labels", 1, 3, "building polygons")
-    features = [f for f in read.features if aoi is None or f.geometry.intersects(aoi.geometry)]
-    if not features:
-        raise EngineError("NO_OSM_FEATURES", f"No OSM features of preset {preset.name} in this area.",
-                          "Check the area (and --date), or pick another preset.")
-    geoms, kept, counts, crs = _label_polygons(features, aoi.geometry if aoi is not None else None)
-    if not geoms:
-        raise EngineError("NO_OSM_FEATURES", f"No OSM features of preset {preset.name} in this area "
-                          f"({len(features)} features, none with an area after clipping).",
-                          "Check the area, or pick another preset.")
-    reporter.progress("labels", 2, 3, "writing")
-    info = {"source": source, "preset": preset.name, "date": params.date or "", "attribution": ATTRIBUTION,
-            "created": _now()}
-    _write_labels(params.out, geoms, kept, crs, preset, info)
-    classes = {name: sum(f.class_name == name for f in kept) for name in preset.class_names}
-    reporter.log(f"{len(kept)} labels ({', '.join(f'{k} {v}' for k, v in classes.items() if v)}); "
-                 f"invalid geometries: {read.invalid + counts['skipped']} skipped, {counts['repaired']} repaired. "
-                 f"Data {ATTRIBUTION} (ODbL).")
-    reporter.progress("labels", 3, 3, "done")
-    return StageResult(outputs={"labels": str(params.out)},
-                       summary={"features": len(kept), "repaired": counts["repaired"],
-                                "skipped": read.invalid + counts["skipped"],
-                                **{f"class_{k}": v for k, v in classes.items()}})
-
-
-def _now() -> str:
-    from datetime import datetime, timezone
-
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _local_utm(aoi: BaseGeometry | None, geoms: list) -> str:
-    centre = (aoi if aoi is not None else unary_union([g.envelope for g in geoms])).centroid
-    return utm_crs(centre.x, centre.y)
-
-
-def _to_crs(geoms: list, src: str, dst: str) -> list:
-    """Reproject many geometries with one coordinate transform (shapely.transform batches them)."""
-    import numpy as np
-    import shapely
-    from rasterio.warp import transform
-
-    def fn(xy):
-        if not len(xy):
-            return xy
-        x, y = transform(src, dst, xy[:, 0], xy[:, 1])
-        return np.column_stack([x, y])
-
-    return list(shapely.transform(np.asarray(geoms, dtype=object), fn))
-
-
-def _label_polygons(features: list, aoi: BaseGeometry | None) -> tuple[list, list, dict[str, int], str]:
-    """Buffer lines/points by their rule's width (in metres, in the local UTM zone), repair
-    invalid areas, clip to the AOI. Returns polygons (in that zone), their features, counts, the zone."""
-    import shapely
-
-    crs = _local_utm(aoi, [f.geometry for f in features])
-    metric = _to_crs([f.geometry for f in features], "EPSG:4326", crs)
-    clip = _to_crs([aoi], "EPSG:4326", crs)[0] if aoi is not None else None
-    counts = {"repaired": 0, "skipped": 0}
-    geoms, kept = [], []
-    for feature, geom in zip(features, metric):
-        if feature.buffer is not None:
-            geom = geom.buffer(feature.buffer / 2, cap_style="flat" if geom.geom_type == "LineString" else "round")
-        elif not geom.is_valid:
-            geom = shapely.make_valid(geom)
-            geom = unary_union([g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon")])
-            counts["repaired" if not geom.is_empty else "skipped"] += 1
-        if clip is not None:
-            geom = geom.intersection(clip)
-        polygons = [g for g in getattr(geom, "geoms", [geom]) if g.geom_type == "Polygon" and not g.is_empty]
-        if not polygons:
-            continue
-        geoms.append(shapely.MultiPolygon(polygons))
-        kept.append(feature)
-    return geoms, kept, counts, crs
-
-
-def _write_labels(out: Path, geoms: list, features: list, crs: str, preset, info: dict[str, str]) -> None:
-    import fiona
-
-    from .styles import landcover_qml, write_styles
-
-    schema = {"geometry": "MultiPolygon",
-              "properties": {"class": "str", "priority": "int", "osm_id": "str"}}
-    with atomic_output(out) as tmp:
-        with fiona.open(tmp, "w", driver="GPKG", layer="labels", schema=schema, crs=crs) as dst:
-            dst.writerecords({"geometry": mapping(g), "properties": {
-                "class": f.class_name, "priority": f.priority, "osm_id": f.osm_id}} for g, f in zip(geoms, features))
-        write_styles(tmp, {"labels": landcover_qml(preset.class_names, preset.class_colors)}, "landcover labels")
-        write_info(tmp, info, describe={"labels": f"{preset.description}. Data {info['attribution']} (ODbL)."})
 
 
 def write_info(gpkg: Path, info: dict[str, str], describe: dict[str, str] | None = None) -> None:

@@ -24,8 +24,8 @@ from rasterio.warp import transform_geom
 from shapely.geometry import MultiPolygon, box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from ..contract.names import NODATA  # class raster value of pixels outside the AOI or without imagery
-from .aoi import utm_crs
+from ...contract.names import NODATA  # class raster value of pixels outside the AOI or without imagery
+from ..imagery.aoi import utm_crs
 from .coverage import PixelPolygons, simplify_coverage
 
 MIN_REGION_PIXELS = 4  # land-cover regions smaller than this merge into their neighbours

@@ -25,17 +25,17 @@ from rasterio.windows import Window, from_bounds
 from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
-from ..contract.names import RESOLUTION_TOLERANCE
-from .aoi import AOI
-from .atomic import atomic_output, check_out_path
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .imagery import open_raster
-from .model_package import ModelInfo, onnx_path, read_info
-from .orchard import GridParams, orchard_layers
-from .styles import styles_for, write_styles
-from .trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_layers_from
-from .vectorize import BLOCK_SIZE, NODATA, Layer, areas_m2, blocks, landcover_blocks, pixel_size_m, write_gpkg
+from ...contract.names import RESOLUTION_TOLERANCE
+from ..atomic import atomic_output, check_out_path
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..imagery.aoi import AOI
+from ..imagery.raster import open_raster
+from ..learn.model_package import ModelInfo, onnx_path, read_info
+from ..vector.orchard import GridParams, orchard_layers
+from ..vector.styles import styles_for, write_styles
+from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_layers_from
+from ..vector.vectorize import BLOCK_SIZE, NODATA, Layer, areas_m2, blocks, landcover_blocks, pixel_size_m, write_gpkg
 
 BATCH_SIZE = 8
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)

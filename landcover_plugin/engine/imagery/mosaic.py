@@ -21,8 +21,8 @@ from affine import Affine
 from rasterio.enums import ColorInterp, Resampling
 from rasterio.windows import Window
 
-from .atomic import atomic_output
-from .errors import EngineError
+from ..atomic import atomic_output
+from ..errors import EngineError
 
 WINDOW = 1024  # output pixels per window side: 4 bands x 1024^2 = 4 MB in flight
 GDAL_CACHE_MB = 64  # GDAL's block cache: bounded, so memory does not grow with the file

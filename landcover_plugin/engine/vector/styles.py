@@ -10,7 +10,7 @@ import sqlite3
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from .model_package import ModelInfo
+from ..learn.model_package import ModelInfo
 
 QGIS_VERSION = "3.22.0"
 GEOMETRY_TYPES = {"point": 0, "line": 1, "polygon": 2}

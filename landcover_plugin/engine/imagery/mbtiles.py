@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from .atomic import atomic_output
+from ..atomic import atomic_output
 from .tiles import Tile
 
 

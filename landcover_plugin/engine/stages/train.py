@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract.names import IGNORE
-from ..contract.tasks import TASK_IDS
-from .atomic import atomic_output, check_out_path
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .model_package import KERAS_NAME, ONNX_NAME, ModelInfo, read_info, write_metadata
+from ...contract.names import IGNORE
+from ...contract.tasks import TASK_IDS
+from ..atomic import atomic_output, check_out_path
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..learn.model_package import KERAS_NAME, ONNX_NAME, ModelInfo, read_info, write_metadata
 
 LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-3, 1e-4
 PATIENCE = 10  # epochs without a better val loss before stopping
@@ -283,7 +283,7 @@ def val_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     union = np.sum(truth | guess)
     metrics = {"val_crown_iou": float(np.sum(truth & guess) / union) if union else 0.0,
                "val_heatmap_mae": float(np.mean(np.abs(pred[..., 1] - y[..., 1] / 255.0)[valid])) if valid.any() else 0.0}
-    from .crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
+    from ..vector.crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
 
     score = CrownScore()
     for yi, pi in zip(y, pred):
@@ -300,7 +300,7 @@ def augmented(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
     """The training pipeline: shuffle, augment in parallel (see augment.py), batch, prefetch."""
     import tensorflow as tf
 
-    from .augment import augment_fn
+    from ..learn.augment import augment_fn
 
     augment = augment_fn(x.shape[-1], x.shape[1])
     if y.ndim == 1:  # chip classes: only the image is transformed (a blank mask rides along)
@@ -363,7 +363,7 @@ def load_base(base: Path, manifest: dict, task: str):
     """The Keras model to fine-tune and its ModelInfo; it must read and write what this dataset has."""
     import keras
 
-    from .model_package import onnx_path
+    from ..learn.model_package import onnx_path
 
     folder = onnx_path(base).parent  # a folder, an .onnx beside model.keras, or a shipped model's name
     path = folder / KERAS_NAME
@@ -642,7 +642,7 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
 def can_resume(params: TrainParams) -> bool:
     """Whether an interrupted run of these very options left its checkpoint, so that
     `--resume` goes on from it (`landcover run` asks; train refuses another run's)."""
-    from .checkpoint import STATE, checkpoint_dir
+    from ..learn.checkpoint import STATE, checkpoint_dir
 
     try:
         state = json.loads((checkpoint_dir(params.out) / STATE).read_text())
@@ -670,7 +670,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
         raise EngineError("CENTRES_ONLY_NEEDS_BASE", "This dataset holds tree positions only (no crowns): a new "
                           "model would learn where trees stand but not their crowns.",
                           "Fine-tune a model that knows crowns on it: --base trees-base (or a model of yours).")
-    from .unet import ENCODERS
+    from ..learn.unet import ENCODERS
 
     if params.encoder not in ENCODERS or (params.encoder_weights and params.encoder == "unet"):
         raise EngineError("BAD_PARAMS", f"Unknown encoder '{params.encoder}', or weights for the plain U-Net.",
@@ -678,8 +678,8 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow's first import
     import keras
 
-    from .checkpoint import BEST, RunState, checkpoint_dir, load_checkpoint, save_checkpoint
-    from .unet import build_classifier, build_unet
+    from ..learn.checkpoint import BEST, RunState, checkpoint_dir, load_checkpoint, save_checkpoint
+    from ..learn.unet import build_classifier, build_unet
 
     keras.utils.set_random_seed(params.seed)
     device = device_name()
@@ -770,7 +770,7 @@ def predict_eagerly(model, x: np.ndarray, batch_size: int) -> np.ndarray:
 
 def _fit_keeping_checkpoint(model, ckpt: Path, reporter: Reporter, state, *args, **kwargs) -> None:
     """model.fit; on cancel, say which checkpoint survives (atomic_output keeps it whole)."""
-    from .errors import Cancelled
+    from ..errors import Cancelled
 
     try:
         model.fit(*args, **kwargs)

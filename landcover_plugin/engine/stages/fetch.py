@@ -43,19 +43,19 @@ from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
-from ..contract.names import HEADERS_ENV, RESOLUTION_TOLERANCE
-from . import http_client, mosaic, wms
-from .aoi import AOI, utm_crs
-from .atomic import check_out_path, partial_path, replace_with
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .http_client import host_of
-from .imagery import open_raster
-from .mbtiles import MBTilesWriter
-from .mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows, write_windowed
-from .tile_cache import (DEFAULT_MAX_AGE_DAYS, MosaicCache, TileCache, default_cache_dir,  # noqa: F401 (re-exported)
+from ...contract.names import HEADERS_ENV, RESOLUTION_TOLERANCE
+from ..atomic import check_out_path, partial_path, replace_with
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..imagery import http_client, mosaic, wms
+from ..imagery.aoi import AOI, utm_crs
+from ..imagery.http_client import host_of
+from ..imagery.mbtiles import MBTilesWriter
+from ..imagery.mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows, write_windowed
+from ..imagery.raster import open_raster
+from ..imagery.tile_cache import (DEFAULT_MAX_AGE_DAYS, MosaicCache, TileCache, default_cache_dir,  # noqa: F401 (re-exported)
                          tile_key)
-from .tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
+from ..imagery.tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
                     template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
 
 STAGE = "fetch"

@@ -23,7 +23,7 @@ from rasterio.crs import CRS
 from rasterio.warp import transform as warp_points
 from shapely.geometry import MultiPoint, Point
 
-from .aoi import utm_crs
+from ..imagery.aoi import utm_crs
 from .vectorize import Layer
 
 

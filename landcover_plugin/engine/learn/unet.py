@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from .errors import EngineError
+from ..errors import EngineError
 
 ENCODERS = ("unet", "mobilenetv2")
 # MobileNetV2 activations at 1/2, 1/4, 1/8 and 1/16 of the input (the skips), then 1/32.

@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from rasterio.crs import CRS
 
-from .errors import EngineError
+from ..errors import EngineError
 
 CHUNK = 512  # px per request side: under every server's size limit, and several requests run at once
 DEFAULT_CRS = "EPSG:3857"

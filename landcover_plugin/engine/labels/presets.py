@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..contract.names import PRESETS_DIR
-from .errors import EngineError
+from ...contract.names import PRESETS_DIR
+from ..errors import EngineError
 
 ANY = "*"
 

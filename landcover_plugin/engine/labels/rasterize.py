@@ -16,7 +16,7 @@ import math
 import numpy as np
 from shapely import affinity
 
-from ..contract.names import IGNORE
+from ...contract.names import IGNORE
 
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_output, check_out_path
-from .errors import EngineError
-from .events import Reporter, StageResult
-from .imagery import open_raster
-from .model_package import ONNX_NAME, ModelInfo, onnx_path, read_info, write_metadata
+from ..atomic import atomic_output, check_out_path
+from ..errors import EngineError
+from ..events import Reporter, StageResult
+from ..imagery.raster import open_raster
+from ..learn.model_package import ONNX_NAME, ModelInfo, onnx_path, read_info, write_metadata
 
 
 @dataclass(frozen=True)

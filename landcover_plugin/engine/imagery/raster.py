@@ -5,8 +5,8 @@ from pathlib import Path
 
 import rasterio
 
-from .atomic import atomic_output
-from .errors import EngineError
+from ..atomic import atomic_output
+from ..errors import EngineError
 
 
 def open_raster(path: Path | str):

@@ -7,7 +7,7 @@ from pathlib import Path
 from shapely.geometry import box, mapping, shape
 from shapely.geometry.base import BaseGeometry
 
-from .errors import EngineError
+from ..errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -31,10 +31,36 @@ def utm_crs(lon: float, lat: float) -> str:
     return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
 
 
+def same_crs(a: str, b: str) -> bool:
+    from rasterio.crs import CRS
+
+    return CRS.from_user_input(a) == CRS.from_user_input(b)
+
+
 def reproject_geometry(geometry: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
     from rasterio.warp import transform_geom
 
+    if same_crs(src_crs, dst_crs):
+        return geometry
     return shape(transform_geom(src_crs, dst_crs, mapping(geometry)))
+
+
+def reproject_geometries(geoms: list, src_crs: str, dst_crs: str) -> list:
+    """Reproject many geometries with one coordinate transform (shapely.transform batches them)."""
+    import numpy as np
+    import shapely
+    from rasterio.warp import transform
+
+    if same_crs(src_crs, dst_crs):
+        return geoms
+
+    def fn(xy):
+        if not len(xy):
+            return xy
+        x, y = transform(src_crs, dst_crs, xy[:, 0], xy[:, 1])
+        return np.column_stack([x, y])
+
+    return list(shapely.transform(np.asarray(geoms, dtype=object), fn))
 
 
 def parse_aoi(text: str, crs: str = "EPSG:4326") -> AOI:

@@ -44,6 +44,21 @@ def partial_path(final: Path) -> Path:
     return final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file whole or not at all: a full disk or a kill while
+    writing leaves the previous file (or none), never an empty or torn one."""
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _made_by_us(path: Path, directory: bool) -> bool:
     if directory:
         return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()

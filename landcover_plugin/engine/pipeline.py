@@ -172,16 +172,26 @@ def _fingerprint(params: Any) -> str:
 def _run_stage(name: str, params: Any, output: Path, run: Callable[[], StageResult],
                workdir: Path, reporter: Reporter) -> StageResult:
     """Run a stage unless its output exists for the same inputs (resume)."""
+    from .atomic import write_text_atomic
+
     record = workdir / f".{name}.done.json"
     fingerprint = _fingerprint(params)
     if output.exists() and record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("fingerprint") == fingerprint:
+        try:  # a record torn by a crash or a full disk means "not done": the stage reruns
+            saved = json.loads(record.read_text())
+            done = saved["fingerprint"] == fingerprint
+            result = StageResult(dict(saved["outputs"]), dict(saved["summary"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            reporter.log(f"{name}: the record of an earlier run is unreadable; running the stage again",
+                         level="warning")
+            done = False
+        if done:
             reporter.log(f"{name}: reusing {output} from an earlier run")
-            return StageResult(saved["outputs"], saved["summary"])
+            return result
     result = run()
-    record.write_text(json.dumps({"fingerprint": fingerprint, "outputs": result.outputs,
-                                  "summary": result.summary}, default=str))
+    # Whole or not at all: an empty record would otherwise block every later run.
+    write_text_atomic(record, json.dumps({"fingerprint": fingerprint, "outputs": result.outputs,
+                                          "summary": result.summary}, default=str))
     return result
 
 

@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,7 @@ from .vectorize import BLOCK_SIZE, NODATA, Layer, areas_m2, blocks, landcover_bl
 
 BATCH_SIZE = 8
 RESOLUTION_TOLERANCE = 0.25  # warn when the imagery's pixel size is off the model's by more
+RANGE_TOLERANCE = 1.5  # imagery values up to this much beyond the model's input scale are still its range
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
@@ -196,6 +197,65 @@ def check_imagery(src, info: ModelInfo, reporter: Reporter) -> None:
         reporter.log(f"The imagery's pixels are {size:.3g} m but the model was trained at "
                      f"{info.resolution_m:.3g} m; results may be poor. Fetch imagery at "
                      f"{info.resolution_m:.3g} m (--gsd) or use a model for this resolution.", level="warning")
+
+
+def sample_max(src, bands: int, grid: int = 4, size: int = 256) -> float:
+    """The largest valid value in grid x grid windows spread over the raster: enough to
+    tell 0..1 from 0..255 from 0..65535 without reading the whole raster (NaN: no data)."""
+    rows = sorted({int(r) for r in np.linspace(0, max(src.height - size, 0), grid)})
+    cols = sorted({int(c) for c in np.linspace(0, max(src.width - size, 0), grid)})
+    tops = []
+    for r in rows:
+        for c in cols:
+            window = Window(c, r, min(size, src.width - c), min(size, src.height - r))
+            data = np.ma.masked_invalid(src.read(list(range(1, bands + 1)), window=window, masked=True))
+            if data.count():
+                tops.append(float(data.max()))
+    return max(tops, default=float("nan"))
+
+
+def value_range(top: float, integer: bool = False) -> str:
+    """Which kind of values reach `top`: "0..1" (reflectance-like floats), "0..255"
+    (8-bit) or "wider" (10- to 16-bit sensors, physical units). Integers are never 0..1."""
+    if top <= 1.0 * RANGE_TOLERANCE and not integer:
+        return "0..1"
+    return "0..255" if top <= 255.0 else "wider"
+
+
+def input_factor(dtype: str, top: float, scale: float) -> float:
+    """What the imagery's raw values are multiplied by to be in the model's input range
+    0..`scale` (1: they are); `top` is the imagery's largest value. Rescales only
+    between 0..1 floats and 8-bit values, where the mapping is unambiguous; raises
+    IMAGERY_RANGE for any other mismatch: the model would run on values it never
+    saw and give plausible-looking garbage (1 crown instead of 70)."""
+    if not top > 0:  # no valid data, or all zero: nothing to judge by
+        return 1.0
+    imagery, model = value_range(top, np.dtype(dtype).kind in "iu"), value_range(scale)
+    if imagery == model:
+        return 1.0
+    if imagery == "0..1" and scale == 255.0:
+        return 255.0
+    if imagery == "0..255" and model == "0..1":
+        return 1.0 / 255.0
+    raise EngineError("IMAGERY_RANGE", f"The imagery holds {dtype} values up to {top:g}, but the model was trained "
+                      f"on values 0..{scale:g}: its results would be wrong.",
+                      f"Convert the imagery to the model's range, e.g. gdal_translate -ot "
+                      f"{'Byte' if model == '0..255' else 'Float32'} -scale 0 {top:g} 0 {scale:g} IN.tif OUT.tif, "
+                      "or use a model trained on imagery like this.")
+
+
+def fit_input_scale(src, info: ModelInfo, reporter: Reporter) -> ModelInfo:
+    """The model's info with its input scale adapted to the imagery's value range (see input_factor)."""
+    dtype = src.dtypes[0]
+    top = 255.0 if dtype == "uint8" else sample_max(src, info.band_count)  # 8-bit: no need to read
+    factor = input_factor(dtype, top, info.input_scale)
+    if factor != 1.0:
+        reporter.log(f"The imagery is {dtype} with values up to {top:g}; the model was trained on values "
+                     f"0..{info.input_scale:g}: the imagery's values are multiplied by {factor:.6g} for it.")
+    elif top > info.input_scale * RANGE_TOLERANCE:
+        reporter.log(f"The imagery's values reach {top:g}, beyond the 0..{info.input_scale:g} the model was "
+                     "trained on: results may be poor.", level="warning")
+    return replace(info, input_scale=info.input_scale / factor)
 
 
 def aoi_window(src, aoi: AOI | None) -> tuple[Window, AoiPixels]:
@@ -446,6 +506,7 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
             tempfile.TemporaryDirectory(prefix=f".{params.out.name}.", dir=params.out.parent) as tmp:
         check_imagery(src, info, reporter)
+        info = fit_input_scale(src, info, reporter)
         window, aoi = aoi_window(src, params.aoi)
         crs = src.crs
         if info.task == "classification":  # one polygon per chip: no prediction raster

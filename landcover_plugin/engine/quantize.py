@@ -30,13 +30,15 @@ class QuantizeParams:
     calibration_tiles: int = 16
 
 
-def calibration_batches(imagery: Path, info: ModelInfo, count: int) -> list[np.ndarray]:
-    """`count` model inputs (1, bands, tile, tile) spread evenly over the imagery."""
+def calibration_batches(imagery: Path, info: ModelInfo, count: int, reporter: Reporter) -> list[np.ndarray]:
+    """`count` model inputs (1, bands, tile, tile) spread evenly over the imagery,
+    scaled as predict will scale this imagery for the model."""
     from rasterio.windows import Window
 
-    from .predict import Tile, normalise, read_tile
+    from .predict import Tile, fit_input_scale, normalise, read_tile
 
     with open_raster(imagery) as src:
+        info = fit_input_scale(src, info, reporter)
         size = info.tile_size
         rows = max(1, src.height // size)
         cols = max(1, src.width // size)
@@ -93,7 +95,7 @@ def quantize(params: QuantizeParams, reporter: Reporter) -> StageResult:
     with atomic_output(params.out, directory=not single_file) as tmp:
         target = tmp if single_file else tmp / ONNX_NAME
         try:
-            calibration = (calibration_batches(params.imagery, info, params.calibration_tiles)
+            calibration = (calibration_batches(params.imagery, info, params.calibration_tiles, reporter)
                            if params.imagery else None)
             method = quantize_file(src, target, calibration)
         except EngineError:

@@ -42,12 +42,12 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from . import http_client, mosaic, wms
-from .aoi import AOI, utm_crs
+from .aoi import AOI, check_crs, utm_crs
 from .atomic import check_out_path, partial_path, replace_with
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .http_client import host_of
-from .imagery import open_raster
+from .imagery import open_raster, reading
 from .mbtiles import MBTilesWriter
 from .mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows, write_windowed
 from .tile_cache import (DEFAULT_MAX_AGE_DAYS, MosaicCache, TileCache, default_cache_dir,  # noqa: F401 (re-exported)
@@ -99,9 +99,7 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     check_out_path(params.out, inputs=[params.source])
     if params.mbtiles is not None:
         check_out_path(params.mbtiles, inputs=[params.source, params.out])
-    if params.gsd is not None and not params.gsd > 0:
-        raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
-                          "Give --gsd in metres per pixel, e.g. --gsd 0.1")
+    check_params(params)
     if urlsplit(params.source).scheme in ("http", "https"):
         if params.model_gsd and params.gsd is None and params.zoom is None:
             params = replace(params, gsd=params.model_gsd)  # the model's resolution, unless told otherwise
@@ -113,6 +111,22 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     raise EngineError("BAD_SOURCE", f"Source '{params.source}' is neither an http(s) XYZ or WMS URL nor an existing "
                       "file.", "Give an XYZ template like https://host/{z}/{x}/{y}.png, a WMS URL with "
                       "SERVICE=WMS&LAYERS=..., or the path of a raster file.")
+
+
+def check_params(params: FetchParams) -> None:
+    """Numbers a fetch cannot work with, refused before any request."""
+    if params.gsd is not None and not 0 < params.gsd < math.inf:
+        raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
+                          "Give --gsd in metres per pixel, e.g. --gsd 0.1")
+    limits = {"--workers": (params.workers, 1, "e.g. --workers 4"),
+              "--max-tiles": (params.max_tiles, 1, "e.g. --max-tiles 20000"),
+              "--max-bytes": (params.max_bytes, 1, "e.g. --max-bytes 2e9"),
+              "--rate": (params.rate, 0, "requests per second, e.g. --rate 100 (0: no limit)"),
+              "--cache-days": (params.cache_days if params.cache_days is not None else 0, 0, "e.g. --cache-days 30")}
+    for option, (value, least, example) in limits.items():
+        if not least <= value < math.inf:
+            raise EngineError("BAD_PARAMS", f"{option} {value} is out of range (at least {least}).", f"Give {example}.")
+    check_crs(params.wms_crs, "--wms-crs")
 
 
 def check_model_resolution(actual: float, params: FetchParams, reporter: Reporter, hint: str) -> None:
@@ -733,7 +747,8 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
 
             def read(w: Window) -> tuple[np.ndarray, np.ndarray | None]:
                 at = Window(window.col_off + w.col_off, window.row_off + w.row_off, w.width, w.height)
-                return src.read(window=at), (src.dataset_mask(window=at) if has_mask else None)
+                with reading(params.source):
+                    return src.read(window=at), (src.dataset_mask(window=at) if has_mask else None)
 
             write_windowed(params.out, profile, read, colorinterp=src.colorinterp,
                            progress=lambda i, n: reporter.progress(STAGE, i, n))
@@ -744,7 +759,8 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
             with WarpedVRT(src, crs=crs, transform=transform, width=grid.width, height=grid.height,
                            resampling=resampling, add_alpha=has_mask) as vrt:
                 def read(w: Window) -> tuple[np.ndarray, np.ndarray | None]:
-                    data = vrt.read(window=w)
+                    with reading(params.source):
+                        data = vrt.read(window=w)
                     return (data[:-1], data[-1]) if has_mask else (data, None)
 
                 write_windowed(params.out, profile, read, colorinterp=src.colorinterp,

@@ -200,6 +200,9 @@ def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
     from .fetch import FetchParams, fetch
     from .predict import PredictParams, predict
 
+    if p.workdir.exists() and not p.workdir.is_dir():
+        raise EngineError("BAD_WORKDIR", f"The pipeline's workdir {p.workdir} is a file, not a folder.",
+                          "Give workdir: a folder (it is created), or move that file away.")
     p.workdir.mkdir(parents=True, exist_ok=True)
     osm = p.osm_file is not None or p.overpass is not None
     stages = STAGES_PREDICT if p.model else STAGES_OSM if osm else STAGES_TRAIN

@@ -29,7 +29,7 @@ from .aoi import AOI
 from .atomic import atomic_output, check_out_path
 from .errors import EngineError
 from .events import Reporter, StageResult
-from .imagery import open_raster
+from .imagery import open_raster, reading
 from .model_package import ModelInfo, onnx_path, read_info
 from .orchard import GridParams, orchard_layers
 from .styles import styles_for, write_styles
@@ -43,6 +43,8 @@ PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 CHIP_MIN_VALID = 0.5  # classification: chips with less valid imagery are not classified (as dataset.py)
+MAX_BATCH_BYTES = 2 * 2**30  # one batch's model input: beyond this a typo, not a speed-up
+MIN_BLOCK_SIZE = 16  # vectorization block side, pixels
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,8 @@ def sample_max(src, bands: int, grid: int = 4, size: int = 256) -> float:
     for r in rows:
         for c in cols:
             window = Window(c, r, min(size, src.width - c), min(size, src.height - r))
-            data = np.ma.masked_invalid(src.read(list(range(1, bands + 1)), window=window, masked=True))
+            with reading(src.name):
+                data = np.ma.masked_invalid(src.read(list(range(1, bands + 1)), window=window, masked=True))
             if data.count():
                 tops.append(float(data.max()))
     return max(tops, default=float("nan"))
@@ -296,8 +299,9 @@ def read_tile(src, window: Window, tile: Tile, bands: int) -> tuple[np.ndarray, 
         part = Window(c0, r0, c1 - c0, r1 - r0)
         indexes = list(range(1, bands + 1))
         at = np.s_[r0 - row:r1 - row, c0 - col:c1 - col]
-        raw[(slice(None), *at)] = src.read(indexes, window=part)
-        ok[at] = (src.read_masks(indexes, window=part) > 0).all(axis=0)  # nodata in any band
+        with reading(src.name):
+            raw[(slice(None), *at)] = src.read(indexes, window=part)
+            ok[at] = (src.read_masks(indexes, window=part) > 0).all(axis=0)  # nodata in any band
     return raw, ok
 
 
@@ -492,12 +496,30 @@ def steady_malloc() -> None:
 
 # --- the stage -------------------------------------------------------------
 
+def check_params(params: PredictParams, info: ModelInfo) -> None:
+    """Numbers predict cannot work with, refused before any work: a batch size of 0 or
+    less ran no tile at all, and a huge one claimed more memory than the machine has."""
+    batch_bytes = params.batch_size * info.band_count * info.tile_size ** 2 * 4  # float32 input
+    most = max(1, MAX_BATCH_BYTES // (info.band_count * info.tile_size ** 2 * 4))
+    if params.batch_size < 1 or batch_bytes > MAX_BATCH_BYTES:
+        raise EngineError("BAD_PARAMS", f"--batch-size {params.batch_size} is out of range: 1 to {most} tiles "
+                          f"of this model ({info.tile_size} px, {info.band_count} bands).",
+                          f"Give e.g. --batch-size {min(BATCH_SIZE, most)}.")
+    if params.block_size < MIN_BLOCK_SIZE:
+        raise EngineError("BAD_PARAMS", f"--block-size {params.block_size} is below {MIN_BLOCK_SIZE} pixels.",
+                          f"Give e.g. --block-size {BLOCK_SIZE} (larger blocks: fewer seams to mend, more memory).")
+    if params.threads < 0:
+        raise EngineError("BAD_PARAMS", f"--threads {params.threads} is negative.",
+                          "Give the number of onnxruntime threads, or 0 for all cores.")
+
+
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
     check_out_path(params.out, inputs=[params.model, params.imagery])
     steady_malloc()
     info = read_info(params.model)
+    check_params(params, info)
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)
     # The prediction raster lives next to the output and goes whatever happens (cancel included).

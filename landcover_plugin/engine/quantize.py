@@ -89,6 +89,9 @@ def quantize_file(src: Path, dst: Path, calibration: list[np.ndarray] | None) ->
 def quantize(params: QuantizeParams, reporter: Reporter) -> StageResult:
     src = onnx_path(params.model)
     info = read_info(src)
+    if params.calibration_tiles < 1:
+        raise EngineError("BAD_PARAMS", f"--calibration-tiles {params.calibration_tiles} is below 1.",
+                          "Give e.g. --calibration-tiles 16, or leave out --imagery for dynamic quantization.")
     single_file = params.out.suffix == ".onnx"
     check_out_path(params.out, directory=not single_file, inputs=[params.model, params.imagery])
     reporter.progress("quantize", 0, 1, "quantizing")

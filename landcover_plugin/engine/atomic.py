@@ -10,6 +10,7 @@ own input, is refused before any work starts.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +39,42 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def partial_prefix(final: Path) -> str:
+    """How every temporary name beside `final` starts (files and folders): with the
+    pid, so that a later run can tell a killed run's leftovers from a live run's."""
+    return f".{final.stem}.partial-{os.getpid()}"
+
+
 def partial_path(final: Path) -> Path:
     """The temporary name used while `final` is being written (same folder,
     so the rename is atomic; same suffix, so drivers pick the right format)."""
-    return final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
+    return final.with_name(f"{partial_prefix(final)}{final.suffix}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Remove the temporary files and folders beside `final` of runs that are gone:
+    a SIGKILL (or a power cut) skips every cleanup, and reruns never met them.
+    Returns what was removed; a live run's (another pid still running) stay."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    # .STEM.partial-PID[suffix or -tmpname] (partial_prefix) and .NAME.old-PID (replace_with)
+    pattern = re.compile(rf"\.(?:{re.escape(final.stem)}\.partial|{re.escape(final.name)}\.old)-(\d+)(\D.*)?")
+    stale = [p for p in final.parent.iterdir()
+             if (m := pattern.fullmatch(p.name)) and not pid_alive(int(m.group(1)))]
+    for path in stale:
+        _remove(path)
+    return stale
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -117,6 +150,7 @@ def atomic_output(final: Path | str, directory: bool = False) -> Iterator[Path]:
     final = Path(final)
     check_out_path(final, directory)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final)
     tmp = partial_path(final)
     _remove(tmp)
     if directory:

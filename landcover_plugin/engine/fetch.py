@@ -43,7 +43,7 @@ from rasterio.windows import Window
 
 from . import http_client, mosaic, wms
 from .aoi import AOI, check_crs, utm_crs
-from .atomic import check_out_path, partial_path, replace_with
+from .atomic import check_out_path, partial_path, partial_prefix, remove_stale_partials, replace_with
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .http_client import host_of
@@ -524,6 +524,7 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
                  started: float) -> dict[str, Any]:
     """Shared by XYZ and WMS: download into a temporary source mosaic beside the output, then warp."""
     params.out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(params.out)  # e.g. the source mosaic of a killed run (tens of MB)
     # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
     resampling = Resampling.bilinear if out_grid.transform.a <= native * 1.5 else Resampling.average
     made = MosaicCache(remote.cache)
@@ -544,7 +545,7 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
                         "Check that the AOI lies inside the imagery.")
     ok = False
     try:
-        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=f".{params.out.stem}.fetch-") as tmp, \
+        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=partial_prefix(params.out) + "-fetch-") as tmp, \
                 windowed_output(params.out, profile, colorinterp=(ColorInterp.red, ColorInterp.green, ColorInterp.blue),
                                 empty_error=empty) as write:
             warp = ProgressiveWarp(out_grid, layout, resampling, write)

@@ -26,7 +26,7 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from .aoi import AOI
-from .atomic import atomic_output, check_out_path
+from .atomic import atomic_output, check_out_path, partial_prefix, remove_stale_partials
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .imagery import open_raster, reading
@@ -522,11 +522,13 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     check_params(params, info)
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)
-    # The prediction raster lives next to the output and goes whatever happens (cancel included).
+    remove_stale_partials(params.out)  # what killed runs left beside the output
+    # The prediction raster lives next to the output and goes whatever happens (cancel included;
+    # a kill leaves it, named with the pid for the next run to remove).
     # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
     # are read through, so the RSS would grow with the area.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
-            tempfile.TemporaryDirectory(prefix=f".{params.out.name}.", dir=params.out.parent) as tmp:
+            tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp:
         check_imagery(src, info, reporter)
         info = fit_input_scale(src, info, reporter)
         window, aoi = aoi_window(src, params.aoi)

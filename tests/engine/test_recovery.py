@@ -6,10 +6,13 @@ Through the real `landcover` command, on the NEON sample image and the shipped m
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
+from landcover_plugin.engine.atomic import remove_stale_partials
 from landcover_plugin.engine.model_package import SHIPPED_MODELS
 
 ENGINE = [sys.executable, "-m", "landcover_plugin.engine", "--json"]
@@ -43,3 +46,39 @@ def test_an_empty_stage_record_reruns_the_stage_instead_of_failing(osbs_tif, tmp
     assert code == 0, event
     assert json.loads(record.read_text())["outputs"]["mosaic"]  # written whole again
     assert not list((tmp_path / "work").glob(".*partial*"))
+
+
+def test_a_killed_predict_leaves_nothing_after_the_next_run(osbs_tif, tmp_path):
+    """SIGKILL skips every cleanup: the prediction raster of the killed run stays beside
+    the output as a hidden .NAME.partial-PID... folder; the next run removes it."""
+    out = tmp_path / "trees.gpkg"
+    command = [*ENGINE, "predict", "--model", "trees-base", "--imagery", str(osbs_tif), "--out", str(out),
+               "--batch-size", "1"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:  # mid-run: a batch of tiles is written into the prediction raster
+            event = json.loads(line)
+            if event["event"] == "progress" and event["stage"] == "predict" and event["done"] >= 1:
+                break
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    leftovers = list(tmp_path.glob(f".trees.partial-{proc.pid}*"))
+    assert leftovers and not out.exists()
+    code, event = landcover("predict", "--model", "trees-base", "--imagery", osbs_tif, "--out", out)
+    assert code == 0, event
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trees.gpkg"]
+
+
+def test_only_the_leftovers_of_runs_that_are_gone_are_removed(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, alive = int(gone.stdout), os.getpid()
+    names = [f".m.partial-{dead}.tif", f".m.partial-{dead}-fetch-x1y2", f".m.tif.old-{dead}",  # a killed run's
+             f".m.partial-{alive}.tif", f".m.partial-{alive}-fetch-abc",  # a live run's
+             f".m2.partial-{dead}.tif", "m.tif", ".m.partial-notapid.tif"]  # another output's, the output, a user's
+    for name in names:
+        (tmp_path / name).mkdir() if "fetch" in name or "old" in name else (tmp_path / name).write_text("x")
+    removed = remove_stale_partials(tmp_path / "m.tif")
+    assert sorted(p.name for p in removed) == sorted(names[:3])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])

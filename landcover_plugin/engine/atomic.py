@@ -92,6 +92,48 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def lock_path(final: Path) -> Path:
+    """The lock file of an output: hidden, beside it."""
+    return final.with_name(f".{final.name}.lock")
+
+
+@contextmanager
+def run_lock(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` while this run writes `what`; refuse (OUTPUT_BUSY,
+    naming the holder's pid) when another run holds it. Two runs on one output or
+    workdir would write over each other's temporary files. The kernel drops an flock
+    when its process ends, killed included, so a leftover lock file locks nothing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not guarded there
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EngineError("OUTPUT_BUSY", f"Another landcover run (pid {holder}) is writing {what}.",
+                              f"Wait for it to finish (or stop it: kill {holder}), then run again; "
+                              "or give this run another --out.") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the new one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: nobody else can hold this file
+        os.close(fd)
+
+
 def _made_by_us(path: Path, directory: bool) -> bool:
     if directory:
         return path.is_dir() and not path.is_symlink() and (path / MARKER).is_file()

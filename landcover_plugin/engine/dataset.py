@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .atomic import check_out_path, mark_output_dir, replace_with
+from .atomic import check_out_path, lock_path, mark_output_dir, replace_with, run_lock
 from .errors import EngineError
 from .events import Reporter, StageResult
 from .labels import Labels, read_labels
@@ -166,6 +166,12 @@ def resolution_m(src) -> float:
 
 def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
     check_out_path(params.out, directory=True, inputs=[params.imagery, params.labels, params.source])
+    # One run at a time per output: two would share (and tear) the resumable .NAME.building folder.
+    with run_lock(lock_path(params.out), str(params.out)):
+        return _build_dataset(params, reporter)
+
+
+def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
     if params.source is not None:
         from .catalog import build_snapshot
 

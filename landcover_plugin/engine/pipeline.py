@@ -196,13 +196,21 @@ def _run_stage(name: str, params: Any, output: Path, run: Callable[[], StageResu
 
 
 def run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
-    from .dataset import DatasetParams, build_dataset
-    from .fetch import FetchParams, fetch
-    from .predict import PredictParams, predict
+    from .atomic import run_lock
 
     if p.workdir.exists() and not p.workdir.is_dir():
         raise EngineError("BAD_WORKDIR", f"The pipeline's workdir {p.workdir} is a file, not a folder.",
                           "Give workdir: a folder (it is created), or move that file away.")
+    # One run at a time per workdir: two would run the same stages into the same files.
+    with run_lock(p.workdir / ".run.lock", f"the pipeline's workdir {p.workdir}"):
+        return _run_pipeline(p, reporter)
+
+
+def _run_pipeline(p: Pipeline, reporter: Reporter) -> StageResult:
+    from .dataset import DatasetParams, build_dataset
+    from .fetch import FetchParams, fetch
+    from .predict import PredictParams, predict
+
     p.workdir.mkdir(parents=True, exist_ok=True)
     osm = p.osm_file is not None or p.overpass is not None
     stages = STAGES_PREDICT if p.model else STAGES_OSM if osm else STAGES_TRAIN

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from landcover_plugin.engine.atomic import remove_stale_partials
+from landcover_plugin.engine.atomic import lock_path, remove_stale_partials, run_lock
 from landcover_plugin.engine.model_package import SHIPPED_MODELS
 
 ENGINE = [sys.executable, "-m", "landcover_plugin.engine", "--json"]
@@ -82,3 +82,38 @@ def test_only_the_leftovers_of_runs_that_are_gone_are_removed(tmp_path):
     removed = remove_stale_partials(tmp_path / "m.tif")
     assert sorted(p.name for p in removed) == sorted(names[:3])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+
+
+def test_a_second_run_on_one_dataset_out_is_refused_naming_the_first(osbs_tif, osbs_csv, tmp_path):
+    """While a run holds the dataset's lock (this test process stands in for it), another
+    run on the same --out is refused with the holder's pid; once it is done, runs go on."""
+    out = tmp_path / "dataset"
+    args = ("dataset", "--imagery", osbs_tif, "--labels", osbs_csv, "--task", "trees", "--chip-size", "64",
+            "--out", out)
+    with run_lock(lock_path(out), str(out)):
+        code, event = landcover(*args)
+        assert code == 2 and event["code"] == "OUTPUT_BUSY", event
+        assert f"pid {os.getpid()}" in event["message"] and event["hint"]
+        assert not out.exists()
+    code, event = landcover(*args)
+    assert code == 0, event
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]  # the lock file goes with its run
+
+
+def test_a_second_run_on_one_pipeline_workdir_is_refused_naming_the_first(osbs_tif, tmp_path):
+    pipeline = predict_pipeline(tmp_path, osbs_tif)
+    with run_lock(tmp_path / "work" / ".run.lock", "the workdir"):
+        code, event = landcover("run", pipeline)
+        assert code == 2 and event["code"] == "OUTPUT_BUSY", event
+        assert f"pid {os.getpid()}" in event["message"]
+        assert not (tmp_path / "trees.gpkg").exists()
+    code, event = landcover("run", pipeline)
+    assert code == 0, event
+
+
+def test_a_lock_left_by_a_killed_run_locks_nothing(tmp_path):
+    lock = tmp_path / ".out.lock"
+    lock.write_text("999999")  # the pid of a run that was killed while holding it
+    with run_lock(lock, "out"):
+        assert lock.read_text() == str(os.getpid())
+    assert not lock.exists()

@@ -138,7 +138,10 @@ def build_snapshot(params, reporter: Reporter) -> StageResult:
             _link(parent / entry["mask"], tmp / entry["mask"])
         shutil.copy2(parent / "catalog.gpkg", tmp / "catalog.gpkg")
         with sqlite3.connect(tmp / "catalog.gpkg") as db:
-            db.execute(f"DELETE FROM {LAYER} WHERE NOT ({params.where})")
+            # By the ids selected above, not by --where again: a condition need not give the
+            # same rows twice (random(), a subquery), and the catalog must list the chips taken.
+            db.execute(f"DELETE FROM {LAYER} WHERE id NOT IN (SELECT value FROM json_each(?))",
+                       (json.dumps([c["id"] for c in chips]),))
         db.close()
         snapshot = {"query": params.where, "parent": str(parent.resolve()),
                     "parent_hash": manifest.get("content_hash", ""),

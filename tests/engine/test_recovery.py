@@ -5,6 +5,7 @@ Through the real `landcover` command, on the NEON sample image and the shipped m
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -12,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from landcover_plugin.engine.atomic import lock_path, remove_stale_partials, run_lock
+from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.model_package import SHIPPED_MODELS
 
 ENGINE = [sys.executable, "-m", "landcover_plugin.engine", "--json"]
@@ -117,3 +121,23 @@ def test_a_lock_left_by_a_killed_run_locks_nothing(tmp_path):
     with run_lock(lock, "out"):
         assert lock.read_text() == str(os.getpid())
     assert not lock.exists()
+
+
+class DiskFullModel:
+    """Stands in for a Keras model whose weights no longer fit on the disk."""
+
+    def save_weights(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def test_disk_full_before_any_checkpoint_does_not_suggest_resume(tmp_path):
+    """The first checkpoint cannot be written: there is nothing for --resume to go on from."""
+    from landcover_plugin.engine.checkpoint import RunState, checkpoint_dir, save_checkpoint
+
+    optimizer = type("Optimizer", (), {"variables": []})()
+    folder = checkpoint_dir(tmp_path / "model")
+    with pytest.raises(EngineError) as err:
+        save_checkpoint(folder, DiskFullModel(), optimizer, RunState(epoch=1), best_changed=True)
+    assert err.value.code == "DISK_FULL" and "--resume" not in err.value.hint
+    assert "no checkpoint" in err.value.message
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

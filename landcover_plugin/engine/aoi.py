@@ -33,9 +33,17 @@ def utm_crs(lon: float, lat: float) -> str:
 
 
 def reproject_geometry(geometry: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
+    from rasterio._err import CPLE_BaseError
+    from rasterio.crs import CRS
     from rasterio.warp import transform_geom
 
-    return shape(transform_geom(src_crs, dst_crs, mapping(geometry)))
+    try:
+        return shape(transform_geom(src_crs, dst_crs, mapping(geometry)))
+    except CPLE_BaseError as exc:  # e.g. "Point outside of projection domain": coordinates in another CRS
+        names = [CRS.from_user_input(c).to_string()[:60] for c in (src_crs, dst_crs)]  # EPSG:nnnn, not WKT
+        raise EngineError("BAD_AOI", f"The AOI cannot be put from {names[0]} into {names[1]}: {exc}",
+                          "Check the AOI's CRS (--aoi-crs, or the AOI file's own): its coordinates must be "
+                          "in it, and near the imagery.") from None
 
 
 def check_crs(crs: str, what: str = "The AOI's CRS") -> str:

@@ -102,9 +102,21 @@ def _reproject(geom: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
     from rasterio.crs import CRS
     from rasterio.warp import transform_geom
 
+    from rasterio._err import CPLE_BaseError
+
     if CRS.from_user_input(src_crs) == CRS.from_user_input(dst_crs):
         return geom
-    return shape(transform_geom(src_crs, dst_crs, mapping(geom)))
+    try:
+        return shape(transform_geom(src_crs, dst_crs, mapping(geom)))
+    except CPLE_BaseError as exc:
+        raise _not_projectable(exc) from None
+
+
+def _not_projectable(exc: Exception) -> EngineError:
+    """E.g. "Point outside of projection domain": the labels' CRS is not the one their coordinates are in."""
+    return EngineError("LABELS_OUTSIDE_IMAGERY", f"The labels cannot be put into the imagery's CRS: {exc}",
+                       "Check the labels' CRS (a GeoJSON without one is read as WGS84 degrees) and that "
+                       "they lie on the imagery.")
 
 
 def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
@@ -171,9 +183,14 @@ def _polygonal(geom: BaseGeometry, counts: dict[str, int]) -> BaseGeometry | Non
 def _reproject_all(geoms: list, src_crs: str, dst_crs: str) -> list:
     from rasterio.crs import CRS
 
+    from rasterio._err import CPLE_BaseError
+
     if CRS.from_user_input(src_crs) == CRS.from_user_input(dst_crs):
         return geoms
-    return _to_crs(geoms, src_crs, dst_crs)
+    try:
+        return _to_crs(geoms, src_crs, dst_crs)
+    except CPLE_BaseError as exc:
+        raise _not_projectable(exc) from None
 
 
 def _class_field(fields: list[str], task: str, class_field: str | None, path: Path) -> str | None:

@@ -436,6 +436,16 @@ def freeze_encoder(model) -> int:
     return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
+def max_batch_size(chip_size: int) -> int:
+    """The largest batch whose training could fit in half the machine's memory, by
+    pick_batch_size's rule (~150 MB per 256 px sample)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume a common machine
+        memory = 16 * 2**30
+    return max(1, int(memory / 2 / (150 * 2**20 * (chip_size / 256) ** 2)))
+
+
 def pick_batch_size(requested: int) -> int:
     """`requested`, or for 0 a batch from free GPU memory (8 on the CPU).
     Rough rule, measured for the default U-Net at 256 px in mixed precision:
@@ -686,6 +696,11 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
                                                       and not 0 < params.learning_rate < math.inf):
         raise EngineError("BAD_PARAMS", "Epochs must be at least 1, batch size at least 0 (0: automatic) and "
                           "the learning rate positive.", "Use e.g. --epochs 20 --batch-size 8.")
+    most = max_batch_size(manifest["chip_size"])
+    if params.batch_size > most:  # far beyond: TensorFlow died of a segmentation fault, not an error
+        raise EngineError("BAD_PARAMS", f"--batch-size {params.batch_size} of {manifest['chip_size']} px chips "
+                          f"needs more memory than this machine has (at most about {most}).",
+                          f"Use e.g. --batch-size {min(8, most)}, or 0 to pick it from free GPU memory.")
     if params.freeze_encoder and not (params.base or params.encoder_weights):
         raise EngineError("BAD_PARAMS", "--freeze-encoder needs --base or --encoder-weights: a fresh encoder has "
                           "learnt nothing to keep.", "Give --base MODEL (or a pretrained encoder), or leave out "

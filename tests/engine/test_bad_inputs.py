@@ -81,6 +81,10 @@ def inputs(osbs_tif, osbs_csv, tmp_path_factory) -> Inputs:
         shutil.copytree(dataset, folder / name)
         change(folder / name)
     (folder / "tenepochs.yaml").write_text("epochs: ten\n")
+    # Polygons in metres (UTM) but without a CRS: GeoJSON reads them as degrees, far outside UTM 17N
+    (folder / "nocrs.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": [{
+        "type": "Feature", "properties": {"label": "a"},
+        "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0, 0]]]}}]}))
     with pytest.MonkeyPatch.context() as mp:  # a tensor whose stride leaves its storage: a segfault before
         (folder / "crafted.pth").write_bytes(legacy_pth(mp, {"features.0.0.weight": (0, (3,), (10**15,))},
                                                         np.zeros(12, np.float32)))
@@ -133,6 +137,8 @@ ROWS: list[Row] = [
     ("dataset", "--crown-radius inf", "BAD_ARGUMENTS",
      lambda f: ["--imagery", f.osbs, "--labels", f.csv, "--task", "trees", "--crown-radius", "inf", "--out",
                 f.out / "d"]),
+    ("dataset", "labels whose coordinates are not in their CRS", "LABELS_OUTSIDE_IMAGERY",
+     lambda f: ["--imagery", f.osbs, "--labels", f.nocrs_geojson, "--class-field", "label", "--out", f.out / "d"]),
     ("dataset", "--from a dataset with a corrupt dataset.json", "BAD_DATASET",
      lambda f: ["--from", f.badjson, "--where", "1", "--out", f.out / "d"]),
     ("dataset", "--from a dataset whose catalog is no database", "BAD_DATASET",
@@ -143,6 +149,8 @@ ROWS: list[Row] = [
      lambda f: ["--dataset", f.nokeys, "--out", f.out / "m", "--epochs", "1"]),
     ("train", "--learning-rate nan (trained on NaNs before)", "BAD_ARGUMENTS",
      lambda f: ["--dataset", f.dataset, "--out", f.out / "m", "--learning-rate", "nan"]),
+    ("train", "--batch-size 100000 (a segmentation fault in TensorFlow before)", "BAD_PARAMS",
+     lambda f: ["--dataset", f.dataset, "--out", f.out / "m", "--epochs", "1", "--batch-size", "100000"]),
     ("train", "a config with epochs: ten", "BAD_CONFIG",
      lambda f: ["--config", f.tenepochs_yaml, "--dataset", f.dataset, "--out", f.out / "m"]),
     ("train", "a crafted .pth as encoder weights (a segfault before)", "ENCODER_WEIGHTS_BAD",
@@ -150,6 +158,8 @@ ROWS: list[Row] = [
                 "--encoder-weights", f.crafted_pth]),
     ("eval", "a garbage .onnx", "BAD_MODEL",
      lambda f: ["--model", f.garbage_onnx, "--dataset", f.dataset, "--out", f.out / "r"]),
+    ("eval", "a model of 128 px tiles on 64 px chips", "MODEL_DATASET_MISMATCH",
+     lambda f: ["--model", TREES_BASE, "--dataset", f.dataset, "--out", f.out / "r"]),
     ("eval", "a corrupt dataset.json", "BAD_DATASET",
      lambda f: ["--model", TREES_BASE, "--dataset", f.badjson, "--out", f.out / "r"]),
     ("predict", "truncated GeoTIFF imagery", "CORRUPT_IMAGERY",
@@ -158,6 +168,8 @@ ROWS: list[Row] = [
      lambda f: ["--model", f.garbage_onnx, "--imagery", f.osbs, "--out", f.out / "p.gpkg"]),
     ("predict", "a model whose input scale is 0", "BAD_MODEL",
      lambda f: ["--model", f.scale0_onnx, "--imagery", f.osbs, "--out", f.out / "p.gpkg"]),
+    ("predict", "an AOI file whose coordinates are not in its CRS", "BAD_AOI",
+     lambda f: ["--model", TREES_BASE, "--imagery", f.osbs, "--aoi", f.nocrs_geojson, "--out", f.out / "p.gpkg"]),
     ("predict", "--batch-size 0", "BAD_PARAMS",
      lambda f: ["--model", TREES_BASE, "--imagery", f.osbs, "--batch-size", "0",
                                              "--out", f.out / "p.gpkg"]),

@@ -20,7 +20,8 @@ TASKS: tuple[Task, ...] = (
     Task("trees", "Trees", "one polygon per crown and one point per tree"),
     Task("landcover", "Land cover", "polygons with a class, and hectares per class"),
     Task("buildings", "Buildings", "building footprints"),
-    Task("classification", "Land cover per chip", "one class per square chip, for very large areas at coarse resolution"),
+    Task("classification", "Land cover per chip",
+         "one class per square chip, for very large areas at coarse resolution"),
 )
 TASK_IDS: tuple[str, ...] = tuple(t.id for t in TASKS)
 

@@ -10,6 +10,7 @@ own input, is refused before any work starts.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,10 +39,99 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def partial_prefix(final: Path) -> str:
+    """How every temporary name beside `final` starts (files and folders): with the
+    pid, so that a later run can tell a killed run's leftovers from a live run's."""
+    return f".{final.stem}.partial-{os.getpid()}"
+
+
 def partial_path(final: Path) -> Path:
     """The temporary name used while `final` is being written (same folder,
     so the rename is atomic; same suffix, so drivers pick the right format)."""
-    return final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
+    return final.with_name(f"{partial_prefix(final)}{final.suffix}")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_partials(final: Path) -> list[Path]:
+    """Remove the temporary files and folders beside `final` of runs that are gone:
+    a SIGKILL (or a power cut) skips every cleanup, and reruns never met them.
+    Returns what was removed; a live run's (another pid still running) stay."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    # .STEM.partial-PID[suffix or -tmpname] (partial_prefix) and .NAME.old-PID (replace_with)
+    pattern = re.compile(rf"\.(?:{re.escape(final.stem)}\.partial|{re.escape(final.name)}\.old)-(\d+)(\D.*)?")
+    stale = [p for p in final.parent.iterdir()
+             if (m := pattern.fullmatch(p.name)) and not pid_alive(int(m.group(1)))]
+    for path in stale:
+        _remove(path)
+    return stale
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small text file whole or not at all: a full disk or a kill while
+    writing leaves the previous file (or none), never an empty or torn one."""
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def lock_path(final: Path) -> Path:
+    """The lock file of an output: hidden, beside it."""
+    return final.with_name(f".{final.name}.lock")
+
+
+@contextmanager
+def run_lock(lock: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `lock` while this run writes `what`; refuse (OUTPUT_BUSY,
+    naming the holder's pid) when another run holds it. Two runs on one output or
+    workdir would write over each other's temporary files. The kernel drops an flock
+    when its process ends, killed included, so a leftover lock file locks nothing."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; runs are not guarded there
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise EngineError("OUTPUT_BUSY", f"Another landcover run (pid {holder}) is writing {what}.",
+                              f"Wait for it to finish (or stop it: kill {holder}), then run again; "
+                              "or give this run another --out.") from None
+        try:  # the holder before us may have removed the file after we opened it: lock the new one
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)  # while still held: nobody else can hold this file
+        os.close(fd)
 
 
 def _made_by_us(path: Path, directory: bool) -> bool:
@@ -102,6 +192,7 @@ def atomic_output(final: Path | str, directory: bool = False) -> Iterator[Path]:
     final = Path(final)
     check_out_path(final, directory)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(final)
     tmp = partial_path(final)
     _remove(tmp)
     if directory:

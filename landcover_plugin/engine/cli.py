@@ -8,18 +8,37 @@ atomically, so a cancelled run leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import signal
 import sys
 import traceback
 from pathlib import Path
 from types import FrameType
+from typing import NoReturn
 
 from ..contract.protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_FAILED, EXIT_OK
 from ..contract.tasks import TASK_IDS
 from .errors import Cancelled, EngineError
 from .events import Reporter
 from .vector.health import HealthThresholds
+
+
+class _Parser(argparse.ArgumentParser):
+    """A malformed command line is bad input like any other: an EngineError (with --json,
+    an error event the plugin shows; exit 2), not only usage text on stderr."""
+
+    def error(self, message: str) -> NoReturn:
+        raise EngineError("BAD_ARGUMENTS", f"{self.prog}: {message}", f"See `{self.prog} --help`.")
+
+
+def number(text: str) -> float:
+    """A float option: NaN and infinity are never meant (and pass every `x > 0` check)."""
+    value = float(text)  # argparse turns the ValueError into "invalid number value"
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -34,7 +53,7 @@ def _add_aoi(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="landcover",
         description="Land cover and tree maps from imagery: fetch, dataset, train, predict, run.",
     )
@@ -47,18 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", required=True, help="XYZ URL template ({x},{y},{z}) or a raster file")
     res = p.add_mutually_exclusive_group()
     res.add_argument("--zoom", type=int, help="tile zoom level")
-    res.add_argument("--gsd", type=float, help="ground resolution in metres per pixel (picks the nearest zoom)")
+    res.add_argument("--gsd", type=number, help="ground resolution in metres per pixel (picks the nearest zoom)")
     p.add_argument("--cache", type=Path, help="tile cache folder (default: the user's cache folder)")
     p.add_argument("--workers", type=int, default=4, help="concurrent downloads (default 4)")
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
                    help="extra HTTP header, e.g. Referer:https://example.org (repeatable)")
     p.add_argument("--max-tiles", type=int, default=20_000,
                    help="refuse fetches of more tiles (or WMS images) than this (default 20000)")
-    p.add_argument("--max-bytes", type=float, default=2e9,
+    p.add_argument("--max-bytes", type=number, default=2e9,
                    help="refuse fetches whose estimated download is larger (bytes, default 2e9)")
-    p.add_argument("--rate", type=float, default=100.0,
+    p.add_argument("--rate", type=number, default=100.0,
                    help="at most this many requests per second to one host (default 100; 0: no limit)")
-    p.add_argument("--cache-days", type=float, default=30.0,
+    p.add_argument("--cache-days", type=number, default=30.0,
                    help="download cached tiles again after this many days (default 30)")
     p.add_argument("--subdomains", default="abc", help="letters for {s} in the URL template (default abc)")
     p.add_argument("--mbtiles", type=Path, help="also write the tiles as this MBTiles file (offline use in QGIS)")
@@ -96,15 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="buildings: any polygons are buildings, the rest background; classification: "
                    "one class per chip, the majority of its labelled pixels (default landcover)")
     p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
-    p.add_argument("--val-share", type=float, default=0.25, help="share of spatial blocks for validation")
+    p.add_argument("--val-share", type=number, default=0.25, help="share of spatial blocks for validation")
     p.add_argument("--preset", help="preset the labels were made with: fixes classes, colours, overlap priority")
     p.add_argument("--complete", action="store_true",
                    help="the labels map the area completely: unlabelled pixels are background (else ignored)")
     p.add_argument("--offset", default="0,0", metavar="DX,DY",
                    help="move the labels by DX,DY metres (east, north) onto the imagery")
-    p.add_argument("--crown-radius", type=float, default=2.0,
+    p.add_argument("--crown-radius", type=number, default=2.0,
                    help="trees from points: crown radius in metres the centre heatmap assumes (default 2)")
-    p.add_argument("--background-ratio", type=float, default=0.0,
+    p.add_argument("--background-ratio", type=number, default=0.0,
                    help="with --complete: background-only chips kept per labelled chip (default 0)")
     p.add_argument("--from", dest="source", type=Path, metavar="DATASET",
                    help="make a snapshot of this dataset's chips matching --where")
@@ -121,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML/JSON file of train options (options given here win)")
     p.add_argument("--epochs", type=int, help="default 20")
     p.add_argument("--batch-size", type=int, help="default 8; 0 picks it from free GPU memory")
-    p.add_argument("--learning-rate", type=float, help="default 1e-3, or 1e-4 with --base")
+    p.add_argument("--learning-rate", type=number, help="default 1e-3, or 1e-4 with --base")
     p.add_argument("--freeze-encoder", action="store_true", default=None,
                    help="with --base or --encoder-weights: train the decoder only")
     p.add_argument("--encoder", choices=("unet", "mobilenetv2"),
@@ -154,13 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectorization block in pixels (default 2048; memory stays flat with the area)")
     p.add_argument("--nir-band", type=int, help="trees: 1-based imagery band holding near infrared (NDVI)")
     h = HealthThresholds()
-    p.add_argument("--vari-stressed", type=float, default=h.vari_stressed,
+    p.add_argument("--vari-stressed", type=number, default=h.vari_stressed,
                    help=f"trees: crowns with mean VARI below this are stressed (default {h.vari_stressed})")
-    p.add_argument("--vari-dead", type=float, default=h.vari_dead, help=f"... and below this dead (default {h.vari_dead})")
-    p.add_argument("--ndvi-stressed", type=float, default=h.ndvi_stressed,
+    p.add_argument("--vari-dead", type=number, default=h.vari_dead, help=f"... and below this dead (default {h.vari_dead})")
+    p.add_argument("--ndvi-stressed", type=number, default=h.ndvi_stressed,
                    help=f"trees with a NIR band: NDVI below this is stressed (default {h.ndvi_stressed})")
-    p.add_argument("--ndvi-dead", type=float, default=h.ndvi_dead, help=f"... and below this dead (default {h.ndvi_dead})")
-    p.add_argument("--dead-prob", type=float, default=h.dead_prob,
+    p.add_argument("--ndvi-dead", type=number, default=h.ndvi_dead, help=f"... and below this dead (default {h.ndvi_dead})")
+    p.add_argument("--dead-prob", type=number, default=h.dead_prob,
                    help=f"trees, models with a dead channel: mean dead probability of a dead crown (default {h.dead_prob})")
     p.add_argument("--no-orchard", action="store_true", help="trees: skip the planting grid and missing trees")
 
@@ -191,11 +210,20 @@ def _model_gsd(model: Path | None) -> float | None:
 
 def _offset(text: str) -> tuple[float, float]:
     try:
-        dx, dy = (float(v) for v in text.split(","))
-    except ValueError:
+        dx, dy = (number(v) for v in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
         raise EngineError("BAD_OFFSET", f"Offset '{text}' is not DX,DY in metres.",
                           "Give e.g. --offset 1.5,-0.8 (east, north).") from None
     return dx, dy
+
+
+def _headers(pairs: list[str]) -> dict[str, str]:
+    """--header NAME:VALUE, repeatable."""
+    bad = [h for h in pairs if ":" not in h or not h.split(":", 1)[0].strip()]
+    if bad:
+        raise EngineError("BAD_HEADERS", "A --header is not NAME:VALUE (not shown: it may hold a secret).",
+                          "Give each header as NAME:VALUE, e.g. --header Referer:https://example.org")
+    return {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in pairs)}
 
 
 def dispatch(args: argparse.Namespace, reporter: Reporter):
@@ -203,13 +231,9 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
     if args.command == "fetch":
         from .stages.fetch import FetchParams, fetch
 
-        if any(":" not in h for h in args.header):  # not shown: it may be a secret
-            raise EngineError("BAD_HEADERS", "A --header is not NAME:VALUE.",
-                              "Give each header as NAME:VALUE, e.g. --header Referer:https://example.org")
-        headers = dict(h.split(":", 1) for h in args.header)
-        headers = {k.strip(): v.strip() for k, v in headers.items()}
         return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,
-                                 gsd=args.gsd, cache_dir=args.cache, workers=args.workers, headers=headers,
+                                 gsd=args.gsd, cache_dir=args.cache, workers=args.workers,
+                                 headers=_headers(args.header),
                                  max_tiles=args.max_tiles, max_bytes=int(args.max_bytes), rate=args.rate,
                                  cache_days=args.cache_days, subdomains=args.subdomains, mbtiles=args.mbtiles,
                                  wms_crs=args.wms_crs, model_gsd=_model_gsd(args.model)), reporter)
@@ -264,7 +288,14 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
     if args.command == "run":
         from .stages.pipeline import load_pipeline, run_pipeline
 
-        return run_pipeline(load_pipeline(args.pipeline), reporter)
+        try:
+            pipeline = load_pipeline(args.pipeline)
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a value of the wrong kind in the YAML
+            raise EngineError("BAD_PIPELINE", f"Pipeline {args.pipeline} has a malformed value: "
+                              f"{type(exc).__name__}: {exc}",
+                              "Check the pipeline's keys and values against the example in the README "
+                              "(numbers where numbers go, a mapping for imagery, labels and train).") from None
+        return run_pipeline(pipeline, reporter)
     raise AssertionError(args.command)
 
 
@@ -283,16 +314,39 @@ def _join_negative_values(argv: list[str]) -> list[str]:
     return joined
 
 
+# OSErrors that are the machine's state, never a bug of ours: reported as bad input.
+_ENVIRONMENT_ERRORS = {
+    errno.ENOSPC: ("DISK_FULL", "Free some disk space (or give --out on another disk), then run the command again."),
+    errno.EDQUOT: ("DISK_FULL", "Free some disk space (or give --out on another disk), then run the command again."),
+    errno.EACCES: ("NOT_PERMITTED", "Check the permissions of that path, or give --out a folder you can write to."),
+    errno.EPERM: ("NOT_PERMITTED", "Check the permissions of that path, or give --out a folder you can write to."),
+    errno.EROFS: ("READ_ONLY", "Give --out a folder on a writable disk."),
+}
+
+
+def user_error(exc: Exception) -> EngineError | None:
+    """The error to report as bad input (exit 2): an EngineError, or an OSError of a
+    full disk, a permission or a read-only file system; None for a bug."""
+    if isinstance(exc, EngineError):
+        return exc
+    if not isinstance(exc, OSError) or exc.errno not in _ENVIRONMENT_ERRORS:
+        return None
+    code, hint = _ENVIRONMENT_ERRORS[exc.errno]
+    return EngineError(code, f"{exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""), hint)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_join_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = _join_negative_values(sys.argv[1:] if argv is None else argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except EngineError as exc:  # a malformed command line
+        Reporter(json_mode="--json" in argv).error(exc.code, exc.message, exc.hint)
+        return EXIT_BAD_INPUT
     reporter = Reporter(json_mode=getattr(args, "json", False))
     signal.signal(signal.SIGTERM, _raise_cancelled)
     signal.signal(signal.SIGINT, _raise_cancelled)
     try:
         result = dispatch(args, reporter)
-    except EngineError as exc:
-        reporter.error(exc.code, exc.message, exc.hint)
-        return EXIT_BAD_INPUT
     except Cancelled:
         reporter.error("CANCELLED", "Cancelled; no partial output was kept.", "Run the command again to redo it.")
         # Partial outputs are gone already; skip the interpreter's teardown, which
@@ -300,7 +354,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_CANCELLED)
-    except Exception as exc:  # a bug: report it whole, for the log panel
+    except Exception as exc:
+        error = user_error(exc)
+        if error is not None:
+            reporter.error(error.code, error.message, error.hint)
+            return EXIT_BAD_INPUT
+        # a bug: report it whole, for the log panel
         reporter.log(traceback.format_exc(), level="debug")
         reporter.error("INTERNAL", f"{type(exc).__name__}: {exc}",
                        "This is a bug in landcover; please report it with the log.")

@@ -167,3 +167,20 @@ def test_interrupted_build_resumes_where_it_stopped(scene, dataset, tmp_path):
     assert [e for e in events if e["event"] == "progress"][0]["done"] > 20  # earlier chips not redone
     assert manifest["content_hash"] == dataset[1]["content_hash"]  # same as an uninterrupted build
     assert not list(tmp_path.glob(".ds*"))
+
+
+def test_a_snapshot_evaluates_its_where_once(dataset, tmp_path):
+    """A condition that need not give the same rows twice (random()): the snapshot's
+    catalog lists exactly the chips it took. It was evaluated twice (8 rows for 6 chips)."""
+    import subprocess
+    import sys
+
+    parent, manifest = dataset
+    snap = tmp_path / "random"
+    proc = subprocess.run([sys.executable, "-m", "landcover_plugin.engine", "--json", "dataset", "--from",
+                           str(parent), "--where", "id = '0000' OR abs(random()) % 2 = 0", "--out", str(snap)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:]
+    chips = [c["id"] for c in json.loads((snap / "dataset.json").read_text())["chips"]]
+    assert chips[0] == "0000" and set(chips) <= {c["id"] for c in manifest["chips"]}
+    assert [r["id"] for r in rows(snap / "catalog.gpkg")] == chips

@@ -18,7 +18,7 @@ from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.labels.read import read_labels
 from landcover_plugin.engine.stages.dataset import (
-    IGNORE, DatasetParams, build_dataset, class_color, input_scale, split_cells)
+                                                    IGNORE, DatasetParams, build_dataset, class_color, input_scale, split_cells)
 
 CHIP = 64
 

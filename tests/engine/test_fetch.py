@@ -28,8 +28,8 @@ from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.imagery import mosaic
 from landcover_plugin.engine.imagery.aoi import AOI
 from landcover_plugin.engine.imagery.tiles import (MAX_LAT, Tile, count_tiles, expand_template, ground_resolution,
-                                           lnglat_to_tile, nearest_zoom, quadkey, template_tile_size,
-                                           tile_bounds_lnglat, tile_bounds_mercator, tiles_covering)
+                                                   lnglat_to_tile, nearest_zoom, quadkey, template_tile_size,
+                                                   tile_bounds_lnglat, tile_bounds_mercator, tiles_covering)
 from landcover_plugin.engine.stages.fetch import FetchParams, TileCache, decode_tile, fetch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -17,7 +17,7 @@ from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.imagery.aoi import AOI, reproject_geometry
 from landcover_plugin.engine.learn.model_package import ModelInfo, write_metadata
 from landcover_plugin.engine.stages.predict import (PredictParams, aoi_window, open_session, predict,
-                                             predict_to_raster, tile_origins)
+                                                    predict_to_raster, tile_origins)
 
 PIXEL = 0.1  # metres, the tree scenes' resolution
 
@@ -359,3 +359,73 @@ def test_buildings_layer(tmp_path, constant_raster):
     with sqlite3.connect(out) as db:
         styled = {r[0] for r in db.execute("SELECT f_table_name FROM layer_styles")}
     assert styled == {"buildings"}
+
+
+def landcover_cli(*args) -> tuple[int, list[dict]]:
+    """The real `landcover --json` command; its exit code and events."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "landcover_plugin.engine", "--json", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def rescaled_copy(src_path, out, dtype: str, factor: float):
+    """The same image in another data type and value range (nodata mapped along)."""
+    with rasterio.open(src_path) as src:
+        data, nodata = src.read().astype(np.float64) * factor, src.nodata * factor
+        with rasterio.open(out, "w", **(src.profile | {"dtype": dtype, "nodata": nodata})) as dst:
+            dst.write(data.astype(dtype))
+    return out
+
+
+def test_the_same_image_in_another_value_range_gives_the_same_crowns_or_a_clear_refusal(osbs_tif, tmp_path):
+    """The shipped model reads 0..255: float 0..1 is rescaled (and said so), 16-bit is refused
+    with a conversion hint. Before, the same image gave 33 crowns as uint8, 0 as float and uint16."""
+    code, events_8bit = landcover_cli("predict", "--model", "trees-base", "--imagery", osbs_tif,
+                                      "--out", tmp_path / "u8.gpkg")
+    assert code == 0, events_8bit[-1]
+    crowns = events_8bit[-1]["summary"]["crowns"]
+    assert crowns > 20
+
+    unit = rescaled_copy(osbs_tif, tmp_path / "unit.tif", "float32", 1 / 255)
+    code, events_unit = landcover_cli("predict", "--model", "trees-base", "--imagery", unit,
+                                      "--out", tmp_path / "unit.gpkg")
+    assert code == 0, events_unit[-1]
+    assert events_unit[-1]["summary"]["crowns"] == pytest.approx(crowns, abs=2)
+    assert any("multiplied by 255" in e.get("message", "") for e in events_unit)
+
+    wide = rescaled_copy(osbs_tif, tmp_path / "u16.tif", "uint16", 257)
+    code, events_wide = landcover_cli("predict", "--model", "trees-base", "--imagery", wide,
+                                      "--out", tmp_path / "u16.gpkg")
+    assert code == 2, events_wide[-1]
+    assert events_wide[-1]["code"] == "IMAGERY_RANGE" and "gdal_translate" in events_wide[-1]["hint"]
+    assert not (tmp_path / "u16.gpkg").exists()
+
+
+@pytest.mark.parametrize("dtype, top, scale, factor", [
+    ("uint8", 255, 255.0, 1.0),
+    ("uint16", 200, 255.0, 1.0),  # 8-bit values in a 16-bit file
+    ("float32", 254, 255.0, 1.0),
+    ("float32", 1.0, 255.0, 255.0),  # reflectance-like 0..1 for a model of 8-bit imagery
+    ("uint8", 255, 1.0, 1 / 255),  # 8-bit imagery for a model of 0..1 floats
+    ("float32", 0.9, 0.8, 1.0),
+    ("uint16", 9000, 4000.0, 1.0),  # the same kind of values: a warning at most
+    ("float32", float("nan"), 255.0, 1.0),  # no valid pixel sampled
+])
+def test_input_factor(dtype, top, scale, factor):
+    from landcover_plugin.engine.stages.predict import input_factor
+
+    assert input_factor(dtype, top, scale) == pytest.approx(factor)
+
+
+@pytest.mark.parametrize("dtype, top, scale", [
+    ("uint16", 65535, 255.0), ("uint16", 4095, 1.0), ("uint8", 255, 4000.0), ("float32", 1.0, 4000.0),
+    ("float32", 0.5, 200.0)])
+def test_input_factor_refuses_what_is_ambiguous(dtype, top, scale):
+    from landcover_plugin.engine.stages.predict import input_factor
+
+    with pytest.raises(EngineError) as err:
+        input_factor(dtype, top, scale)
+    assert err.value.code == "IMAGERY_RANGE" and err.value.hint

@@ -16,11 +16,11 @@ from test_predict import box_sum_model, landcover_info, write_raster
 
 @pytest.fixture()
 def case(tmp_path):
-    image = np.random.default_rng(1).integers(0, 10, (3, 150, 170)).astype(np.uint8)
+    image = np.random.default_rng(1).integers(0, 256, (3, 150, 170)).astype(np.uint8)
     raster = write_raster(tmp_path / "img.tif", image, from_origin(400000, 3300000, 1.0, 1.0))
     model_dir = tmp_path / "model"
     model_dir.mkdir()
-    box_sum_model(model_dir / "model.onnx", landcover_info())
+    box_sum_model(model_dir / "model.onnx", landcover_info(input_scale=255.0))  # a model of 8-bit imagery
     return raster, model_dir
 
 

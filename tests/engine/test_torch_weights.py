@@ -2,10 +2,14 @@
 without torch and loaded into the Keras encoder; the real file fetched at setup."""
 from __future__ import annotations
 
+import collections
 import hashlib
+import io
 import json
 import os
 import pickle
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +107,70 @@ def test_bad_pth_files(pth, tmp_path):
     evil.write_bytes(pickle.dumps(Evil()))
     with pytest.raises(TorchFileError, match="refused"):
         read_legacy_pth(evil)
+
+
+def legacy_pth(monkeypatch, tensors: dict[str, tuple], storage: np.ndarray) -> bytes:
+    """A legacy `.pth` in the format the reader accepts, as torch.save(...,
+    _use_new_zipfile_serialization=False) writes it, without torch: tensors are
+    {name: (offset, size, stride)} views of one float32 storage."""
+    from landcover_plugin.engine.learn.torch_weights import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    # Stand-ins that pickle as torch's own names (pickle stores functions and classes by name).
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+    storage_type = type("FloatStorage", (), {"__module__": "torch"})
+
+    def rebuild(*args):
+        raise AssertionError("never called: the pickle only names it")
+
+    rebuild.__module__, rebuild.__name__, rebuild.__qualname__ = "torch._utils", "_rebuild_tensor_v2", "_rebuild_tensor_v2"
+    torch.FloatStorage, utils._rebuild_tensor_v2 = storage_type, rebuild
+    monkeypatch.setitem(sys.modules, "torch", torch)
+    monkeypatch.setitem(sys.modules, "torch._utils", utils)
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __init__(self, offset, size, stride):
+            self.args = (the_storage, offset, size, stride, False, collections.OrderedDict())
+
+        def __reduce__(self):
+            return rebuild, self.args
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", storage_type, "0", "cpu", storage.size) if obj is the_storage else None
+
+    the_storage = Storage()
+    out = io.BytesIO()
+    for header in (MAGIC_NUMBER, PROTOCOL_VERSION, {"little_endian": True}):
+        pickle.dump(header, out, protocol=2)
+    state = collections.OrderedDict((name, Tensor(*view)) for name, view in tensors.items())
+    Pickler(out, protocol=2).dump(state)
+    pickle.dump(["0"], out, protocol=2)
+    out.write(np.int64(storage.size).tobytes() + storage.astype("<f4").tobytes())
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("view", [
+    (0, (1000, 1000), (1000, 1)),  # a million elements over a storage of 12
+    (10**12, (2,), (1,)),  # an offset far beyond the storage
+    (0, (3,), (10**15,)),  # a stride that jumps out of it
+    (11, (2,), (1,)),  # one element past the end
+    (0, (2,), (-1,)),  # backwards, before the start
+    (-4, (2,), (1,)),
+    (0, (10**9, 10**9), (0, 0)),  # stride 0: a few bytes claiming 10^18 elements
+    (0, (2.5,), (1,)),  # not whole numbers
+    (0, (2, 2), (1,)),  # sizes and strides do not pair up
+])
+def test_a_crafted_tensor_view_outside_its_storage_is_refused(monkeypatch, tmp_path, view):
+    """Sizes, strides and offsets are checked against the storage before numpy's
+    as_strided reads through them: a crafted file crashed training with a segfault."""
+    storage = np.arange(12, dtype=np.float32)
+    good = tmp_path / "good.pth"
+    good.write_bytes(legacy_pth(monkeypatch, {"w": (2, (2, 3), (1, 2))}, storage))
+    assert np.array_equal(read_legacy_pth(good)["w"], [[2, 4, 6], [3, 5, 7]])  # the crafting is right
+    crafted = tmp_path / "crafted.pth"
+    crafted.write_bytes(legacy_pth(monkeypatch, {"w": view}, storage))
+    with pytest.raises(TorchFileError):
+        read_legacy_pth(crafted)

@@ -26,7 +26,8 @@ CROWNS = [(60, 60, (60, 140, 50, 200), 0.0),  # green: VARI 0.53, NDVI 0.54
 
 
 def health_scene(size: int = 260) -> np.ndarray:
-    """Bands R, G, B, NIR (0-255), crown probability, heatmap, dead probability."""
+    """Bands R, G, B, NIR, crown probability, heatmap, dead probability, all 0-255
+    (one value range, as imagery has: the model divides them by 255)."""
     yy, xx = np.mgrid[:size, :size]
     bands = np.zeros((7, size, size), np.float32)
     bands[:4] = 30.0  # dark soil
@@ -35,9 +36,9 @@ def health_scene(size: int = 260) -> np.ndarray:
         disk = d2 <= 15 ** 2
         for b, value in enumerate(colour):
             bands[b][disk] = value
-        bands[4][disk] = 0.9
-        bands[5] = np.maximum(bands[5], np.exp(-d2 / (2 * 7.5 ** 2)))
-        bands[6][disk] = dead
+        bands[4][disk] = 0.9 * 255
+        bands[5] = np.maximum(bands[5], 255 * np.exp(-d2 / (2 * 7.5 ** 2)))
+        bands[6][disk] = dead * 255
     return bands
 
 
@@ -48,7 +49,7 @@ def health_model(path, dead_channel: bool, nir_band: int | None = None):
     for k in range(c_out):
         weights[k, 4 + k] = 1.0
     info = ModelInfo(task="trees", class_names=["crown", "dead"] if dead_channel else ["crown"], class_colors=[],
-                     band_count=7, resolution_m=PIXEL, tile_size=64, tile_overlap=8, input_scale=1.0,
+                     band_count=7, resolution_m=PIXEL, tile_size=64, tile_overlap=8, input_scale=255.0,
                      mean=[0.0] * 7, std=[1.0] * 7, nir_band=nir_band)
     return conv_model(path, weights, np.zeros(c_out), info)
 

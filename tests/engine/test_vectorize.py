@@ -14,7 +14,7 @@ from shapely.geometry import Point, box
 
 from landcover_plugin.engine.vector.trees import tree_layers
 from landcover_plugin.engine.vector.vectorize import (Layer, areas_m2, class_hectares, find_seeds, landcover_layers,
-                                               pixel_size_m, split_crowns, write_gpkg)
+                                                      pixel_size_m, split_crowns, write_gpkg)
 
 UTM = CRS.from_epsg(32617)
 WGS84 = CRS.from_epsg(4326)

@@ -1,6 +1,7 @@
 """Areas of interest: a bounding box or a vector file, in any CRS."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,15 @@ class AOI:
         return tuple(self.geometry.bounds)  # type: ignore[return-value]
 
     def to_crs(self, crs: str) -> "AOI":
-        return AOI(reproject_geometry(self.geometry, self.crs, crs), crs)
+        try:
+            return AOI(reproject_geometry(self.geometry, self.crs, crs), crs)
+        except OutsideProjection as exc:
+            from rasterio.crs import CRS
+
+            names = [CRS.from_user_input(c).to_string()[:60] for c in (self.crs, crs)]  # EPSG:nnnn, not WKT
+            raise EngineError("BAD_AOI", f"The AOI cannot be put from {names[0]} into {names[1]}: {exc}",
+                              "Check the AOI's CRS (--aoi-crs, or the AOI file's own): its coordinates must be "
+                              "in it, and near the imagery.") from None
 
 
 def utm_crs(lon: float, lat: float) -> str:
@@ -37,18 +46,50 @@ def same_crs(a: str, b: str) -> bool:
     return CRS.from_user_input(a) == CRS.from_user_input(b)
 
 
+class OutsideProjection(ValueError):
+    """PROJ cannot put the coordinates into the target CRS ("Point outside of projection
+    domain"): usually they are in another CRS than the one they are said to be in.
+    Callers say which input that was."""
+
+
 def reproject_geometry(geometry: BaseGeometry, src_crs: str, dst_crs: str) -> BaseGeometry:
+    from rasterio._err import CPLE_BaseError
     from rasterio.warp import transform_geom
 
     if same_crs(src_crs, dst_crs):
         return geometry
-    return shape(transform_geom(src_crs, dst_crs, mapping(geometry)))
+    try:
+        return shape(transform_geom(src_crs, dst_crs, mapping(geometry)))
+    except CPLE_BaseError as exc:
+        raise OutsideProjection(str(exc)) from None
+
+
+def check_crs(crs: str, what: str = "The AOI's CRS") -> str:
+    """`crs` as given, once PROJ knows it (an unknown code would fail deep in a stage)."""
+    from rasterio.crs import CRS
+    from rasterio.errors import CRSError
+
+    try:
+        CRS.from_user_input(crs)
+    except CRSError as exc:
+        raise EngineError("BAD_CRS", f"{what} {crs!r} is not a coordinate reference system PROJ knows: {exc}",
+                          "Give an EPSG code such as EPSG:4326 (WGS84) or EPSG:32617 (UTM 17N), or WKT.") from None
+    return crs
+
+
+def crosses_antimeridian(minx: float, maxx: float) -> bool:
+    """A longitude box drawn across the 180th meridian: its west edge east of its east
+    edge, and less than half the world wide that way round (170,..,-170,..), or an
+    edge beyond +-180 (170,..,190,..). A plain swap of min and max (10,..,5,..) is not."""
+    wrapped = -180 <= maxx < minx <= 180 and maxx + 360 - minx < 180
+    return wrapped or minx < 180 < maxx or minx < -180 < maxx
 
 
 def reproject_geometries(geoms: list, src_crs: str, dst_crs: str) -> list:
     """Reproject many geometries with one coordinate transform (shapely.transform batches them)."""
     import numpy as np
     import shapely
+    from rasterio._err import CPLE_BaseError
     from rasterio.warp import transform
 
     if same_crs(src_crs, dst_crs):
@@ -60,7 +101,10 @@ def reproject_geometries(geoms: list, src_crs: str, dst_crs: str) -> list:
         x, y = transform(src_crs, dst_crs, xy[:, 0], xy[:, 1])
         return np.column_stack([x, y])
 
-    return list(shapely.transform(np.asarray(geoms, dtype=object), fn))
+    try:
+        return list(shapely.transform(np.asarray(geoms, dtype=object), fn))
+    except CPLE_BaseError as exc:
+        raise OutsideProjection(str(exc)) from None
 
 
 def parse_aoi(text: str, crs: str = "EPSG:4326") -> AOI:
@@ -73,24 +117,37 @@ def parse_aoi(text: str, crs: str = "EPSG:4326") -> AOI:
         except ValueError:
             raise EngineError("BAD_AOI", f"AOI '{text}' is not four numbers.",
                               "Give minx,miny,maxx,maxy, e.g. --aoi -82.01,29.68,-82.00,29.69") from None
+        if not all(math.isfinite(v) for v in (minx, miny, maxx, maxy)):
+            raise EngineError("BAD_AOI", f"AOI '{text}' is not four finite numbers.",
+                              "Give minx,miny,maxx,maxy, e.g. --aoi -82.01,29.68,-82.00,29.69")
+        degrees = crs.upper() in ("EPSG:4326", "OGC:CRS84")
+        if degrees and -90 <= miny < maxy <= 90 and crosses_antimeridian(minx, maxx):
+            raise EngineError("BAD_AOI", f"AOI '{text}' crosses the antimeridian (180° longitude): the "
+                              "tiles, mosaics and UTM zones the stages use stop there.",
+                              "Split it in two at 180°, e.g. --aoi 179.5,-17,180,-16 and --aoi -180,-17,-179.5,-16, "
+                              "and run each part.")
         if minx >= maxx or miny >= maxy:
             raise EngineError("BAD_AOI", f"AOI '{text}' is empty: min must be below max.",
                               "Give minx,miny,maxx,maxy with minx < maxx and miny < maxy.")
-        if crs.upper() in ("EPSG:4326", "OGC:CRS84") and not (-180 <= minx <= 180 and -90 <= miny <= 90
-                                                             and -180 <= maxx <= 180 and -90 <= maxy <= 90):
+        if degrees and not (-180 <= minx <= 180 and -90 <= miny <= 90 and -180 <= maxx <= 180 and -90 <= maxy <= 90):
             raise EngineError("BAD_AOI", f"AOI '{text}' is not in longitude/latitude degrees.",
                               "Give WGS84 degrees, or name the AOI's CRS with --aoi-crs.")
-        return AOI(box(minx, miny, maxx, maxy), crs)
+        return AOI(box(minx, miny, maxx, maxy), check_crs(crs))
     path = Path(text)
     if not path.exists():
         raise EngineError("BAD_AOI", f"AOI '{text}' is neither minx,miny,maxx,maxy nor an existing file.",
                           "Give four comma-separated numbers or the path of a vector file.")
     import fiona
+    from fiona.errors import FionaError
     from shapely.ops import unary_union
 
-    with fiona.open(path) as src:
-        geoms = [shape(f["geometry"]) for f in src if f["geometry"]]
-        file_crs = src.crs.to_string() if src.crs else crs
+    try:
+        with fiona.open(path) as src:
+            geoms = [shape(f["geometry"]) for f in src if f["geometry"]]
+            file_crs = src.crs.to_string() if src.crs else crs
+    except FionaError as exc:
+        raise EngineError("BAD_AOI", f"Cannot read AOI file {path}: {exc}",
+                          "Give a vector file GDAL can open (GeoPackage, Shapefile, GeoJSON) with a polygon.") from None
     if not geoms:
         raise EngineError("BAD_AOI", f"AOI file {path} has no geometry.", "Draw at least one polygon in it.")
-    return AOI(unary_union(geoms), file_crs)
+    return AOI(unary_union(geoms), check_crs(file_crs))

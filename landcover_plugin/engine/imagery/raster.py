@@ -1,7 +1,9 @@
 """Small helpers on local rasters shared by the stages."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import rasterio
 
@@ -16,6 +18,18 @@ def open_raster(path: Path | str):
     except rasterio.errors.RasterioIOError as exc:
         raise EngineError("BAD_IMAGERY", f"Cannot read imagery {path}: {exc}",
                           "Give a raster file GDAL can open (GeoTIFF, VRT, JPEG2000, ...).") from None
+
+
+@contextmanager
+def reading(path: Path | str) -> Iterator[None]:
+    """Report GDAL's failure to read pixels (a truncated or corrupt file, which opens
+    fine: only its missing blocks fail) as bad imagery, not as a bug."""
+    try:
+        yield
+    except rasterio.errors.RasterioIOError as exc:  # "Read failed. See previous exception": GDAL's is the cause
+        raise EngineError("CORRUPT_IMAGERY", f"Cannot read the pixels of {path}: {exc.__cause__ or exc}",
+                          "The file is truncated or corrupt: copy, download or export it again "
+                          "(gdalinfo -checksum FILE reads it whole).") from None
 
 
 def stack_bands(band_files: list[Path], out: Path) -> Path:

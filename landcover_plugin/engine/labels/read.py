@@ -28,7 +28,7 @@ from shapely.geometry.base import BaseGeometry
 from shapely.ops import unary_union
 
 from ..errors import EngineError
-from ..imagery.aoi import reproject_geometries, reproject_geometry
+from ..imagery.aoi import OutsideProjection, reproject_geometries, reproject_geometry
 
 # Tried in order when no class field is given (our OSM labels use "class").
 DEFAULT_CLASS_FIELDS = ("class", "label", "landcover", "type")
@@ -69,15 +69,20 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
     crs_wkt = crs.to_wkt()
     priorities, counts = None, {"repaired": 0, "skipped": 0}
     points = False
-    if path.suffix.lower() == ".csv" and _is_points_csv(path):
-        geoms, footprint, points = _read_csv_points(path, crs_wkt), None, True
-        classes = ["crown"] * len(geoms)
-    elif path.suffix.lower() in (".csv", ".xml"):
-        read_boxes = _read_csv_boxes if path.suffix.lower() == ".csv" else _read_voc_boxes
-        geoms, classes, footprint = read_boxes(path, crs_wkt)
-    else:
-        geoms, classes, priorities, counts = _read_vector(path, crs_wkt, task, class_field)
-        footprint, points = None, geoms[0].geom_type == "Point"
+    try:
+        if path.suffix.lower() == ".csv" and _is_points_csv(path):
+            geoms, footprint, points = _read_csv_points(path, crs_wkt), None, True
+            classes = ["crown"] * len(geoms)
+        elif path.suffix.lower() in (".csv", ".xml"):
+            read_boxes = _read_csv_boxes if path.suffix.lower() == ".csv" else _read_voc_boxes
+            geoms, classes, footprint = read_boxes(path, crs_wkt)
+        else:
+            geoms, classes, priorities, counts = _read_vector(path, crs_wkt, task, class_field)
+            footprint, points = None, geoms[0].geom_type == "Point"
+    except OutsideProjection as exc:
+        raise EngineError("LABELS_OUTSIDE_IMAGERY", f"The labels cannot be put into the imagery's CRS: {exc}",
+                          "Check the labels' CRS (a GeoJSON without one is read as WGS84 degrees) and that "
+                          "they lie on the imagery.") from None
     if points and task != "trees":
         raise EngineError("POINT_LABELS_NEED_TREES", f"{path.name} holds points (tree positions), which carry "
                           "no area to learn land cover from.", "Use --task trees, or give polygons.")

@@ -42,6 +42,7 @@ def save_checkpoint(folder: Path, model, optimizer, state: RunState, best_change
     import warnings
 
     previous_best = folder / BEST
+    had_one = (folder / STATE).is_file()  # else a full disk leaves nothing to resume from
     try:
         with atomic_output(folder, directory=True) as tmp, warnings.catch_warnings():
             warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
@@ -53,10 +54,15 @@ def save_checkpoint(folder: Path, model, optimizer, state: RunState, best_change
             np.savez(tmp / OPTIMIZER, *[v.numpy() for v in optimizer.variables])
             (tmp / STATE).write_text(json.dumps(state.__dict__, indent=1))
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT) and had_one:
             raise EngineError("DISK_FULL", f"The disk filled while saving the checkpoint of epoch {state.epoch} "
                               f"({exc}); the checkpoint of epoch {state.epoch - 1} is kept.",
                               "Free some disk space, then run the same command with --resume.") from None
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise EngineError("DISK_FULL", f"The disk filled while saving the first checkpoint (epoch {state.epoch}) "
+                              f"({exc}); there is no checkpoint to resume from.",
+                              "Free some disk space, then run the same command again (training starts "
+                              "over).") from None
         raise
 
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ...contract.names import MODELS_DIR
+from ...contract.tasks import TASK_IDS
 from ..errors import EngineError
 
 ONNX_NAME = "model.onnx"
@@ -66,11 +67,40 @@ class ModelInfo:
 
     @classmethod
     def from_metadata_props(cls, props: dict[str, str]) -> "ModelInfo":
-        ours = {k.split(".", 1)[1]: json.loads(v) for k, v in props.items() if k.startswith("landcover.")}
-        if ours:
-            known = {k: v for k, v in ours.items() if k in cls.__dataclass_fields__}
-            return cls(**known)
-        return _from_deepness(props)
+        try:
+            ours = {k.split(".", 1)[1]: json.loads(v) for k, v in props.items() if k.startswith("landcover.")}
+            info = cls(**{k: v for k, v in ours.items() if k in cls.__dataclass_fields__}) if ours else None
+        except (ValueError, TypeError) as exc:  # not JSON, or a field missing
+            raise EngineError("BAD_MODEL", f"The model's landcover metadata is garbled: {exc}",
+                              "Use a model made by `landcover train`, unmodified.") from None
+        return check_info(info or _from_deepness(props))
+
+
+def check_info(info: ModelInfo) -> ModelInfo:
+    """Metadata that would crash or silently spoil a prediction is refused up front."""
+    def whole(v, least: int) -> bool:
+        return type(v) is int and v >= least
+
+    def positive(v) -> bool:
+        return type(v) in (int, float) and 0 < v < float("inf")
+
+    problems = [name for name, ok in (
+        ("task", info.task in TASK_IDS),
+        ("class_names", isinstance(info.class_names, list) and info.class_names
+         and all(isinstance(n, str) for n in info.class_names)),
+        ("band_count", whole(info.band_count, 1)),
+        ("tile_size", whole(info.tile_size, 1)),
+        ("tile_overlap", whole(info.tile_overlap, 0)),
+        ("resolution_m", positive(info.resolution_m)),
+        ("input_scale", positive(info.input_scale)),
+        ("mean", isinstance(info.mean, list) and all(type(v) in (int, float) for v in info.mean)),
+        ("std", isinstance(info.std, list) and all(positive(v) for v in info.std)),
+        ("threshold", type(info.threshold) in (int, float) and 0 <= info.threshold <= 1),
+    ) if not ok]
+    if problems:
+        raise EngineError("BAD_MODEL", f"The model's metadata has impossible values for {', '.join(problems)}.",
+                          "Use a model made by `landcover train` (or a Deepness model), unmodified.")
+    return info
 
 
 def _from_deepness(props: dict[str, str]) -> ModelInfo:
@@ -79,17 +109,17 @@ def _from_deepness(props: dict[str, str]) -> ModelInfo:
         names = json.loads(props["class_names"])
         tile = int(props.get("tiles_size", 512))
         mean = json.loads(props.get("standardization_mean", "[]"))
-    except (KeyError, ValueError) as exc:
+        class_names = [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
+        return ModelInfo(
+            task="landcover", class_names=class_names, class_colors=[],
+            band_count=len(mean) or 3, resolution_m=float(props.get("resolution", 10)) / 100.0,
+            tile_size=tile, tile_overlap=int(tile * float(props.get("tiles_overlap", 0)) / 100),
+            mean=mean, std=json.loads(props.get("standardization_std", "[]")),
+            threshold=float(props.get("seg_thresh", 0.5)),
+        )
+    except (KeyError, ValueError, TypeError) as exc:
         raise EngineError("BAD_MODEL", f"The model's metadata lacks or garbles {exc}.",
                           "Use a model made by `landcover train` or one with Deepness metadata.") from None
-    class_names = [names[k] for k in sorted(names, key=int)] if isinstance(names, dict) else list(names)
-    return ModelInfo(
-        task="landcover", class_names=class_names, class_colors=[],
-        band_count=len(mean) or 3, resolution_m=float(props.get("resolution", 10)) / 100.0,
-        tile_size=tile, tile_overlap=int(tile * float(props.get("tiles_overlap", 0)) / 100),
-        mean=mean, std=json.loads(props.get("standardization_std", "[]")),
-        threshold=float(props.get("seg_thresh", 0.5)),
-    )
 
 
 
@@ -122,5 +152,11 @@ def read_info(model: Path | str) -> ModelInfo:
     """Read the ModelInfo of a model folder or .onnx file (no TensorFlow)."""
     import onnx
 
-    proto = onnx.load(str(onnx_path(model)), load_external_data=False)
+    path = onnx_path(model)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and others: not an ONNX file
+        raise EngineError("BAD_MODEL", f"{path} is not an ONNX model: {type(exc).__name__}: {exc}",
+                          "Give a model folder made by `landcover train` or an .onnx file (re-export it "
+                          "if it was cut short).") from None
     return ModelInfo.from_metadata_props({p.key: p.value for p in proto.metadata_props})

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import io
+import math
 import pickle
 import struct
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ PROTOCOL_VERSION = 1001
 STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
                   "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16,
                   "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+MAX_DIMS = 32  # numpy's limit is 64; weights have at most 4
 
 
 class TorchFileError(ValueError):
@@ -59,11 +61,37 @@ class _Tensor:
 
     def array(self) -> np.ndarray:
         """A contiguous numpy copy of the tensor's view of its storage (strides in elements)."""
+        check_view(self.offset, self.size, self.stride, self.storage.data.size)
         data = self.storage.data
         item = data.itemsize
         view = np.lib.stride_tricks.as_strided(data[self.offset:], shape=self.size,
                                                strides=tuple(s * item for s in self.stride))
         return np.array(view)
+
+
+def check_view(offset, size, stride, numel: int) -> None:
+    """Refuse a tensor view that reaches outside its storage: as_strided trusts its
+    arguments, and a crafted file's sizes, strides or offset would read any memory
+    (a segmentation fault at best)."""
+    def plain_ints(values) -> bool:
+        return all(type(v) is int for v in values)  # not bool, float or a crafted object
+
+    if not (type(offset) is int and isinstance(size, tuple) and isinstance(stride, tuple)
+            and plain_ints(size) and plain_ints(stride) and len(size) == len(stride) <= MAX_DIMS):
+        raise TorchFileError(f"a tensor's offset {offset!r:.40}, size {size!r:.80} or stride {stride!r:.80} "
+                             "is not a tuple of whole numbers")
+    if offset < 0 or any(n < 0 for n in size) or any(s < 0 for s in stride):
+        raise TorchFileError(f"a tensor has a negative offset, size or stride ({offset}, {size}, {stride})")
+    if 0 in size:  # an empty tensor reads nothing
+        if offset > numel:
+            raise TorchFileError(f"a tensor's offset {offset} lies outside its storage of {numel} elements")
+        return
+    if math.prod(size) > numel:  # stride 0 repeats elements: a few bytes would claim any memory
+        raise TorchFileError(f"a tensor of size {size} has more elements than its storage ({numel})")
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= numel:
+        raise TorchFileError(f"a tensor of size {size}, stride {stride} at offset {offset} reaches element "
+                             f"{last} of a storage of {numel}")
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_ignored):

@@ -26,6 +26,7 @@ from ..labels.read import read_info, write_info
 
 LAYER = "chips"
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "buffer": "#bdbdbd"}
+REBUILD = "Rebuild the dataset with `landcover dataset`; its files are not meant to be edited."
 
 
 def fraction_field(class_name: str) -> str:
@@ -72,9 +73,14 @@ def read_chips(catalog: Path, class_names: list[str], where: str | None = None) 
            f"pixel_max, {', '.join(fractions)} FROM {LAYER}" + (f" WHERE ({where})" if where else "") + " ORDER BY id")
     with sqlite3.connect(f"file:{catalog}?mode=ro", uri=True) as db:
         try:
+            columns = [r[1] for r in db.execute(f"PRAGMA table_info({LAYER})")]
+        except sqlite3.Error as exc:  # not a database at all (cut short, overwritten)
+            raise EngineError("BAD_DATASET", f"{catalog} is not readable: {exc}", REBUILD) from None
+        if not columns:
+            raise EngineError("BAD_DATASET", f"{catalog} has no layer {LAYER}.", REBUILD)
+        try:
             rows = db.execute(sql).fetchall()
         except sqlite3.Error as exc:
-            columns = [r[1] for r in db.execute(f"PRAGMA table_info({LAYER})")]
             raise EngineError("BAD_WHERE", f"The condition {where!r} is not valid SQL on the catalog: {exc}",
                               f"Use SQL on the columns {', '.join(c for c in columns if c != 'geom')}, "
                               "e.g. \"split = 'train' AND frac_water > 0.1\".") from None
@@ -106,7 +112,9 @@ def build_snapshot(params, reporter: Reporter) -> StageResult:
     if params.out.exists():
         raise EngineError("SNAPSHOT_EXISTS", f"{params.out} exists; snapshots are immutable.",
                           "Choose a new --out folder for this snapshot.")
-    manifest = json.loads((parent / "dataset.json").read_text())
+    from .train import load_manifest
+
+    manifest = load_manifest(parent)
     chips = read_chips(parent / "catalog.gpkg", manifest["class_names"], params.where)
     if not chips:
         raise EngineError("EMPTY_SELECTION", f"No chip of {parent.name} matches {params.where!r}.",
@@ -130,7 +138,10 @@ def build_snapshot(params, reporter: Reporter) -> StageResult:
             _link(parent / entry["mask"], tmp / entry["mask"])
         shutil.copy2(parent / "catalog.gpkg", tmp / "catalog.gpkg")
         with sqlite3.connect(tmp / "catalog.gpkg") as db:
-            db.execute(f"DELETE FROM {LAYER} WHERE NOT ({params.where})")
+            # By the ids selected above, not by --where again: a condition need not give the
+            # same rows twice (random(), a subquery), and the catalog must list the chips taken.
+            db.execute(f"DELETE FROM {LAYER} WHERE id NOT IN (SELECT value FROM json_each(?))",
+                       (json.dumps([c["id"] for c in chips]),))
         db.close()
         snapshot = {"query": params.where, "parent": str(parent.resolve()),
                     "parent_hash": manifest.get("content_hash", ""),

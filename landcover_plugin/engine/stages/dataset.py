@@ -42,17 +42,18 @@ import numpy as np
 
 from ...contract.names import IGNORE
 from ...contract.tasks import TASK_IDS
-from ..atomic import check_out_path, mark_output_dir, replace_with
+from ..atomic import check_out_path, lock_path, mark_output_dir, replace_with, run_lock
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..labels.rasterize import (centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
-                        trees_mask)
+                                trees_mask)
 from ..labels.read import Labels, read_labels
 
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
 BUILDING, BUILDING_COLOR = "building", "#d62728"  # as the buildings preset
 BLOCK = 2  # chips per block side in the spatial split
 MIN_VALID = 0.5  # chips with less valid imagery are skipped
+MAX_CHIP_SIZE = 2048  # pixels: a chip is read whole, and training holds every chip in memory
 CACHE_MB = 64  # GDAL block cache while cutting chips
 # NLCD-like colours, matched by keyword in the (lower-case) class name.
 CLASS_COLORS = {
@@ -166,6 +167,12 @@ def resolution_m(src) -> float:
 
 def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
     check_out_path(params.out, directory=True, inputs=[params.imagery, params.labels, params.source])
+    # One run at a time per output: two would share (and tear) the resumable .NAME.building folder.
+    with run_lock(lock_path(params.out), str(params.out)):
+        return _build_dataset(params, reporter)
+
+
+def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
     if params.source is not None:
         from .catalog import build_snapshot
 
@@ -237,14 +244,18 @@ def _check(params: DatasetParams) -> None:
     if params.chip_size < 32 or params.chip_size % 16:
         raise EngineError("BAD_CHIP_SIZE", f"Chip size {params.chip_size} is not a multiple of 16 (>= 32).",
                           "Use e.g. --chip-size 64, 128 or 256.")
+    if params.chip_size > MAX_CHIP_SIZE:
+        raise EngineError("BAD_CHIP_SIZE", f"Chip size {params.chip_size} is larger than {MAX_CHIP_SIZE} pixels: "
+                          "training holds every chip in memory.", "Use e.g. --chip-size 64, 128 or 256.")
     if not 0 < params.val_share < 1:
         raise EngineError("BAD_VAL_SHARE", f"Validation share {params.val_share} is not between 0 and 1.",
                           "Use e.g. --val-share 0.25.")
-    if params.crown_radius_m <= 0:
+    if not 0 < params.crown_radius_m < math.inf:
         raise EngineError("BAD_CROWN_RADIUS", f"Crown radius {params.crown_radius_m} m is not positive.",
                           "Use e.g. --crown-radius 2 (metres, the typical crown radius of the trees).")
-    if params.background_ratio < 0:
-        raise EngineError("BAD_BACKGROUND_RATIO", f"Background ratio {params.background_ratio} is negative.",
+    if not 0 <= params.background_ratio < math.inf:
+        raise EngineError("BAD_BACKGROUND_RATIO", f"Background ratio {params.background_ratio} is negative or not "
+                          "a number.",
                           "Use e.g. --background-ratio 0.2 (one background chip per five labelled ones).")
 
 
@@ -338,8 +349,14 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
     from shapely.geometry import box
     from shapely.strtree import STRtree
 
+    from ..imagery.raster import reading
+
     bands = [i + 1 for i, ci in enumerate(src.colorinterp) if ci.name != "alpha"]
     size, nodata = params.chip_size, src.nodata
+    if size > max(src.height, src.width):  # not one chip fits: refused before reading a chip's worth of memory
+        raise EngineError("BAD_CHIP_SIZE", f"Chip size {size} is larger than the imagery "
+                          f"({src.width} x {src.height} pixels).",
+                          f"Use a chip size of at most {max(src.height, src.width) // 16 * 16}, e.g. 128.")
     trees = params.task == "trees"
     dx, dy = offset_in_crs(*params.offset, src.crs, (src.bounds.bottom + src.bounds.top) / 2)
     geoms = shift(labels.geometries, dx, dy)
@@ -368,7 +385,8 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
             transform = src.window_transform(window)
             # Boundless reads go through a VRT (slow): only chips over the edge need them.
             edge = (row + 1) * size > src.height or (col + 1) * size > src.width
-            valid = (src.read_masks(bands, window=window, boundless=edge) > 0).all(axis=0)
+            with reading(src.name):
+                valid = (src.read_masks(bands, window=window, boundless=edge) > 0).all(axis=0)
             if valid.mean() < MIN_VALID:
                 continue
             bounds = rasterio.windows.bounds(window, src.transform)
@@ -390,7 +408,8 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
                 if n_background + 1 > params.background_ratio * max(labelled_chips, 1):
                     continue
                 n_background += 1
-            image = src.read(bands, window=window, boundless=edge, fill_value=nodata if nodata is not None else 0)
+            with reading(src.name):
+                image = src.read(bands, window=window, boundless=edge, fill_value=nodata if nodata is not None else 0)
             chip_id = f"{len(chips):04d}"
             _write_tif(out / "images" / f"{chip_id}.tif", image, transform, src.crs, nodata, valid)
             _write_tif(out / "masks" / f"{chip_id}.tif", mask, transform, src.crs, None if trees else IGNORE, None)

@@ -91,6 +91,12 @@ def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
         raise EngineError("EMPTY_VAL_SPLIT" if params.split == "val" else "NO_CHIPS",
                           f"The dataset has no {params.split} chips to evaluate.", "Use --split all, or rebuild it.")
     session = ort.InferenceSession(str(onnx_path(params.model)), providers=["CPUExecutionProvider"])
+    size = session.get_inputs()[0].shape[2:]  # fixed (ints) or free (names) height and width
+    if all(isinstance(d, int) for d in size) and list(size) != [manifest["chip_size"]] * 2:
+        raise EngineError("MODEL_DATASET_MISMATCH", f"The model reads {size[0]} x {size[1]} px tiles; the dataset's "
+                          f"chips are {manifest['chip_size']} px.",
+                          f"Evaluate on a dataset made with --chip-size {size[0]}, or with a model trained on "
+                          "chips of this size.")
     norm = {"input_scale": info.input_scale, "mean": info.mean or [0.0] * info.band_count,
             "std": info.std or [1.0] * info.band_count}
     matrix, score, examples = None, CrownScore(), []

@@ -44,19 +44,19 @@ from rasterio.warp import transform_bounds
 from rasterio.windows import Window
 
 from ...contract.names import HEADERS_ENV, RESOLUTION_TOLERANCE
-from ..atomic import check_out_path, partial_path, replace_with
+from ..atomic import check_out_path, partial_path, partial_prefix, remove_stale_partials, replace_with
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery import http_client, mosaic, wms
-from ..imagery.aoi import AOI, utm_crs
+from ..imagery.aoi import AOI, check_crs, utm_crs
 from ..imagery.http_client import host_of
 from ..imagery.mbtiles import MBTilesWriter
 from ..imagery.mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows, write_windowed
-from ..imagery.raster import open_raster
+from ..imagery.raster import open_raster, reading
 from ..imagery.tile_cache import (DEFAULT_MAX_AGE_DAYS, MosaicCache, TileCache, default_cache_dir,  # noqa: F401 (re-exported)
                          tile_key)
 from ..imagery.tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
-                    template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
+                             template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
 
 STAGE = "fetch"
 MAX_TILES = 20_000  # default cap: beyond this the user has probably mis-sized the AOI or the zoom
@@ -105,9 +105,7 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     check_out_path(params.out, inputs=[params.source])
     if params.mbtiles is not None:
         check_out_path(params.mbtiles, inputs=[params.source, params.out])
-    if params.gsd is not None and not params.gsd > 0:
-        raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
-                          "Give --gsd in metres per pixel, e.g. --gsd 0.1")
+    check_params(params)
     if urlsplit(params.source).scheme in ("http", "https"):
         if params.model_gsd and params.gsd is None and params.zoom is None:
             params = replace(params, gsd=params.model_gsd)  # the model's resolution, unless told otherwise
@@ -119,6 +117,22 @@ def fetch(params: FetchParams, reporter: Reporter) -> StageResult:
     raise EngineError("BAD_SOURCE", f"Source '{params.source}' is neither an http(s) XYZ or WMS URL nor an existing "
                       "file.", "Give an XYZ template like https://host/{z}/{x}/{y}.png, a WMS URL with "
                       "SERVICE=WMS&LAYERS=..., or the path of a raster file.")
+
+
+def check_params(params: FetchParams) -> None:
+    """Numbers a fetch cannot work with, refused before any request."""
+    if params.gsd is not None and not 0 < params.gsd < math.inf:
+        raise EngineError("BAD_GSD", f"Ground resolution {params.gsd} m is not positive.",
+                          "Give --gsd in metres per pixel, e.g. --gsd 0.1")
+    limits = {"--workers": (params.workers, 1, "e.g. --workers 4"),
+              "--max-tiles": (params.max_tiles, 1, "e.g. --max-tiles 20000"),
+              "--max-bytes": (params.max_bytes, 1, "e.g. --max-bytes 2e9"),
+              "--rate": (params.rate, 0, "requests per second, e.g. --rate 100 (0: no limit)"),
+              "--cache-days": (params.cache_days if params.cache_days is not None else 0, 0, "e.g. --cache-days 30")}
+    for option, (value, least, example) in limits.items():
+        if not least <= value < math.inf:
+            raise EngineError("BAD_PARAMS", f"{option} {value} is out of range (at least {least}).", f"Give {example}.")
+    check_crs(params.wms_crs, "--wms-crs")
 
 
 def check_model_resolution(actual: float, params: FetchParams, reporter: Reporter, hint: str) -> None:
@@ -590,6 +604,7 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
                  started: float) -> dict[str, Any]:
     """Shared by XYZ and WMS: download into a temporary source mosaic beside the output, then warp."""
     params.out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(params.out)  # e.g. the source mosaic of a killed run (tens of MB)
     # Bilinear when enlarging or keeping the size; averaging when shrinking, to avoid aliasing.
     resampling = Resampling.bilinear if out_grid.transform.a <= native * 1.5 else Resampling.average
     made = MosaicCache(remote.cache)
@@ -610,7 +625,7 @@ def fetch_remote(params: FetchParams, reporter: Reporter, jobs: list[Job], layou
                         "Check that the AOI lies inside the imagery.")
     ok = False
     try:
-        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=f".{params.out.stem}.fetch-") as tmp, \
+        with tempfile.TemporaryDirectory(dir=params.out.parent, prefix=partial_prefix(params.out) + "-fetch-") as tmp, \
                 windowed_output(params.out, profile, colorinterp=(ColorInterp.red, ColorInterp.green, ColorInterp.blue),
                                 empty_error=empty) as write:
             warp = ProgressiveWarp(out_grid, layout, resampling, write)
@@ -814,7 +829,8 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
 
             def read(w: Window) -> tuple[np.ndarray, np.ndarray | None]:
                 at = Window(window.col_off + w.col_off, window.row_off + w.row_off, w.width, w.height)
-                return src.read(window=at), (src.dataset_mask(window=at) if has_mask else None)
+                with reading(params.source):
+                    return src.read(window=at), (src.dataset_mask(window=at) if has_mask else None)
 
             write_windowed(params.out, profile, read, colorinterp=src.colorinterp,
                            progress=lambda i, n: reporter.progress(STAGE, i, n))
@@ -825,7 +841,8 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
             with WarpedVRT(src, crs=crs, transform=transform, width=grid.width, height=grid.height,
                            resampling=resampling, add_alpha=has_mask) as vrt:
                 def read(w: Window) -> tuple[np.ndarray, np.ndarray | None]:
-                    data = vrt.read(window=w)
+                    with reading(params.source):
+                        data = vrt.read(window=w)
                     return (data[:-1], data[-1]) if has_mask else (data, None)
 
                 write_windowed(params.out, profile, read, colorinterp=src.colorinterp,

@@ -33,6 +33,20 @@ class LabelsParams:
     backoff_s: float = 2.0
 
 
+def check_overpass(params: LabelsParams) -> None:
+    """An Overpass URL and limits that can make a request at all."""
+    from urllib.parse import urlsplit
+
+    url = urlsplit(str(params.overpass))
+    if url.scheme not in ("http", "https") or not url.hostname or " " in url.netloc:
+        raise EngineError("BAD_OVERPASS_URL", f"--overpass {params.overpass!r} is not an http(s) URL.",
+                          "Give an Overpass API interpreter URL, e.g. https://overpass-api.de/api/interpreter")
+    if params.overpass_timeout < 1 or params.overpass_maxsize < 1:
+        raise EngineError("BAD_PARAMS", f"--overpass-timeout {params.overpass_timeout} and --overpass-maxsize "
+                          f"{params.overpass_maxsize} must be positive.",
+                          "Leave them out for the defaults (180 s, 512 MiB), or give e.g. --overpass-timeout 300.")
+
+
 def build_labels(params: LabelsParams, reporter: Reporter) -> StageResult:
     """OSM features of a preset in the AOI -> polygons with `class` and `priority`, styled, attributed."""
     from ...contract.names import OSM_ATTRIBUTION as ATTRIBUTION
@@ -44,6 +58,8 @@ def build_labels(params: LabelsParams, reporter: Reporter) -> StageResult:
     if (params.osm_file is None) == (params.overpass is None):
         raise EngineError("NO_LABEL_SOURCE", "Give exactly one OSM source.",
                           "Use --osm-file FILE (.osm, .osm.bz2, .osm.pbf) or --overpass URL.")
+    if params.overpass is not None:
+        check_overpass(params)
     aoi = params.aoi.to_crs("EPSG:4326") if params.aoi is not None else None
     reporter.progress("labels", 0, 3, "reading OpenStreetMap")
     if params.overpass:

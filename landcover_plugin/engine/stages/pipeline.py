@@ -23,6 +23,7 @@ import yaml
 
 from ...contract.pipeline_file import LABELS_HINT, PipelineFile, PipelineFileError
 from ...contract.runner import EngineFailed, EngineRun
+from ..atomic import run_lock, write_text_atomic
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI, parse_aoi
@@ -81,17 +82,34 @@ def _run_stage(name: str, params: Any, output: Path, run: Callable[[], StageResu
     record = workdir / f".{name}.done.json"
     fingerprint = _fingerprint(params)
     if output.exists() and record.exists():
-        saved = json.loads(record.read_text())
-        if saved.get("fingerprint") == fingerprint:
+        try:  # a record torn by a crash or a full disk means "not done": the stage reruns
+            saved = json.loads(record.read_text())
+            done = saved["fingerprint"] == fingerprint
+            result = StageResult(dict(saved["outputs"]), dict(saved["summary"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            reporter.log(f"{name}: the record of an earlier run is unreadable; running the stage again",
+                         level="warning")
+            done = False
+        if done:
             reporter.log(f"{name}: reusing {output} from an earlier run")
-            return StageResult(saved["outputs"], saved["summary"])
+            return result
     result = run()
-    record.write_text(json.dumps({"fingerprint": fingerprint, "outputs": result.outputs,
-                                  "summary": result.summary}, default=str))
+    # Whole or not at all: an empty record would otherwise block every later run.
+    write_text_atomic(record, json.dumps({"fingerprint": fingerprint, "outputs": result.outputs,
+                                          "summary": result.summary}, default=str))
     return result
 
 
 def run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
+    if p.work.exists() and not p.work.is_dir():
+        raise EngineError("BAD_WORKDIR", f"The pipeline's workdir {p.work} is a file, not a folder.",
+                          "Give workdir: a folder (it is created), or move that file away.")
+    # One run at a time per workdir: two would run the same stages into the same files.
+    with run_lock(p.work / ".run.lock", f"the pipeline's workdir {p.work}"):
+        return _run_pipeline(p, reporter)
+
+
+def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
     from .dataset import DatasetParams, build_dataset
     from .fetch import FetchParams, fetch
     from .predict import PredictParams, predict

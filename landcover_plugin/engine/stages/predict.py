@@ -13,7 +13,7 @@ import os
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +26,11 @@ from shapely.geometry import box
 from shapely.geometry.base import BaseGeometry
 
 from ...contract.names import RESOLUTION_TOLERANCE
-from ..atomic import atomic_output, check_out_path
+from ..atomic import atomic_output, check_out_path, partial_prefix, remove_stale_partials
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI
-from ..imagery.raster import open_raster
+from ..imagery.raster import open_raster, reading
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..vector.orchard import GridParams, orchard_layers
 from ..vector.styles import styles_for, write_styles
@@ -38,10 +38,13 @@ from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, block_trees,
 from ..vector.vectorize import BLOCK_SIZE, NODATA, Layer, areas_m2, blocks, landcover_blocks, pixel_size_m, write_gpkg
 
 BATCH_SIZE = 8
+RANGE_TOLERANCE = 1.5  # imagery values up to this much beyond the model's input scale are still its range
 PROB_SCALE = 250.0  # trees: probabilities are stored as round(p * 250) in uint8 (255 = outside)
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 CHIP_MIN_VALID = 0.5  # classification: chips with less valid imagery are not classified (as dataset.py)
+MAX_BATCH_BYTES = 2 * 2**30  # one batch's model input: beyond this a typo, not a speed-up
+MIN_BLOCK_SIZE = 16  # vectorization block side, pixels
 
 
 @dataclass(frozen=True)
@@ -198,6 +201,66 @@ def check_imagery(src, info: ModelInfo, reporter: Reporter) -> None:
                      f"{info.resolution_m:.3g} m (--gsd) or use a model for this resolution.", level="warning")
 
 
+def sample_max(src, bands: int, grid: int = 4, size: int = 256) -> float:
+    """The largest valid value in grid x grid windows spread over the raster: enough to
+    tell 0..1 from 0..255 from 0..65535 without reading the whole raster (NaN: no data)."""
+    rows = sorted({int(r) for r in np.linspace(0, max(src.height - size, 0), grid)})
+    cols = sorted({int(c) for c in np.linspace(0, max(src.width - size, 0), grid)})
+    tops = []
+    for r in rows:
+        for c in cols:
+            window = Window(c, r, min(size, src.width - c), min(size, src.height - r))
+            with reading(src.name):
+                data = np.ma.masked_invalid(src.read(list(range(1, bands + 1)), window=window, masked=True))
+            if data.count():
+                tops.append(float(data.max()))
+    return max(tops, default=float("nan"))
+
+
+def value_range(top: float, integer: bool = False) -> str:
+    """Which kind of values reach `top`: "0..1" (reflectance-like floats), "0..255"
+    (8-bit) or "wider" (10- to 16-bit sensors, physical units). Integers are never 0..1."""
+    if top <= 1.0 * RANGE_TOLERANCE and not integer:
+        return "0..1"
+    return "0..255" if top <= 255.0 else "wider"
+
+
+def input_factor(dtype: str, top: float, scale: float) -> float:
+    """What the imagery's raw values are multiplied by to be in the model's input range
+    0..`scale` (1: they are); `top` is the imagery's largest value. Rescales only
+    between 0..1 floats and 8-bit values, where the mapping is unambiguous; raises
+    IMAGERY_RANGE for any other mismatch: the model would run on values it never
+    saw and give plausible-looking garbage (1 crown instead of 70)."""
+    if not top > 0:  # no valid data, or all zero: nothing to judge by
+        return 1.0
+    imagery, model = value_range(top, np.dtype(dtype).kind in "iu"), value_range(scale)
+    if imagery == model:
+        return 1.0
+    if imagery == "0..1" and scale == 255.0:
+        return 255.0
+    if imagery == "0..255" and model == "0..1":
+        return 1.0 / 255.0
+    raise EngineError("IMAGERY_RANGE", f"The imagery holds {dtype} values up to {top:g}, but the model was trained "
+                      f"on values 0..{scale:g}: its results would be wrong.",
+                      f"Convert the imagery to the model's range, e.g. gdal_translate -ot "
+                      f"{'Byte' if model == '0..255' else 'Float32'} -scale 0 {top:g} 0 {scale:g} IN.tif OUT.tif, "
+                      "or use a model trained on imagery like this.")
+
+
+def fit_input_scale(src, info: ModelInfo, reporter: Reporter) -> ModelInfo:
+    """The model's info with its input scale adapted to the imagery's value range (see input_factor)."""
+    dtype = src.dtypes[0]
+    top = 255.0 if dtype == "uint8" else sample_max(src, info.band_count)  # 8-bit: no need to read
+    factor = input_factor(dtype, top, info.input_scale)
+    if factor != 1.0:
+        reporter.log(f"The imagery is {dtype} with values up to {top:g}; the model was trained on values "
+                     f"0..{info.input_scale:g}: the imagery's values are multiplied by {factor:.6g} for it.")
+    elif top > info.input_scale * RANGE_TOLERANCE:
+        reporter.log(f"The imagery's values reach {top:g}, beyond the 0..{info.input_scale:g} the model was "
+                     "trained on: results may be poor.", level="warning")
+    return replace(info, input_scale=info.input_scale / factor)
+
+
 def aoi_window(src, aoi: AOI | None) -> tuple[Window, AoiPixels]:
     """The imagery window covering the AOI and the AOI polygon in that window's pixels."""
     full = Window(0, 0, src.width, src.height)
@@ -236,8 +299,9 @@ def read_tile(src, window: Window, tile: Tile, bands: int) -> tuple[np.ndarray, 
         part = Window(c0, r0, c1 - c0, r1 - r0)
         indexes = list(range(1, bands + 1))
         at = np.s_[r0 - row:r1 - row, c0 - col:c1 - col]
-        raw[(slice(None), *at)] = src.read(indexes, window=part)
-        ok[at] = (src.read_masks(indexes, window=part) > 0).all(axis=0)  # nodata in any band
+        with reading(src.name):
+            raw[(slice(None), *at)] = src.read(indexes, window=part)
+            ok[at] = (src.read_masks(indexes, window=part) > 0).all(axis=0)  # nodata in any band
     return raw, ok
 
 
@@ -432,20 +496,41 @@ def steady_malloc() -> None:
 
 # --- the stage -------------------------------------------------------------
 
+def check_params(params: PredictParams, info: ModelInfo) -> None:
+    """Numbers predict cannot work with, refused before any work: a batch size of 0 or
+    less ran no tile at all, and a huge one claimed more memory than the machine has."""
+    batch_bytes = params.batch_size * info.band_count * info.tile_size ** 2 * 4  # float32 input
+    most = max(1, MAX_BATCH_BYTES // (info.band_count * info.tile_size ** 2 * 4))
+    if params.batch_size < 1 or batch_bytes > MAX_BATCH_BYTES:
+        raise EngineError("BAD_PARAMS", f"--batch-size {params.batch_size} is out of range: 1 to {most} tiles "
+                          f"of this model ({info.tile_size} px, {info.band_count} bands).",
+                          f"Give e.g. --batch-size {min(BATCH_SIZE, most)}.")
+    if params.block_size < MIN_BLOCK_SIZE:
+        raise EngineError("BAD_PARAMS", f"--block-size {params.block_size} is below {MIN_BLOCK_SIZE} pixels.",
+                          f"Give e.g. --block-size {BLOCK_SIZE} (larger blocks: fewer seams to mend, more memory).")
+    if params.threads < 0:
+        raise EngineError("BAD_PARAMS", f"--threads {params.threads} is negative.",
+                          "Give the number of onnxruntime threads, or 0 for all cores.")
+
+
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
     check_out_path(params.out, inputs=[params.model, params.imagery])
     steady_malloc()
     info = read_info(params.model)
+    check_params(params, info)
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)
-    # The prediction raster lives next to the output and goes whatever happens (cancel included).
+    remove_stale_partials(params.out)  # what killed runs left beside the output
+    # The prediction raster lives next to the output and goes whatever happens (cancel included;
+    # a kill leaves it, named with the pid for the next run to remove).
     # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
     # are read through, so the RSS would grow with the area.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
-            tempfile.TemporaryDirectory(prefix=f".{params.out.name}.", dir=params.out.parent) as tmp:
+            tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp:
         check_imagery(src, info, reporter)
+        info = fit_input_scale(src, info, reporter)
         window, aoi = aoi_window(src, params.aoi)
         crs = src.crs
         if info.task == "classification":  # one polygon per chip: no prediction raster

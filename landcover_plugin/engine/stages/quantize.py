@@ -30,13 +30,15 @@ class QuantizeParams:
     calibration_tiles: int = 16
 
 
-def calibration_batches(imagery: Path, info: ModelInfo, count: int) -> list[np.ndarray]:
-    """`count` model inputs (1, bands, tile, tile) spread evenly over the imagery."""
+def calibration_batches(imagery: Path, info: ModelInfo, count: int, reporter: Reporter) -> list[np.ndarray]:
+    """`count` model inputs (1, bands, tile, tile) spread evenly over the imagery,
+    scaled as predict will scale this imagery for the model."""
     from rasterio.windows import Window
 
-    from .predict import Tile, normalise, read_tile
+    from .predict import Tile, fit_input_scale, normalise, read_tile
 
     with open_raster(imagery) as src:
+        info = fit_input_scale(src, info, reporter)
         size = info.tile_size
         rows = max(1, src.height // size)
         cols = max(1, src.width // size)
@@ -87,13 +89,16 @@ def quantize_file(src: Path, dst: Path, calibration: list[np.ndarray] | None) ->
 def quantize(params: QuantizeParams, reporter: Reporter) -> StageResult:
     src = onnx_path(params.model)
     info = read_info(src)
+    if params.calibration_tiles < 1:
+        raise EngineError("BAD_PARAMS", f"--calibration-tiles {params.calibration_tiles} is below 1.",
+                          "Give e.g. --calibration-tiles 16, or leave out --imagery for dynamic quantization.")
     single_file = params.out.suffix == ".onnx"
     check_out_path(params.out, directory=not single_file, inputs=[params.model, params.imagery])
     reporter.progress("quantize", 0, 1, "quantizing")
     with atomic_output(params.out, directory=not single_file) as tmp:
         target = tmp if single_file else tmp / ONNX_NAME
         try:
-            calibration = (calibration_batches(params.imagery, info, params.calibration_tiles)
+            calibration = (calibration_batches(params.imagery, info, params.calibration_tiles, reporter)
                            if params.imagery else None)
             method = quantize_file(src, target, calibration)
         except EngineError:

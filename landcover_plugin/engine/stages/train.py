@@ -85,7 +85,22 @@ def params_from_config(path: Path | None, **overrides) -> TrainParams:
     if missing:
         raise EngineError("BAD_CONFIG", f"No {' or '.join(sorted(missing))} given.",
                           "Give --dataset and --out, or put them in the config file.")
+    # A YAML value of the wrong kind ("epochs: ten") would fail deep in training.
+    kinds = {"epochs": int, "batch_size": int, "seed": int, "patience": int, "width": int, "depth": int,
+             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool}
+    wrong = sorted(k for k, kind in kinds.items() if data.get(k) is not None
+                   and (not isinstance(data[k], kind) or (kind is not bool and isinstance(data[k], bool))))
+    if wrong:
+        raise EngineError("BAD_CONFIG", f"Training option(s) {', '.join(wrong)} in {path} are not of the right kind.",
+                          "Give whole numbers for epochs, batch_size, seed, patience, width and depth, a number "
+                          "for learning_rate and true/false for freeze_encoder and resume.")
     return TrainParams(**data)
+
+
+# What the stages read from dataset.json without looking twice.
+MANIFEST_KEYS = ("task", "class_names", "class_colors", "band_count", "chip_size", "resolution_m", "dtype",
+                 "input_scale", "mean", "std", "chips")
+CHIP_KEYS = {"id", "image", "mask", "split"}
 
 
 def load_manifest(dataset: Path) -> dict:
@@ -93,7 +108,17 @@ def load_manifest(dataset: Path) -> dict:
     if not path.is_file():
         raise EngineError("DATASET_NOT_FOUND", f"{dataset} is not a dataset folder (no dataset.json).",
                           "Make one with `landcover dataset --imagery ... --labels ... --out DIR`.")
-    return json.loads(path.read_text())
+    hint = "Rebuild the dataset with `landcover dataset`; its files are not meant to be edited."
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:  # cut short by a full disk, or edited by hand
+        raise EngineError("BAD_DATASET", f"{path} is not readable JSON: {exc}", hint) from None
+    missing = [k for k in MANIFEST_KEYS if not isinstance(manifest, dict) or k not in manifest]
+    chips = manifest.get("chips") if isinstance(manifest, dict) else None
+    if missing or not isinstance(chips, list) or not all(isinstance(c, dict) and CHIP_KEYS <= set(c) for c in chips):
+        raise EngineError("BAD_DATASET", f"{path} is not a dataset manifest"
+                          + (f" (no {', '.join(missing)})." if missing else " (its chip list is malformed)."), hint)
+    return manifest
 
 
 def read_chip(dataset: Path, chip: dict, norm: dict, bands: int) -> tuple[np.ndarray, np.ndarray]:
@@ -412,6 +437,16 @@ def freeze_encoder(model) -> int:
     return sum(int(np.prod(v.shape)) for v in model.trainable_weights)
 
 
+def max_batch_size(chip_size: int) -> int:
+    """The largest batch whose training could fit in half the machine's memory, by
+    pick_batch_size's rule (~150 MB per 256 px sample)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not POSIX: assume a common machine
+        memory = 16 * 2**30
+    return max(1, int(memory / 2 / (150 * 2**20 * (chip_size / 256) ** 2)))
+
+
 def pick_batch_size(requested: int) -> int:
     """`requested`, or for 0 a batch from free GPU memory (8 on the CPU).
     Rough rule, measured for the default U-Net at 256 px in mixed precision:
@@ -658,9 +693,15 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if task not in TASK_IDS or task != manifest["task"]:
         raise EngineError("BAD_TASK", f"Cannot train a '{task}' model on a '{manifest['task']}' dataset.",
                           f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASK_IDS)}).")
-    if params.epochs < 1 or params.batch_size < 0 or (params.learning_rate is not None and params.learning_rate <= 0):
+    if params.epochs < 1 or params.batch_size < 0 or (params.learning_rate is not None
+                                                      and not 0 < params.learning_rate < math.inf):
         raise EngineError("BAD_PARAMS", "Epochs must be at least 1, batch size at least 0 (0: automatic) and "
                           "the learning rate positive.", "Use e.g. --epochs 20 --batch-size 8.")
+    most = max_batch_size(manifest["chip_size"])
+    if params.batch_size > most:  # far beyond: TensorFlow died of a segmentation fault, not an error
+        raise EngineError("BAD_PARAMS", f"--batch-size {params.batch_size} of {manifest['chip_size']} px chips "
+                          f"needs more memory than this machine has (at most about {most}).",
+                          f"Use e.g. --batch-size {min(8, most)}, or 0 to pick it from free GPU memory.")
     if params.freeze_encoder and not (params.base or params.encoder_weights):
         raise EngineError("BAD_PARAMS", "--freeze-encoder needs --base or --encoder-weights: a fresh encoder has "
                           "learnt nothing to keep.", "Give --base MODEL (or a pretrained encoder), or leave out "

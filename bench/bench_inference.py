@@ -3,9 +3,9 @@ of model.predict and calling the model), each one's share of the machine's float
 peak, and the int8 model's speed and accuracy change.
 
 Keras runs in a child process (bench/keras_child.py) and onnxruntime here, never
-both in one process (DESIGN.md: they contend for threads). The model is the
+both in one process (docs/DESIGN.md: they contend for threads). The model is the
 project's U-Net (engine/unet.build_unet, 256 px, 4 classes) briefly fitted on
-synthetic colour-coded tiles, exported with train.export_onnx.
+synthetic colour-coded tiles, exported with learn/export.export_onnx.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def ort_session(path: Path):
     import io
 
     from landcover_plugin.engine.events import Reporter
-    from landcover_plugin.engine.stages.predict import open_session
+    from landcover_plugin.engine.learn.inference import open_session
 
     session, _ = open_session(path, Reporter(json_mode=True, out=io.StringIO()))
     return session

@@ -34,7 +34,7 @@ def _chips(n: int) -> tuple[np.ndarray, np.ndarray]:
 def train_speed() -> float:
     import keras
 
-    from landcover_plugin.engine.stages.train import make_loss
+    from landcover_plugin.engine.learn.losses import make_loss
     from landcover_plugin.engine.learn.unet import build_unet
 
     model = build_unet(TILE, 3, "trees")
@@ -49,7 +49,7 @@ def train_speed() -> float:
 
 
 def pipeline_speed() -> float:
-    from landcover_plugin.engine.stages.train import augmented
+    from landcover_plugin.engine.learn.fit import augmented
 
     x, y = _chips(32)
     data = augmented(x, y, BATCH, seed=0).repeat()

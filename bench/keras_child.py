@@ -1,7 +1,7 @@
-"""Child of bench_inference (TensorFlow lives only here, DESIGN.md): build the U-Net with
+"""Child of bench_inference (TensorFlow lives only here, docs/DESIGN.md): build the U-Net with
 engine/unet.build_unet, fit it briefly on synthetic colour-coded tiles (so its
 predictions mean something for the int8 accuracy check), export it with
-train.export_onnx, and time Keras on the bench tiles, both `model.predict` and calling
+learn/export.export_onnx, and time Keras on the bench tiles, both `model.predict` and calling
 the model on each batch (the faster is the baseline).
 
 argv: WORKDIR TILE N_TILES BATCH. Writes WORKDIR/model.onnx, tiles.npy (NCHW), labels.npy;
@@ -35,7 +35,7 @@ def main(workdir: Path, tile: int, n_tiles: int, batch: int) -> None:
     import keras
     import tensorflow as tf
 
-    from landcover_plugin.engine.stages.train import export_onnx
+    from landcover_plugin.engine.learn.export import export_onnx
     from landcover_plugin.engine.learn.unet import build_unet
 
     keras.utils.set_random_seed(0)

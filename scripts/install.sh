@@ -26,7 +26,7 @@ if [ -n "$missing" ]; then
   sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $APT_PACKAGES
 fi
 
-# 2. Engine environment: its own venv, never QGIS's Python (see DESIGN.md).
+# 2. Engine environment: its own venv, never QGIS's Python (see docs/DESIGN.md).
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then ACCEL=requirements/accel-gpu.txt; else ACCEL=requirements/accel-cpu.txt; fi
 if ! stamp_ok engine requirements/engine.txt "$ACCEL" requirements/test-engine.txt pyproject.toml || [ ! -x .venv/bin/landcover ]; then
   say "engine venv (.venv) with $(basename "$ACCEL")"

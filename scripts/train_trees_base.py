@@ -4,7 +4,7 @@
         [--encoder mobilenetv2 --encoder-weights data/imagenet/mobilenet_v2-b0353104.pth]
         [--chip 128] [--learning-rate 1e-3] [--freeze-epochs 5 | --freeze-encoder] [--only-loo] [--seeds 3]
 
-Development images only (DESIGN.md): OSBS_029 (GeoTIFF + DeepForest CSV), the
+Development images only (docs/DESIGN.md): OSBS_029 (GeoTIFF + DeepForest CSV), the
 Yellowstone 541000_4977000 crop and SOAP_061 (PNG + Pascal VOC, not
 georeferenced). The PNGs become GeoTIFFs on a local 0.1 m grid (a UTM CRS as
 carrier, origin arbitrary: pixel space, not their true place) in
@@ -124,7 +124,7 @@ def predict_image(model_dir: Path, tif: Path) -> tuple[np.ndarray, np.ndarray]:
 
     import rasterio
 
-    from landcover_plugin.engine.stages.predict import PROB_SCALE, aoi_window, open_session, predict_to_raster
+    from landcover_plugin.engine.learn.inference import PROB_SCALE, aoi_window, open_session, predict_to_raster
     from landcover_plugin.contract.names import NODATA
 
     info = read_info(model_dir)

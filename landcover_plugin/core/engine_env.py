@@ -1,7 +1,7 @@
 """Where the engine's Python is, and what to tell the user when it is missing.
 
 The engine runs in its own virtual environment, never in QGIS's Python
-(DESIGN.md), so the plugin only needs the path of that environment's python.
+(docs/DESIGN.md), so the plugin only needs the path of that environment's python.
 No Qt or qgis import here: callers read QgsSettings and pass the values in.
 """
 from __future__ import annotations

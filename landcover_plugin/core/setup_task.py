@@ -1,7 +1,7 @@
 """CreateEnvTask: create the engine environment (a venv + pip) as a QgsTask.
 
 The offer the dock makes when the engine is missing. It installs into a venv
-of its own, never into QGIS's Python (DESIGN.md).
+of its own, never into QGIS's Python (docs/DESIGN.md).
 """
 from __future__ import annotations
 

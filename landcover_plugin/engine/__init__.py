@@ -1,5 +1,5 @@
 """The landcover engine: plain Python, run in its own virtual environment.
 
 It must never import `qgis`: it runs as the `landcover` command, in a separate
-process from QGIS (TensorFlow and QGIS cannot share one; see DESIGN.md).
+process from QGIS (TensorFlow and QGIS cannot share one; see docs/DESIGN.md).
 """

@@ -1,5 +1,5 @@
 """The algorithm from the command line: `qgis_process.bin` with the plugin enabled
-in a fresh profile (the `qgis_process` wrapper fails on Debian, see DESIGN.md)."""
+in a fresh profile (the `qgis_process` wrapper fails on Debian, see docs/DESIGN.md)."""
 from __future__ import annotations
 
 import json

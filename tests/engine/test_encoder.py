@@ -75,7 +75,7 @@ def test_pretrained_encoder_six_bands_frozen(classification_dataset, encoder_wei
 def test_mobilenet_unet_random_init_exports(tmp_path, encoder_weights):
     """The U-Net over MobileNetV2, randomly initialised (no file needed), exports to ONNX
     matching Keras; wrong chip sizes and missing weight files are clear errors."""
-    from landcover_plugin.engine.stages.train import check_onnx, export_onnx
+    from landcover_plugin.engine.learn.export import check_onnx, export_onnx
     from landcover_plugin.engine.learn.unet import build_unet, mobilenet_encoder
 
     model = build_unet(CHIP, 3, "buildings", 2, width=8, encoder="mobilenetv2")

@@ -175,7 +175,8 @@ def test_dataset_command_from_tree_positions(osbs_tif, osbs_csv, tmp_path, capsy
 
 
 def test_training_on_tree_positions_learns_the_heatmap_only_and_needs_a_base(imagery, tmp_path):
-    from landcover_plugin.engine.stages.train import TrainParams, check_labels, make_loss, train
+    from landcover_plugin.engine.learn.losses import check_labels, make_loss
+    from landcover_plugin.engine.stages.train import TrainParams, train
 
     params = DatasetParams(imagery=imagery, labels=points_gpkg(tmp_path / "trees.gpkg"), task="trees",
                            out=tmp_path / "ds", chip_size=64, crown_radius_m=3.0)

@@ -15,9 +15,9 @@ from shapely.geometry import Point, Polygon, box, shape
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.imagery.aoi import AOI, reproject_geometry
+from landcover_plugin.engine.learn.inference import aoi_window, open_session, predict_to_raster, tile_origins
 from landcover_plugin.engine.learn.model_package import ModelInfo, write_metadata
-from landcover_plugin.engine.stages.predict import (PredictParams, aoi_window, open_session, predict,
-                                                    predict_to_raster, tile_origins)
+from landcover_plugin.engine.stages.predict import PredictParams, predict
 
 PIXEL = 0.1  # metres, the tree scenes' resolution
 
@@ -415,7 +415,7 @@ def test_the_same_image_in_another_value_range_gives_the_same_crowns_or_a_clear_
     ("float32", float("nan"), 255.0, 1.0),  # no valid pixel sampled
 ])
 def test_input_factor(dtype, top, scale, factor):
-    from landcover_plugin.engine.stages.predict import input_factor
+    from landcover_plugin.engine.learn.inference import input_factor
 
     assert input_factor(dtype, top, scale) == pytest.approx(factor)
 
@@ -424,7 +424,7 @@ def test_input_factor(dtype, top, scale, factor):
     ("uint16", 65535, 255.0), ("uint16", 4095, 1.0), ("uint8", 255, 4000.0), ("float32", 1.0, 4000.0),
     ("float32", 0.5, 200.0)])
 def test_input_factor_refuses_what_is_ambiguous(dtype, top, scale):
-    from landcover_plugin.engine.stages.predict import input_factor
+    from landcover_plugin.engine.learn.inference import input_factor
 
     with pytest.raises(EngineError) as err:
         input_factor(dtype, top, scale)

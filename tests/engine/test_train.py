@@ -220,7 +220,8 @@ def test_pipeline_resumes_an_interrupted_training(osbs_tif, osbs_csv, tmp_path, 
     when the checkpoint is of the same options; with other options it starts over."""
     from landcover_plugin.engine.stages import pipeline
     from landcover_plugin.engine.learn.checkpoint import RunState, checkpoint_dir
-    from landcover_plugin.engine.stages.train import _fingerprint, dataset_hash
+    from landcover_plugin.engine.learn.dataset_folder import dataset_hash
+    from landcover_plugin.engine.stages.train import _fingerprint
 
     imagery = crop(osbs_tif, Window(0, 0, 128, 128), tmp_path / "crop.tif")
     work = tmp_path / "work"
@@ -392,7 +393,7 @@ def test_channel_softmax_written_as_ops_gives_the_same_output():
     import onnx
     from onnx import TensorProto, helper
 
-    from landcover_plugin.engine.stages.train import channel_softmax_as_ops
+    from landcover_plugin.engine.learn.export import channel_softmax_as_ops
 
     graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"], axis=1)], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4, 8, 8])],
@@ -411,7 +412,7 @@ def test_concat_then_conv_written_as_a_sum_gives_the_same_output():
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from landcover_plugin.engine.stages.train import concat_conv_as_sum
+    from landcover_plugin.engine.learn.export import concat_conv_as_sum
 
     rng = np.random.default_rng(0)
     w, b = rng.normal(0, 1, (5, 7, 3, 3)).astype(np.float32), rng.normal(0, 1, 5).astype(np.float32)

@@ -23,6 +23,7 @@ from ..atomic import atomic_output
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..labels.read import read_info, write_info
+from ..learn.dataset_folder import Manifest
 
 LAYER = "chips"
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "buffer": "#bdbdbd"}
@@ -35,7 +36,7 @@ def fraction_field(class_name: str) -> str:
 
 
 def write_catalog(path: Path, chips: list[dict], crs_wkt: str, class_names: list[str], provenance: dict,
-                  manifest: dict) -> None:
+                  manifest: Manifest) -> None:
     import fiona
     from shapely.geometry import box, mapping
 
@@ -60,10 +61,10 @@ def write_catalog(path: Path, chips: list[dict], crs_wkt: str, class_names: list
             "pixel_max": c["max"], **({"chip_class": class_names[c["class"]]} if by_chip else {})}} for c in chips)
     write_styles(path, {LAYER: landcover_qml(list(SPLIT_COLORS), list(SPLIT_COLORS.values()), field="split")},
                  "chips by split")
-    facts = {k: v for k, v in manifest.items() if k != "chips"}
+    facts = {k: v for k, v in manifest.to_dict().items() if k != "chips"}
     write_info(path, {k: v if isinstance(v, str) else json.dumps(v) for k, v in facts.items()},
                describe={LAYER: "Training chips: split, class fractions, sources, content hash"
-                         + (f". Labels {manifest['attribution']}" if manifest.get("attribution") else "")})
+                         + (f". Labels {manifest.extra['attribution']}" if manifest.extra.get("attribution") else "")})
 
 
 def read_chips(catalog: Path, class_names: list[str], where: str | None = None) -> list[dict]:
@@ -112,14 +113,12 @@ def build_snapshot(params, reporter: Reporter) -> StageResult:
     if params.out.exists():
         raise EngineError("SNAPSHOT_EXISTS", f"{params.out} exists; snapshots are immutable.",
                           "Choose a new --out folder for this snapshot.")
-    from .train import load_manifest
-
-    manifest = load_manifest(parent)
-    chips = read_chips(parent / "catalog.gpkg", manifest["class_names"], params.where)
+    manifest = Manifest.read(parent)
+    chips = read_chips(parent / "catalog.gpkg", manifest.class_names, params.where)
     if not chips:
         raise EngineError("EMPTY_SELECTION", f"No chip of {parent.name} matches {params.where!r}.",
                           "Loosen the condition (open catalog.gpkg in QGIS to see the values).")
-    entries = {c["id"]: c for c in manifest["chips"]}
+    entries = {c["id"]: c for c in manifest.chips}
     splits = {s: sum(c["split"] == s for c in chips) for s in ("train", "val", "buffer")}
     if not splits["train"] or not splits["val"]:
         reporter.log(f"the selection has {splits['train']} train and {splits['val']} validation chips: "
@@ -144,21 +143,21 @@ def build_snapshot(params, reporter: Reporter) -> StageResult:
                        (json.dumps([c["id"] for c in chips]),))
         db.close()
         snapshot = {"query": params.where, "parent": str(parent.resolve()),
-                    "parent_hash": manifest.get("content_hash", ""),
+                    "parent_hash": manifest.extra.get("content_hash", ""),
                     "chips": {c["id"]: c["hash"] for c in chips}}
-        out_manifest = {**manifest, **band_stats(chips, manifest["dtype"]),
-                        **class_balance(chips, manifest["class_names"]),
-                        "content_hash": content_hash(chips), "snapshot": snapshot,
-                        "chips": [entries[c["id"]] for c in chips]}
-        (tmp / "dataset.json").write_text(json.dumps(out_manifest, indent=1))
+        out_manifest = Manifest.from_dict({**manifest.to_dict(), **band_stats(chips, manifest.dtype),
+                                           **class_balance(chips, manifest.class_names),
+                                           "content_hash": content_hash(chips), "snapshot": snapshot,
+                                           "chips": [entries[c["id"]] for c in chips]})
+        out_manifest.write(tmp)
         write_info(tmp / "catalog.gpkg", {k: v if isinstance(v, str) else json.dumps(v)
-                                          for k, v in out_manifest.items() if k != "chips"})
+                                          for k, v in out_manifest.to_dict().items() if k != "chips"})
         for f in tmp.rglob("*"):
             if f.is_file():
                 f.chmod(0o444)  # immutable: a snapshot is cited by its hashes
     reporter.log(f"snapshot of {len(chips)} chips from {parent.name} where {params.where}")
     return StageResult(outputs={"dataset": str(params.out)},
-                       summary={"chips": len(chips), **splits, "classes": len(manifest["class_names"])})
+                       summary={"chips": len(chips), **splits, "classes": len(manifest.class_names)})
 
 
 def catalog_info(catalog: Path) -> dict:

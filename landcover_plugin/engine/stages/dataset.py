@@ -48,6 +48,7 @@ from ..events import Reporter, StageResult
 from ..labels.rasterize import (centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
                                 trees_mask)
 from ..labels.read import Labels, read_labels
+from ..learn.dataset_folder import Manifest
 
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
 BUILDING, BUILDING_COLOR = "building", "#d62728"  # as the buildings preset
@@ -212,17 +213,17 @@ def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
                       "label_source": info.get("source", str(params.labels)), "label_date": info.get("date", ""),
                       "preset": params.preset or info.get("preset", ""),
                       "offset_x": params.offset[0], "offset_y": params.offset[1]}
-        manifest = {"task": params.task, "class_names": class_names, "class_colors": colors, **meta,
-                    "split": how, "imagery": str(params.imagery), "labels": str(params.labels),
-                    "crs": labels.crs, "centres_only": labels.points, "complete": params.complete,
-                    "offset_m": list(params.offset),
-                    "background_ratio": params.background_ratio, "provenance": provenance,
-                    "attribution": info.get("attribution", ""), **balance,
-                    "content_hash": content_hash(chips), "chips": [_chip_entry(c) for c in chips]}
+        manifest = Manifest.from_dict({
+            "task": params.task, "class_names": class_names, "class_colors": colors, **meta,
+            "split": how, "imagery": str(params.imagery), "labels": str(params.labels),
+            "crs": labels.crs, "centres_only": labels.points, "complete": params.complete,
+            "offset_m": list(params.offset), "background_ratio": params.background_ratio, "provenance": provenance,
+            "attribution": info.get("attribution", ""), **balance,
+            "content_hash": content_hash(chips), "chips": [_chip_entry(c) for c in chips]})
         from .catalog import write_catalog
 
         write_catalog(work / "catalog.gpkg", chips, labels.crs, class_names, provenance, manifest)
-        (work / "dataset.json").write_text(json.dumps(manifest, indent=1))
+        manifest.write(work)
         (work / "chips.jsonl").unlink()
         (work / "state.json").unlink()
     except EngineError:

@@ -24,6 +24,7 @@ from ...contract.names import IGNORE
 from ..atomic import atomic_output, check_out_path
 from ..errors import EngineError
 from ..events import Reporter, StageResult
+from ..learn.dataset_folder import Manifest, read_chip
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..vector.crown_metrics import CrownScore, crown_boxes, match_boxes, truth_boxes_from_mask
 
@@ -73,28 +74,27 @@ def _labels(info: ModelInfo, out: np.ndarray) -> np.ndarray:
 def evaluate(params: EvalParams, reporter: Reporter) -> StageResult:
     import onnxruntime as ort
 
-    from .train import load_manifest, read_chip
 
     check_out_path(params.out, directory=True, inputs=[params.model, params.dataset])
     info = read_info(params.model)
-    manifest = load_manifest(params.dataset)
-    if manifest["task"] != info.task or manifest["band_count"] != info.band_count:
+    manifest = Manifest.read(params.dataset)
+    if manifest.task != info.task or manifest.band_count != info.band_count:
         raise EngineError("MODEL_DATASET_MISMATCH",
                           f"The model ({info.task}, {info.band_count} bands) does not fit the dataset "
-                          f"({manifest['task']}, {manifest['band_count']} bands).",
+                          f"({manifest.task}, {manifest.band_count} bands).",
                           "Evaluate on a dataset made for this model's task and imagery bands.")
-    if info.task != "trees" and manifest["class_names"] != info.class_names:
+    if info.task != "trees" and manifest.class_names != info.class_names:
         raise EngineError("MODEL_DATASET_MISMATCH", f"The model's classes {info.class_names} are not the "
-                          f"dataset's {manifest['class_names']}.", "Evaluate on a dataset with the same classes.")
-    chips = [c for c in manifest["chips"] if params.split == "all" and c["split"] != "buffer" or c["split"] == params.split]
+                          f"dataset's {manifest.class_names}.", "Evaluate on a dataset with the same classes.")
+    chips = [c for c in manifest.chips if params.split == "all" and c["split"] != "buffer" or c["split"] == params.split]
     if not chips:
         raise EngineError("EMPTY_VAL_SPLIT" if params.split == "val" else "NO_CHIPS",
                           f"The dataset has no {params.split} chips to evaluate.", "Use --split all, or rebuild it.")
     session = ort.InferenceSession(str(onnx_path(params.model)), providers=["CPUExecutionProvider"])
     size = session.get_inputs()[0].shape[2:]  # fixed (ints) or free (names) height and width
-    if all(isinstance(d, int) for d in size) and list(size) != [manifest["chip_size"]] * 2:
+    if all(isinstance(d, int) for d in size) and list(size) != [manifest.chip_size] * 2:
         raise EngineError("MODEL_DATASET_MISMATCH", f"The model reads {size[0]} x {size[1]} px tiles; the dataset's "
-                          f"chips are {manifest['chip_size']} px.",
+                          f"chips are {manifest.chip_size} px.",
                           f"Evaluate on a dataset made with --chip-size {size[0]}, or with a model trained on "
                           "chips of this size.")
     norm = {"input_scale": info.input_scale, "mean": info.mean or [0.0] * info.band_count,

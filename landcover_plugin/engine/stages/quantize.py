@@ -35,7 +35,7 @@ def calibration_batches(imagery: Path, info: ModelInfo, count: int, reporter: Re
     scaled as predict will scale this imagery for the model."""
     from rasterio.windows import Window
 
-    from .predict import Tile, fit_input_scale, normalise, read_tile
+    from ..learn.inference import Tile, fit_input_scale, normalise, read_tile
 
     with open_raster(imagery) as src:
         info = fit_input_scale(src, info, reporter)

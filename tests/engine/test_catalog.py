@@ -20,8 +20,9 @@ from landcover_plugin.contract.protocol import parse_event
 from landcover_plugin.engine.cli import main
 from landcover_plugin.engine.errors import Cancelled
 from landcover_plugin.engine.events import Reporter
+from landcover_plugin.engine.learn.dataset_folder import chip_hash
 from landcover_plugin.engine.stages.catalog import catalog_info, fraction_field
-from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset, chip_hash
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
 
 CRS, X0, Y0, SIZE, CHIP = "EPSG:32617", 500000.0, 4000256.0, 256, 32
 

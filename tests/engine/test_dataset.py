@@ -13,12 +13,13 @@ import rasterio
 from rasterio.windows import Window
 from shapely.geometry import box, shape
 
+from landcover_plugin.contract.names import IGNORE
 from landcover_plugin.contract.protocol import parse_event
 from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.labels.read import read_labels
-from landcover_plugin.engine.stages.dataset import (
-                                                    IGNORE, DatasetParams, build_dataset, class_color, input_scale, split_cells)
+from landcover_plugin.engine.learn.dataset_folder import input_scale, split_cells
+from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset, class_color
 
 CHIP = 64
 

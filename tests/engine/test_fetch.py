@@ -27,10 +27,12 @@ from landcover_plugin.engine.errors import Cancelled, EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.imagery import mosaic
 from landcover_plugin.engine.imagery.aoi import AOI
+from landcover_plugin.engine.imagery.decode import decode_tile
+from landcover_plugin.engine.imagery.tile_cache import TileCache
 from landcover_plugin.engine.imagery.tiles import (MAX_LAT, Tile, count_tiles, expand_template, ground_resolution,
                                                    lnglat_to_tile, nearest_zoom, quadkey, template_tile_size,
                                                    tile_bounds_lnglat, tile_bounds_mercator, tiles_covering)
-from landcover_plugin.engine.stages.fetch import FetchParams, TileCache, decode_tile, fetch
+from landcover_plugin.engine.stages.fetch import FetchParams, fetch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tile_server import Chaos, Fail, make_tiles, serve  # noqa: E402
@@ -558,7 +560,7 @@ def test_warping_during_the_download_changes_nothing(tiles_dir, aoi, tmp_path, m
     """Windows warped as soon as their tile rows are in (overlapping the download) give the
     same mosaic as warping everything after the download: no window reads a piece row
     that may still be missing. Each window is warped at the earliest moment allowed."""
-    from landcover_plugin.engine.stages.fetch import ProgressiveWarp
+    from landcover_plugin.engine.imagery.download import ProgressiveWarp
 
     monkeypatch.setattr(mosaic, "WINDOW", 256)  # 16 windows of 256 x 64 px over 3 rows of tiles
     early = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ import requests
 import urllib3
 from requests.adapters import HTTPAdapter
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+from ...contract.names import HEADERS_ENV
+from ..errors import EngineError
 
 USER_AGENT = "landcover-plugin/0.2 (+https://github.com/landcover-plugin; QGIS land cover plugin)"
 TIMEOUT = (5.0, 30.0)  # seconds to connect, seconds between bytes
@@ -195,3 +199,55 @@ def get(session: requests.Session, url: str, validate: Callable[[bytes], object]
         if attempt + 1 < ATTEMPTS:
             stop.wait(wait if wait is not None else backoff(attempt))
     return Download(None, "failed", retries, error, broken=broken)
+
+
+# --- the user's headers ---------------------------------------------------------------------------
+
+
+def env_headers() -> dict[str, str]:
+    """Extra HTTP headers from the environment (a JSON object): how the plugin hands
+    over credentials from QGIS's authentication database without a file or a command line."""
+    import json
+    import os
+
+    text = os.environ.get(HEADERS_ENV, "")
+    if not text:
+        return {}
+    try:
+        headers = json.loads(text)
+    except ValueError:
+        headers = None
+    if not isinstance(headers, dict):
+        raise EngineError("BAD_HEADERS", f"{HEADERS_ENV} is not a JSON object of header names and values.",
+                          'Set it like {"Authorization": "Basic ..."}.')
+    return {str(k): str(v) for k, v in headers.items()}
+
+
+HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP token (RFC 9110)
+
+
+HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # control characters other than tab
+
+
+def request_headers(given: dict[str, str]) -> dict[str, str]:
+    """The user's headers (--header or a pipeline's imagery.headers, then $LANDCOVER_HTTP_HEADERS),
+    checked before any request: one a request cannot carry used to fail every tile, reported as
+    a server failure, or crash. Messages name the header, never its value (often a secret)."""
+    headers = {str(k): str(v).strip(" \t") for k, v in {**given, **env_headers()}.items()}
+    hint = f"Correct it where it was given: --header, the pipeline's imagery.headers or {HEADERS_ENV}."
+    for name, value in headers.items():
+        if not HEADER_NAME.fullmatch(name):
+            raise EngineError("BAD_HEADERS", f"HTTP header name {name!r} is not a valid header name "
+                              "(letters, digits and - only, as a rule).", hint)
+        if HEADER_VALUE_BAD.search(value):
+            raise EngineError("BAD_HEADERS", f"The value of HTTP header {name} holds a line break or another "
+                              "control character (the value is not shown: it may be a secret).",
+                              "Give the value on one line. " + hint)
+        try:
+            value.encode("latin-1")
+        except UnicodeEncodeError:
+            raise EngineError("BAD_HEADERS", f"The value of HTTP header {name} holds characters HTTP headers "
+                              "cannot carry (the value is not shown: it may be a secret).",
+                              "Use the value's ASCII form (e.g. Base64 or percent-encoded, as the server "
+                              "expects). " + hint) from None
+    return headers

@@ -23,7 +23,7 @@ from ..atomic import atomic_output
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..labels.read import read_info, write_info
-from ..learn.dataset_folder import Manifest
+from ..learn.dataset_folder import Manifest, band_stats, chip_hash, class_balance, content_hash
 
 LAYER = "chips"
 SPLIT_COLORS = {"train": "#1f77b4", "val": "#ff7f0e", "buffer": "#bdbdbd"}
@@ -101,7 +101,6 @@ def _link(src: Path, dst: Path) -> None:
 
 def build_snapshot(params, reporter: Reporter) -> StageResult:
     """The chips of `params.source` matching `params.where`, as a new immutable dataset."""
-    from .dataset import band_stats, chip_hash, class_balance, content_hash
 
     parent = Path(params.source)
     if not (parent / "dataset.json").is_file() or not (parent / "catalog.gpkg").is_file():

@@ -34,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +47,11 @@ from ..events import Reporter, StageResult
 from ..labels.rasterize import (centres_mask, class_fractions, draw_order, landcover_mask, offset_in_crs, shift,
                                 trees_mask)
 from ..labels.read import Labels, read_labels
-from ..learn.dataset_folder import Manifest
+from ..learn.dataset_folder import (Manifest, band_stats, chip_class, chip_entry, chip_hash, class_balance,
+                                    content_hash, pixel_sums, split_cells)
 
 BACKGROUND = "background"  # the class of uncovered pixels in a completely mapped area
 BUILDING, BUILDING_COLOR = "building", "#d62728"  # as the buildings preset
-BLOCK = 2  # chips per block side in the spatial split
 MIN_VALID = 0.5  # chips with less valid imagery are skipped
 MAX_CHIP_SIZE = 2048  # pixels: a chip is read whole, and training holds every chip in memory
 CACHE_MB = 64  # GDAL block cache while cutting chips
@@ -62,7 +61,6 @@ CLASS_COLORS = {
     "cultivated": "#dcd939", "developed": "#eb0000", "water": "#466b9f", "barren": "#b3ac9f",
     "sediment": "#b3ac9f", "crown": "#2ca02c",
 }
-Cell = tuple[int, int]  # (row, col) of a chip in the chip grid
 
 
 @dataclass(frozen=True)
@@ -93,56 +91,6 @@ def class_color(name: str) -> str:
     return "#" + hashlib.md5(name.encode()).hexdigest()[:6]
 
 
-def input_scale(dtype: str, data_max: float) -> float:
-    """What raw values are divided by: 255 for 8-bit-like data, else the data's maximum."""
-    if dtype == "uint8" or 1.0 < data_max <= 255.0:
-        return 255.0
-    return float(data_max) if data_max > 0 else 1.0
-
-
-def split_cells(cells: list[Cell], val_share: float, seed: int = 0) -> tuple[dict[Cell, str], str]:
-    """Assign each chip "train", "val" or "buffer"; also say which strategy worked."""
-    if len(cells) < 2:
-        raise EngineError("TOO_FEW_CHIPS", f"Only {len(cells)} usable chip(s): need one to train and one to validate.",
-                          "Use a larger area, more labels, or a smaller --chip-size.")
-    for block, buffered, how in ((BLOCK, True, f"{BLOCK}x{BLOCK}-chip blocks with a buffer"),
-                                 (1, True, "single-chip blocks with a buffer (few chips)"),
-                                 (1, False, "single chips, train and val touching (very few chips)")):
-        split = _block_split(cells, val_share, block, buffered, seed)
-        if split:
-            return split, how
-    raise AssertionError("the last strategy always splits two or more chips")
-
-
-def _block_split(cells: list[Cell], val_share: float, block: int, buffered: bool,
-                 seed: int) -> dict[Cell, str] | None:
-    """Move blocks to validation until the share is reached, skipping a block
-    that would leave no train chip. Blocks are taken nearest-first around a
-    seeded random start block: a compact validation area needs the smallest
-    buffer ring."""
-    members: dict[Cell, list[Cell]] = {}
-    for r, c in cells:
-        members.setdefault((r // block, c // block), []).append((r, c))
-    rng = random.Random(seed)
-    start = rng.choice(sorted(members))
-    order = sorted(members, key=lambda b: ((b[0] - start[0]) ** 2 + (b[1] - start[1]) ** 2, rng.random()))
-    target = max(1, round(val_share * len(cells)))
-    cellset, val, covered = set(cells), set(), set()  # covered: val + buffer
-    for b in order:
-        if len(val) >= target:
-            break
-        near = {(r + dr, c + dc) for r, c in members[b] for dr in (-1, 0, 1) for dc in (-1, 0, 1)
-                } if buffered else set(members[b])
-        new = (near & cellset) - covered
-        if len(covered) + len(new) >= len(cellset):
-            continue
-        val.update(members[b])
-        covered |= new
-    if not val:
-        return None
-    return {cell: "val" if cell in val else "buffer" if cell in covered else "train" for cell in cells}
-
-
 def inscribed_ellipse(geom, points: int = 32):
     """The ellipse inscribed in a geometry's minimum rotated rectangle (a box
     reprojected into another CRS is slightly rotated)."""
@@ -162,8 +110,6 @@ def resolution_m(src) -> float:
         lat = (src.bounds.bottom + src.bounds.top) / 2
         return res * 111_320 * math.cos(math.radians(lat))
     return res
-
-
 
 
 def build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
@@ -219,7 +165,7 @@ def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
             "crs": labels.crs, "centres_only": labels.points, "complete": params.complete,
             "offset_m": list(params.offset), "background_ratio": params.background_ratio, "provenance": provenance,
             "attribution": info.get("attribution", ""), **balance,
-            "content_hash": content_hash(chips), "chips": [_chip_entry(c) for c in chips]})
+            "content_hash": content_hash(chips), "chips": [chip_entry(c) for c in chips]})
         from .catalog import write_catalog
 
         write_catalog(work / "catalog.gpkg", chips, labels.crs, class_names, provenance, manifest)
@@ -432,48 +378,6 @@ def _write_chips(src, labels: Labels, params: DatasetParams, class_names: list[s
     return chips, meta
 
 
-def pixel_sums(image: np.ndarray, valid: np.ndarray) -> dict:
-    """Per-band sum and sum of squares of the valid pixels (for mean/std), their count and maximum.
-    8-bit imagery goes through a histogram: exact, and much faster than float arithmetic."""
-    if image.dtype == np.uint8:
-        levels = np.arange(256, dtype=np.float64)
-        whole = valid.all()
-        hists = [np.bincount(band.ravel() if whole else band[valid], minlength=256).astype(np.float64)
-                 for band in image]
-        sums, sumsq = [float(h @ levels) for h in hists], [float(h @ levels**2) for h in hists]
-        top = max(int(np.flatnonzero(h)[-1]) if h.any() else 0 for h in hists)
-        return {"sum": sums, "sumsq": sumsq, "count": int(valid.sum()), "max": float(top)}
-    pixels = image[:, valid].astype(np.float64)
-    return {"sum": pixels.sum(axis=1).tolist(), "sumsq": (pixels**2).sum(axis=1).tolist(),
-            "count": int(pixels.shape[1]), "max": float(pixels.max())}
-
-
-def chip_hash(*paths: Path) -> str:
-    """Content hash of a chip (image and mask bytes): what a snapshot's manifest pins."""
-    digest = hashlib.sha256()
-    for path in paths:
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()
-
-
-def content_hash(chips: list[dict]) -> str:
-    """A dataset's identity: its chips' ids, hashes and splits."""
-    lines = sorted(f"{c['id']} {c['hash']} {c['split']}" for c in chips)
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
-
-
-def class_balance(chips: list[dict], class_names: list[str]) -> dict:
-    """Pixel share per class over the train chips, and median-frequency class weights
-    (rare classes weigh more; absent classes 0)."""
-    train = [c for c in chips if c["split"] == "train"] or chips
-    totals = np.sum([c["fractions"] for c in train], axis=0) if train else np.zeros(len(class_names))
-    share = totals / totals.sum() if totals.sum() else totals
-    present = share[share > 0]
-    median = float(np.median(present)) if len(present) else 0.0
-    weights = [round(median / s, 4) if s > 0 else 0.0 for s in share]
-    return {"class_balance": [round(float(s), 6) for s in share], "class_weights": weights}
-
-
 def _write_tif(path: Path, data: np.ndarray, transform, crs, nodata, valid: np.ndarray | None) -> None:
     import rasterio
 
@@ -490,24 +394,3 @@ def _write_tif(path: Path, data: np.ndarray, transform, crs, nodata, valid: np.n
         dst.write_mask(valid.astype(np.uint8) * 255)  # so readers know the padding / alpha holes
 
 
-def band_stats(chips: list[dict], dtype: str) -> dict:
-    """input_scale and per-band mean/std after scaling, from the train chips' valid pixels."""
-    scale = input_scale(dtype, max(c["max"] for c in chips))
-    train = [c for c in chips if c["split"] == "train"] or chips
-    count = sum(c["count"] for c in train)
-    mean = np.sum([c["sum"] for c in train], axis=0) / count
-    std = np.sqrt(np.maximum(np.sum([c["sumsq"] for c in train], axis=0) / count - mean**2, 0))
-    return {"input_scale": scale, "mean": [float(m / scale) for m in mean],
-            "std": [float(max(s / scale, 1e-6)) for s in std]}
-
-
-def chip_class(fractions: list[float]) -> int:
-    """Classification: a chip's class is the majority class of its labelled pixels."""
-    return int(np.argmax(fractions))
-
-
-def _chip_entry(chip: dict) -> dict:
-    entry = {"id": chip["id"], "image": f"images/{chip['id']}.tif", "mask": f"masks/{chip['id']}.tif",
-             "split": chip["split"], "bounds": chip["bounds"], "labelled": round(chip["labelled"], 4),
-             "hash": chip["hash"]}
-    return entry | ({"class": chip["class"]} if "class" in chip else {})

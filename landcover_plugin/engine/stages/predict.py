@@ -6,7 +6,6 @@ grid (vector/trees.py, vector/orchard.py). No TensorFlow here (docs/DESIGN.md).
 """
 from __future__ import annotations
 
-import ctypes
 import math
 import tempfile
 import time
@@ -25,6 +24,7 @@ from ..imagery.raster import open_raster
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
                               open_session, predict_to_raster)
 from ..learn.model_package import ModelInfo, onnx_path, read_info
+from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_layers
 from ..vector.styles import styles_for, write_styles
 from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_layers_from
@@ -107,18 +107,6 @@ def buildings_layer(landcover: Layer, class_names: list[str]) -> Layer:
     return Layer("buildings", landcover.geometry, dict(landcover.fields), rows)
 
 
-def steady_malloc() -> None:
-    """glibc raises its mmap threshold each time a big buffer is freed, then serves such
-    buffers from the heap, which fragments: the RSS grew with the number of tiles.
-    A fixed threshold hands every tile-sized buffer back to the system."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
-        pass
-
-
-# --- the stage -------------------------------------------------------------
-
 def check_params(params: PredictParams, info: ModelInfo) -> None:
     """Numbers predict cannot work with, refused before any work: a batch size of 0 or
     less ran no tile at all, and a huge one claimed more memory than the machine has."""
@@ -140,7 +128,7 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
     check_out_path(params.out, inputs=[params.model, params.imagery])
-    steady_malloc()
+    fix_mmap_threshold(1 << 20)  # tile-sized buffers: the RSS grew with the number of tiles
     info = read_info(params.model)
     check_params(params, info)
     session, provider = open_session(onnx_path(params.model), reporter, params.threads)

@@ -29,6 +29,7 @@ from shapely.ops import unary_union
 
 from ..errors import EngineError
 from ..imagery.aoi import OutsideProjection, reproject_geometries, reproject_geometry
+from ..vector.geometry import POLYGONAL, polygonal
 
 # Tried in order when no class field is given (our OSM labels use "class").
 DEFAULT_CLASS_FIELDS = ("class", "label", "landcover", "type")
@@ -146,15 +147,12 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
 def _polygonal(geom: BaseGeometry, counts: dict[str, int]) -> BaseGeometry | None:
     """The polygonal part of a geometry, repaired if invalid (self-intersections,
     bow-ties); None, counted as skipped, when nothing polygonal is left."""
-    import shapely
-
-    if geom.is_empty or geom.geom_type not in ("Polygon", "MultiPolygon"):
+    if geom.is_empty or geom.geom_type not in POLYGONAL:
         counts["skipped"] += 1
         return None
     if geom.is_valid:
         return geom
-    fixed = shapely.make_valid(geom)
-    fixed = unary_union([g for g in getattr(fixed, "geoms", [fixed]) if g.geom_type in ("Polygon", "MultiPolygon")])
+    fixed = polygonal(geom)
     if fixed.is_empty:
         counts["skipped"] += 1
         return None

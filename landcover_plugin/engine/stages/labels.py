@@ -18,6 +18,7 @@ from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI, reproject_geometries, utm_crs
 from ..labels.read import write_info
+from ..vector.geometry import polygonal
 
 @dataclass(frozen=True)
 class LabelsParams:
@@ -123,8 +124,7 @@ def _label_polygons(features: list, aoi: BaseGeometry | None) -> tuple[list, lis
         if feature.buffer is not None:
             geom = geom.buffer(feature.buffer / 2, cap_style="flat" if geom.geom_type == "LineString" else "round")
         elif not geom.is_valid:
-            geom = shapely.make_valid(geom)
-            geom = unary_union([g for g in getattr(geom, "geoms", [geom]) if g.geom_type in ("Polygon", "MultiPolygon")])
+            geom = polygonal(geom)
             counts["repaired" if not geom.is_empty else "skipped"] += 1
         if clip is not None:
             geom = geom.intersection(clip)

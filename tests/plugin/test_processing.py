@@ -89,6 +89,26 @@ def test_parameters_become_the_pipeline(alg, osbs_tif, osbs_csv, tmp_path):
     assert job.problems(spec) == []
 
 
+def test_labels_from_the_same_choices_as_the_dock(alg, osbs_tif, osbs_csv, tmp_path):
+    """Processing offers the dock's label sources, in an order that keeps older command lines
+    (0 is the layer or file); "model" predicts with the model even when labels are given."""
+    from landcover_plugin.processing.algorithm import MapFromImageryAlgorithm
+
+    assert MapFromImageryAlgorithm.LABEL_SOURCES == ("layer", "overpass", "osm_file", "model")
+    context = _context()
+    params = {"IMAGERY": str(osbs_tif), "LABELS_FILE": str(osbs_csv), "EXTENT": _extent(osbs_tif), "TASK": 0,
+              "LABEL_SOURCE": 3, "OUTPUT": str(tmp_path / "out.gpkg")}
+    ok, message = alg.checkParameterValues(params, context)
+    assert not ok and "model" in message
+    params["MODEL"] = str(tmp_path / "m.onnx")
+    ok, message = alg.checkParameterValues(params, context)
+    assert ok, message
+    instance = alg.create()
+    assert instance.prepare(params, context, QgsProcessingFeedback())
+    spec = instance.build_spec(params, context)
+    assert spec.labels is None and spec.model == tmp_path / "m.onnx"
+
+
 def test_osm_parameters_become_the_pipeline(alg, osbs_tif, tmp_path):
     context = _context()
     base = {"IMAGERY": str(osbs_tif), "EXTENT": _extent(osbs_tif), "TASK": 1, "OUTPUT": str(tmp_path / "lc.gpkg")}

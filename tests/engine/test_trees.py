@@ -163,3 +163,58 @@ def test_cli_tree_options(tmp_path, capsys):
     assert main(["--json", "predict", "--model", str(model), "--imagery", str(raster), "--out", str(out),
                  "--nir-band", "9"]) == 2
     assert json.loads(capsys.readouterr().out.splitlines()[-1])["code"] == "BAD_IMAGERY_BANDS"
+
+
+def orchard_scene(rows: int = 10, cols: int = 12, row_pitch: int = 60, pitch: int = 40) -> np.ndarray:
+    """Crown probability and centre heatmap of a planted grid (1.2 m crowns every 4 m in
+    rows 6 m apart: not square, so the rows' direction is clear) with a few trees missing."""
+    missing = {(2, 5), (6, 3), (7, 8), (9, 4)}
+    yy, xx = np.mgrid[:rows * row_pitch, :cols * pitch]
+    crown = np.zeros(yy.shape, np.float32)
+    heat = np.zeros(yy.shape, np.float32)
+    for i in range(rows):
+        for j in range(cols):
+            if (i, j) not in missing:
+                d2 = (yy - i * row_pitch - row_pitch // 2) ** 2 + (xx - j * pitch - pitch // 2) ** 2
+                crown[d2 <= 12 ** 2] = 0.9
+                heat = np.maximum(heat, np.exp(-d2 / (2 * 6.0 ** 2)))
+    return np.stack([crown, heat])
+
+
+def test_trees_written_block_by_block_match_the_whole_scene(tmp_path):
+    """predict writes crowns and trees block by block (issue 13): in many blocks the four
+    layers and the summary are those of the whole scene outlined and fitted in memory.
+    (Blocks of 120 px: 20 of them, each read with a 150 px margin.)"""
+    from test_predict import trees_model
+
+    from landcover_plugin.engine.vector.orchard import orchard_layers
+    from landcover_plugin.engine.vector.trees import tree_layers
+
+    transform, crs = from_origin(400000, 3300000, PIXEL, PIXEL), CRS.from_epsg(32617)
+    scene = orchard_scene()
+    raster = write_raster(tmp_path / "orchard.tif", scene, transform)
+    out = tmp_path / "trees.gpkg"
+    result = predict(PredictParams(model=trees_model(tmp_path / "t.onnx"), imagery=raster, out=out, block_size=120),
+                     json_reporter())
+
+    crowns, points = tree_layers(scene[0], scene[1], np.ones(scene[0].shape, bool), transform, crs)
+    orchard = orchard_layers(points.rows, crs)
+    assert result.summary["crowns"] == len(crowns.rows) == 116
+    assert result.summary["canopy_m2"] == pytest.approx(sum(p["area_m2"] for _, p in crowns.rows), abs=0.01)
+    assert result.summary["missing_trees"] == orchard.missing == 4 and result.summary["orchard_blocks"] == 1
+
+    got_crowns, got_points = read_layer(out, "crowns"), read_layer(out, "trees")
+    assert [p["tree_id"] for _, p in got_crowns] == [p["tree_id"] for _, p in got_points] == list(range(1, 117))
+    by_point = lambda rows: sorted(rows, key=lambda row: (round(row[0].y, 3), round(row[0].x, 3)))  # noqa: E731
+    crown_of = {p["tree_id"]: g for g, p in got_crowns}
+    want_crown_of = {p["tree_id"]: g for g, p in crowns.rows}
+    fields = lambda p: {k: v for k, v in p.items() if k != "tree_id"}  # noqa: E731  (numbered in another order)
+    for (pt, p), (want_pt, want) in zip(by_point(got_points), by_point(points.rows)):
+        assert pt.distance(want_pt) < 1e-6 and fields(p) == fields(want)
+        assert crown_of[p["tree_id"]].symmetric_difference(want_crown_of[want["tree_id"]]).area < 1e-6
+
+    got_missing = sorted((round(g.x, 3), round(g.y, 3)) for g, _ in read_layer(out, "missing_trees"))
+    assert got_missing == sorted((round(g.x, 3), round(g.y, 3)) for g, _ in orchard.layers[0].rows)
+    (block, props), = read_layer(out, "orchard_blocks")
+    (want_block, want_props), = orchard.layers[1].rows
+    assert props == pytest.approx(want_props) and block.symmetric_difference(want_block).area < 1e-6

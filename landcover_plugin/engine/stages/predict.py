@@ -1,8 +1,9 @@
 """`landcover predict`: a model over imagery (learn/inference.py), then styled vector layers.
 
 Land cover and buildings are vectorized in blocks whose seams join exactly
-(vector/vectorize.py); trees are outlined, measured and fitted to their planting
-grid (vector/trees.py, vector/orchard.py). No TensorFlow here (docs/DESIGN.md).
+(vector/vectorize.py); trees are outlined, measured and written block by block,
+then fitted to their planting grid (vector/trees.py, vector/orchard.py). No
+TensorFlow here (docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import rasterio
@@ -25,10 +27,10 @@ from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery
                               open_session, predict_to_raster)
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..memory import fix_mmap_threshold
-from ..vector.orchard import GridParams, orchard_layers
+from ..vector.orchard import GridParams, orchard_from_points
 from ..vector.styles import styles_for, write_styles
-from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, block_trees, tree_layers_from
-from ..vector.vectorize import BLOCK_SIZE, NODATA, Layer, blocks, landcover_blocks, pixel_size_m, write_gpkg
+from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, TreeRow, TreeWriter, block_trees
+from ..vector.vectorize import BLOCK_SIZE, NODATA, GpkgWriter, Layer, blocks, landcover_blocks, pixel_size_m
 
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
@@ -67,11 +69,10 @@ def vectorize_landcover(pred: Path, info: ModelInfo, block_size: int, reporter: 
                                 block_size=block_size, on_block=progress)
 
 
-def vectorize_trees(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams",
-                    reporter: Reporter) -> list:
-    """Trees block by block; each block is read with a margin so that crowns cut by
-    its border are whole (a tree belongs to the block holding its centre)."""
-    rows = []
+def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams",
+                reporter: Reporter) -> Iterator[list[TreeRow]]:
+    """The trees of each block in turn; each block is read with a margin so that crowns
+    cut by its border are whole (a tree belongs to the block holding its centre)."""
     with rasterio.open(pred) as ds:
         margin = max(8, math.ceil(TREE_MARGIN_M / pixel_size_m(ds.transform, ds.crs, ds.height, ds.width)))
         rgb = src.count >= 3
@@ -95,9 +96,26 @@ def vectorize_trees(pred: Path, src, window: Window, info: ModelInfo, params: "P
                 dead=data[2] / PROB_SCALE if data.shape[0] > 2 else None,
                 rgb=src.read([1, 2, 3], window=img).astype(np.float64) if rgb else None,
                 nir=src.read(nir, window=img).astype(np.float64) if nir else None)
-            rows.extend(block_trees(block, ds.crs, tree_params))
+            yield block_trees(block, ds.crs, tree_params)
             reporter.progress("vectorize", n, len(plan), "blocks")
-    return rows
+
+
+def write_trees(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams", out: GpkgWriter,
+                reporter: Reporter) -> dict:
+    """Crowns and trees written block by block as they are outlined, so that memory stays
+    flat with the area; then the orchard fitted to their points. Returns the summary."""
+    trees = TreeWriter(out)
+    for rows in tree_blocks(pred, src, window, info, params, reporter):
+        trees.add(rows)
+    xy, area_m2, dead = trees.points()
+    summary = {"crowns": trees.count, "canopy_m2": round(sum(area_m2.tolist()), 2), "dead": int(dead.sum())}
+    if params.orchard:
+        orchard = orchard_from_points(xy, area_m2, dead, out.crs, params.grid)
+        for layer in orchard.layers:
+            out.write(layer)
+        summary |= {"missing_trees": orchard.missing, "orchard_blocks": orchard.grids}
+        reporter.log(orchard.message)
+    return summary
 
 
 def buildings_layer(landcover: Layer, class_names: list[str]) -> Layer:
@@ -138,12 +156,16 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     # a kill leaves it, named with the pid for the next run to remove).
     # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
     # are read through, so the RSS would grow with the area.
+    # The GeoPackage is written as it is made (trees block by block), all of it to a
+    # temporary name that becomes the output only when complete.
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
-            tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp:
+            tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp, \
+            atomic_output(params.out) as tmp_out:
         check_imagery(src, info, reporter)
         info = fit_input_scale(src, info, reporter)
         window, aoi = aoi_window(src, params.aoi)
-        crs = src.crs
+        out = GpkgWriter(tmp_out, src.crs)
+        layers: list[Layer] = []  # what is written whole at the end
         if info.task == "classification":  # one polygon per chip: no prediction raster
             layers, tiles = classify_chips(session, src, info, window, aoi, reporter, params.batch_size)
             summary = {"chips": len(layers[0].rows),
@@ -153,16 +175,7 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
             tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
             reporter.log("Vectorizing the predictions")
         if info.task == "trees":
-            rows = vectorize_trees(pred, src, window, info, params, reporter)
-            layers = tree_layers_from(rows)
-            crowns = layers[0].rows
-            summary = {"crowns": len(crowns), "canopy_m2": round(sum(r["area_m2"] for _, r in crowns), 2),
-                       "dead": sum(r["status"] == "dead" for _, r in crowns)}
-            if params.orchard:
-                orchard = orchard_layers(layers[1].rows, crs, params.grid)
-                layers += orchard.layers
-                summary |= {"missing_trees": orchard.missing, "orchard_blocks": orchard.grids}
-                reporter.log(orchard.message)
+            summary = write_trees(pred, src, window, info, params, out, reporter)
         elif info.task != "classification":
             layers = vectorize_landcover(pred, info, params.block_size, reporter)
             summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
@@ -170,11 +183,11 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
             if info.task == "buildings":
                 layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
                 summary["buildings"] = len(layers[0].rows)
-    with atomic_output(params.out) as tmp_out:
-        write_gpkg(tmp_out, layers, crs)
+        for layer in layers:
+            out.write(layer)
         h = params.health
         nir = (params.nir_band or info.nir_band) is not None
-        write_styles(tmp_out, styles_for(info, [layer.name for layer in layers], "ndvi" if nir else "vari",
+        write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
                                          (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
     summary |= {"provider": provider, "tiles": tiles, "seconds": round(time.monotonic() - started, 2)}
     return StageResult(outputs={"gpkg": str(params.out)}, summary=summary)

@@ -304,19 +304,36 @@ def _column(values: list, kind: str) -> np.ndarray:
     return np.array(values, dtype=object)
 
 
-def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
-    """Write the layers into one GeoPackage (the caller makes it atomic). Geometries go
-    to GDAL as WKB arrays in one call per layer (pyogrio): fast for 100k polygons."""
-    from pyogrio.raw import write
+class GpkgWriter:
+    """Layers written into one GeoPackage (the caller makes it atomic), a layer at a
+    time or in batches of rows: a batch is appended to its layer, so a big layer is
+    written as it is made and never held whole. Geometries go to GDAL as WKB arrays
+    in one call per batch (pyogrio): fast for 100k polygons."""
 
-    for n, layer in enumerate(layers):
-        geoms = [g for g, _ in layer.rows]
-        wkb = shapely.to_wkb(np.array(geoms, dtype=object)) if layer.geometry else None
-        if layer.geometry and not geoms:
-            wkb = np.array([], dtype=object)
+    def __init__(self, path: Path, crs: CRS):
+        self.path, self.crs = path, crs
+        self.names: list[str] = []  # the layers written so far, in order
+
+    def write(self, layer: Layer) -> None:
+        """Append `layer.rows` to the layer (made on its first write, even with no rows)."""
+        from pyogrio.raw import write
+
+        wkb = None
+        if layer.geometry:
+            wkb = shapely.to_wkb(np.array([g for g, _ in layer.rows], dtype=object)) if layer.rows else \
+                np.array([], dtype=object)
         columns = [_column([props[name] for _, props in layer.rows], kind) for name, kind in layer.fields.items()]
-        write(str(path), wkb, columns, list(layer.fields), layer=layer.name, driver="GPKG",
-              geometry_type=layer.geometry, crs=crs.to_wkt() if layer.geometry else None, append=n > 0,
-              promote_to_multi=layer.geometry == "MultiPolygon",
+        write(str(self.path), wkb, columns, list(layer.fields), layer=layer.name, driver="GPKG",
+              geometry_type=layer.geometry, crs=self.crs.to_wkt() if layer.geometry else None,
+              append=bool(self.names), promote_to_multi=layer.geometry == "MultiPolygon",
               # GPKG 1.3: QGIS 3.22's GDAL 3.6 warns on the 1.4 that pyogrio's GDAL writes by default
-              dataset_options={"VERSION": "1.3"} if n == 0 else None)
+              dataset_options=None if self.names else {"VERSION": "1.3"})
+        if layer.name not in self.names:
+            self.names.append(layer.name)
+
+
+def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
+    """Write the layers whole into one GeoPackage (the caller makes it atomic)."""
+    out = GpkgWriter(path, crs)
+    for layer in layers:
+        out.write(layer)

@@ -427,6 +427,20 @@ def test_local_raster_is_cropped(osbs_tif, aoi, tmp_path):
         assert c.crs.to_epsg() == 32617 and c.res == pytest.approx((0.4, 0.4)) and 74 <= c.width <= 78
 
 
+def test_local_raster_partly_outside_the_aoi_is_said(osbs_tif, tmp_path):
+    """An AOI much larger than the raster: the mosaic holds the raster's part, and the log says how much."""
+    import io
+
+    out = io.StringIO()
+    big = wgs84_aoi((404211.9 - 40, 3285102.9 - 40, 404251.9 + 40, 3285142.9 + 40))  # 120 m around the 40 m image
+    result = run(str(osbs_tif), tmp_path, big, reporter=Reporter(json_mode=True, out=out))
+    warnings = [e["message"] for e in map(json.loads, out.getvalue().splitlines()) if e.get("level") == "warning"]
+    assert any("covers 1" in w and "of the AOI" in w for w in warnings), warnings  # about 11 %
+    assert 0.08 < result.summary["aoi_covered"] < 0.14
+    inside = run(str(osbs_tif), tmp_path, wgs84_aoi(AOI_UTM), name="inside.tif")
+    assert inside.summary["aoi_covered"] == 1.0
+
+
 def test_local_raster_outside_aoi(osbs_tif, tmp_path):
     with pytest.raises(EngineError) as err:
         run(str(osbs_tif), tmp_path, AOI(box(-82.5, 29.0, -82.4, 29.1)))

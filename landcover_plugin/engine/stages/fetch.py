@@ -277,6 +277,13 @@ def crop_window(src: rasterio.DatasetReader, bounds: tuple[float, float, float, 
     return Window(col0, row0, col1 - col0, row1 - row0)
 
 
+def covered_share(src: rasterio.DatasetReader, bounds: tuple[float, float, float, float], window: Window) -> float:
+    """The share of the AOI's bounding box (in the raster's CRS) that `window` (clipped to the
+    raster) covers: below 1 the mosaic holds only the imagery's part of the AOI."""
+    whole = rasterio.windows.from_bounds(*bounds, transform=src.transform)
+    return min(1.0, window.width * window.height / max(whole.width * whole.height, 1e-9))
+
+
 def _per_dataset_mask(src: rasterio.DatasetReader) -> bool:
     """True when validity comes from a mask band or alpha, not from nodata."""
     return src.nodata is None and MaskFlags.all_valid not in src.mask_flag_enums[0]
@@ -294,7 +301,12 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
         if src.crs is None:
             raise EngineError("BAD_IMAGERY", f"{params.source} has no coordinate reference system.",
                               "Georeference the imagery (e.g. with QGIS's Georeferencer) first.")
-        window = crop_window(src, params.aoi.to_crs(src.crs.to_string()).bounds)
+        bounds = params.aoi.to_crs(src.crs.to_string()).bounds
+        window = crop_window(src, bounds)
+        covered = covered_share(src, bounds, window)
+        if covered < 0.99:  # e.g. a 2,000 km AOI over a 40 km raster: say so rather than crop in silence
+            reporter.log(f"The imagery {Path(params.source).name} covers {covered:.0%} of the AOI: the mosaic "
+                         "holds that part only.", level="warning")
         native = pixel_metres(src.crs.to_string(), src.transform)
         check_model_resolution(native, params, reporter, "Resample it to the model's resolution (--gsd) only if "
                                "it is finer; better, use imagery or a model at a matching resolution.")
@@ -327,7 +339,8 @@ def fetch_local(params: FetchParams, reporter: Reporter) -> StageResult:
     summary = {"zoom": None, "tiles": 0, "requested": 0, "from_cache": 0, "downloaded": 0, "missing": 0,
                "blank": 0, "failed": 0, "failed_tiles": [], "retried": 0, "bytes": 0,
                "seconds": round(time.monotonic() - started, 2),
-               "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs, "native_gsd_m": round(native, 6)}
+               "gsd_m": round(pixel_metres(crs, transform), 6), "crs": crs, "native_gsd_m": round(native, 6),
+               "aoi_covered": round(covered, 4)}
     return StageResult(outputs={"mosaic": str(params.out)}, summary=summary)
 
 

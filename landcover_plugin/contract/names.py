@@ -20,4 +20,4 @@ MODELS_DIR = RESOURCES_DIR / "models"
 
 OSM_ATTRIBUTION = "© OpenStreetMap contributors"
 OVERPASS_DEFAULT = "https://overpass-api.de/api/interpreter"  # the public instance; users may run their own
-OSM_SUFFIXES = (".osm", ".osm.pbf", ".osm.bz2", ".pbf")
+OSM_SUFFIXES = (".osm", ".osm.bz2", ".osm.pbf", ".pbf", ".osm.gz")  # what the engine reads (pyosmium)

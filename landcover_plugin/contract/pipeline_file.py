@@ -102,7 +102,7 @@ class PipelineFile:
         if self.overpass and not self.overpass.startswith(("http://", "https://")):
             found.append(f"The Overpass endpoint '{self.overpass}' is not an http(s) URL, e.g. {OVERPASS_DEFAULT}.")
         if self.osm_file is not None and not str(self.osm_file).lower().endswith(OSM_SUFFIXES):
-            found.append(f"{self.osm_file.name} is not an OpenStreetMap file (.osm, .osm.pbf, .osm.bz2).")
+            found.append(f"{self.osm_file.name} is not an OpenStreetMap file ({', '.join(OSM_SUFFIXES)}).")
         if self.date:
             found += _date_problems(self.date, sources)
         return found
@@ -195,7 +195,7 @@ def _date_problems(date: str, sources: list[str]) -> list[str]:
         found.append("labels date applies to Overpass only (OSM as it was on that date): use date with "
                      "overpass: URL, or take an OSM file of that date.")
     try:
-        datetime.date.fromisoformat(date)
+        datetime.datetime.fromisoformat(date)  # a day, or Overpass's full timestamp (2021-06-01T00:00:00Z)
     except ValueError:
         found.append(f"The date '{date}' is not a day as YYYY-MM-DD, e.g. 2021-06-01.")
     return found

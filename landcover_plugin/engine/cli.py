@@ -288,14 +288,7 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
     if args.command == "run":
         from .stages.pipeline import load_pipeline, run_pipeline
 
-        try:
-            pipeline = load_pipeline(args.pipeline)
-        except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a value of the wrong kind in the YAML
-            raise EngineError("BAD_PIPELINE", f"Pipeline {args.pipeline} has a malformed value: "
-                              f"{type(exc).__name__}: {exc}",
-                              "Check the pipeline's keys and values against the example in the README "
-                              "(numbers where numbers go, a mapping for imagery, labels and train).") from None
-        return run_pipeline(pipeline, reporter)
+        return run_pipeline(load_pipeline(args.pipeline), reporter)
     raise AssertionError(args.command)
 
 

@@ -18,13 +18,13 @@ from typing import Callable
 from shapely import wkb
 from shapely.geometry.base import BaseGeometry
 
+from ...contract.names import OSM_SUFFIXES
 from ..atomic import atomic_output
 from ..errors import EngineError
 from ..imagery.http_client import retry_after
 from ..imagery.tile_cache import user_cache_dir
 from .presets import ANY, Preset
 
-OSM_SUFFIXES = (".osm", ".osm.bz2", ".osm.pbf", ".pbf", ".osm.gz")
 RETRY_STATUS = (429, 502, 503, 504)  # Overpass: rate limited, busy, gateway timeout
 
 

@@ -43,6 +43,10 @@ def load_pipeline(path: Path) -> PipelineFile:
                           "Give a YAML file like the one in the README.") from None
     except PipelineFileError as exc:
         raise EngineError("BAD_PIPELINE", f"Pipeline {path}: {exc.message}", exc.hint) from None
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:  # a value of the wrong kind in the YAML
+        raise EngineError("BAD_PIPELINE", f"Pipeline {path} has a malformed value: {type(exc).__name__}: {exc}",
+                          "Check the pipeline's keys and values against the example in the README "
+                          "(numbers where numbers go, a mapping for imagery, labels and train).") from None
     problems = pipeline.problems()
     if problems:
         raise EngineError("BAD_PIPELINE", f"Pipeline {path}: {' '.join(problems)}", LABELS_HINT)
@@ -114,8 +118,7 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
     from .fetch import FetchParams, fetch
     from .predict import PredictParams, predict
 
-    workdir = p.work
-    workdir.mkdir(parents=True, exist_ok=True)
+    workdir = p.work  # made by run_pipeline's lock
     aoi = parse_aoi(str(p.aoi), p.aoi_crs) if p.aoi else None
     stages = STAGES_PREDICT if p.model else STAGES_OSM if p.osm else STAGES_TRAIN
     summary: dict[str, Any] = {}

@@ -1,0 +1,1 @@
+"""Labels: the user's label files, OpenStreetMap and its presets, masks for training."""

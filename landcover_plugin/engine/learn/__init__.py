@@ -1,0 +1,1 @@
+"""Learning: the dataset folder, the networks, training, export to ONNX, inference with onnxruntime."""

@@ -1,0 +1,2 @@
+"""One module per `landcover` subcommand: `stage(Params, Reporter) -> StageResult`,
+reading files and writing files."""

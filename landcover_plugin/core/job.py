@@ -41,7 +41,7 @@ def problems(job: PipelineFile) -> list[str]:
     if job.task in ("landcover", "classification") and job.labels is not None and not job.class_field \
             and job.labels.suffix.lower() != ".csv":
         found.append("Land cover needs the labels' class field: choose the attribute holding the class.")
-    if job.osm_file is not None and job.osm_file.suffix and not job.osm_file.is_file():
+    if job.osm_file is not None and not job.osm_file.is_file():
         found.append(f"The OpenStreetMap file {job.osm_file} does not exist.")
     return found
 

@@ -30,21 +30,15 @@ from ..memory import fix_mmap_threshold
 from . import http_client, mosaic
 from .decode import _DECODE_LOCK, TILE_SIZES
 from .mbtiles import MBTilesWriter
-from .mosaic import Grid, SourceMosaic, Writer, aligned_grid, windowed_output, windows
+from .mosaic import Grid, SourceMosaic, Writer, windowed_output, windows
 from .tile_cache import MosaicCache, TileCache
 from .tiles import Tile
-
-MAX_PIXELS = 4_000_000_000  # output grid limit (catches a --gsd typo); the mosaic is written in windows
 
 if TYPE_CHECKING:
     from ..stages.fetch import FetchParams
 
 
-
 STAGE = "fetch"
-
-
-EST_TILE_SECONDS = 0.3  # a typical tile request, for the time estimate
 
 
 # Bump when the warp, the output format or the tile checks change: older finished mosaics are not reused.
@@ -184,14 +178,6 @@ def server_error(host: str, which: str, error: str, broken: bool = False) -> Eng
                        "or add the headers it needs (--header).")
 
 
-def estimate(jobs: int, piece_bytes: int, workers: int, rate: float) -> tuple[int, float]:
-    """(bytes, seconds) a download of `jobs` pieces will take, roughly."""
-    per_second = max(1, workers) / EST_TILE_SECONDS
-    if rate and rate > 0:
-        per_second = min(per_second, rate)
-    return jobs * piece_bytes, jobs / per_second
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where the pieces of a remote source go: the source mosaic's grid for a piece size."""
@@ -269,10 +255,6 @@ def check_counts(counts: Counter, total: int, host: str, where: str, reporter: R
         reporter.log(f"{counts['failed']} of {total} tiles could not be fetched ({counts['first_error']}): {named}. "
                      "They are left empty in the mosaic. Run again to retry them (the others come from the cache).",
                      level="warning")
-
-
-def aoi_grid(bounds: tuple[float, float, float, float], crs: str, res: float) -> Grid:
-    return aligned_grid(bounds, crs, res, MAX_PIXELS)
 
 
 class ProgressiveWarp:

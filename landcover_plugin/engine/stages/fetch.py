@@ -41,18 +41,20 @@ from ..events import Reporter, StageResult
 from ..imagery import http_client, wms
 from ..imagery.aoi import AOI, check_crs, utm_crs
 from ..imagery.decode import decode_tile, decode_wms
-from ..imagery.download import STAGE, Job, Layout, Remote, aoi_grid, estimate, fetch_remote
+from ..imagery.download import STAGE, Job, Layout, Remote, fetch_remote
 from ..imagery.http_client import host_of
 from ..imagery.mbtiles import MBTilesWriter
-from ..imagery.mosaic import Grid, write_windowed
+from ..imagery.mosaic import Grid, aligned_grid, write_windowed
 from ..imagery.raster import open_raster, reading
-from ..imagery.tile_cache import (DEFAULT_MAX_AGE_DAYS, TileCache)
+from ..imagery.tile_cache import DEFAULT_MAX_AGE_DAYS, TileCache
 from ..imagery.tiles import (ORIGIN_SHIFT, Tile, count_tiles, expand_template, ground_resolution, nearest_zoom,
                              template_tile_size, tile_bounds_mercator, tile_range, tiles_covering)
 
 MAX_TILES = 20_000  # default cap: beyond this the user has probably mis-sized the AOI or the zoom
 MAX_BYTES = 2_000_000_000  # default cap on the estimated download
 EST_TILE_BYTES = 25_000  # a typical 256-px aerial tile (JPEG/PNG), for the estimate
+EST_TILE_SECONDS = 0.3  # a typical tile request, for the time estimate
+MAX_PIXELS = 4_000_000_000  # output grid limit (catches a --gsd typo); the mosaic is written in windows
 MAX_ZOOM = 24
 DEFAULT_RATE = 100.0  # requests per second per host: polite, yet no brake for 16 workers at ~200 ms a tile
 
@@ -134,10 +136,19 @@ def check_template(template: str) -> str:
     return template
 
 
-# --- decoding ---------------------------------------------------------------------------------------
+# --- remote sources: the caps, the output grid, the session ------------------------------------------
 
 
-# --- remote pieces: one job per tile or WMS image ----------------------------------------------------
+def estimate(jobs: int, piece_bytes: int, workers: int, rate: float) -> tuple[int, float]:
+    """(bytes, seconds) a download of `jobs` pieces will take, roughly."""
+    per_second = max(1, workers) / EST_TILE_SECONDS
+    if rate and rate > 0:
+        per_second = min(per_second, rate)
+    return jobs * piece_bytes, jobs / per_second
+
+
+def aoi_grid(bounds: tuple[float, float, float, float], crs: str, res: float) -> Grid:
+    return aligned_grid(bounds, crs, res, MAX_PIXELS)
 
 
 def check_caps(count: int, what: str, piece_bytes: int, params: FetchParams, reporter: Reporter) -> None:

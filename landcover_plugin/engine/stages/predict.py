@@ -53,12 +53,6 @@ class PredictParams:
     grid: GridParams = GridParams()
 
 
-# --- model -----------------------------------------------------------------
-
-
-# --- imagery ---------------------------------------------------------------
-
-
 # --- vectorizing the prediction raster ----------------------------------------
 
 def vectorize_landcover(pred: Path, info: ModelInfo, block_size: int, reporter: Reporter) -> list[Layer]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+# The engine a test host runs: set up by the first test run (minutes), updated by later ones (seconds).
+SHARED_REMOTE_HOME = Path(__file__).resolve().parent / "artifacts" / "remote-home"
 
 
 def _free_port() -> int:
@@ -34,15 +36,12 @@ class SshServer:
     folder: Path
     port: int
     proc: subprocess.Popen
+    remote_home: Path
     alias: str = "gpu-test"
 
     @property
     def ssh_config(self) -> Path:
         return self.folder / "ssh_config"
-
-    @property
-    def remote_home(self) -> Path:
-        return self.folder / "remote-home"
 
     @property
     def known_hosts(self) -> Path:
@@ -76,13 +75,18 @@ def _start(folder: Path, port: int) -> subprocess.Popen:
     raise RuntimeError("sshd did not listen")
 
 
-def start_ssh_server(folder: Path) -> SshServer:
+def start_ssh_server(folder: Path, remote_home: Path | None = None) -> SshServer:
+    """A server in `folder`; its engine home is `remote_home` (kept between test runs so
+    that setup installs the requirements once), else a fresh one in the folder."""
+    remote_home = remote_home or folder / "remote-home"
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o700)
     _keygen(folder / "host_key")
     _keygen(folder / "id_ed25519")
     shutil.copy(folder / "id_ed25519.pub", folder / "authorized_keys")
-    (folder / "remote-home").mkdir()
+    remote_home.mkdir(parents=True, exist_ok=True)
+    for stale in ("jobs", "store"):  # a test run starts with no jobs and no files on the host
+        shutil.rmtree(remote_home / stale, ignore_errors=True)
     port = _free_port()
     if os.geteuid() == 0:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation directory
@@ -97,7 +101,7 @@ KbdInteractiveAuthentication no
 UsePAM no
 StrictModes no
 PermitRootLogin prohibit-password
-SetEnv LANDCOVER_REMOTE_HOME={folder}/remote-home
+SetEnv LANDCOVER_REMOTE_HOME={remote_home}
 """)
     (folder / "ssh_config").write_text(f"""Host gpu-test
   HostName 127.0.0.1
@@ -108,4 +112,4 @@ SetEnv LANDCOVER_REMOTE_HOME={folder}/remote-home
   UserKnownHostsFile {folder}/known_hosts
   GlobalKnownHostsFile /dev/null
 """)
-    return SshServer(folder, port, _start(folder, port))
+    return SshServer(folder, port, _start(folder, port), remote_home)

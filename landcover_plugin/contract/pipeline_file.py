@@ -12,7 +12,7 @@ one), `problems` for what the job asks.
     imagery: SOURCE or {source: SOURCE, gsd: M, zoom: Z, headers: {NAME: VALUE}}
     labels: FILE or {path, class_field} or {preset, osm_file} or {preset, overpass, date}
     model: MODEL                      (instead of labels: predict only)
-    train: {epochs, batch_size, chip_size, seed, remote: HOST, ssh_config: FILE}  (remote: train there over ssh)
+    train: {epochs, batch_size, chip_size, seed, remote: HOST, ssh_config, ssh_identity}  (remote: over ssh)
     workdir: DIR                      (default OUT-work beside out)
     out: RESULT.gpkg
 """
@@ -31,7 +31,7 @@ from .tasks import TASK_IDS
 KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "workdir", "out")
 IMAGERY_KEYS = ("source", "gsd", "zoom", "headers")
 LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
-TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed", "remote", "ssh_config")
+TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed", "remote", "ssh_config", "ssh_identity")
 TRAIN_NUMBERS = TRAIN_KEYS[:4]
 HINT = "See the pipeline file example in the README."
 LABELS_HINT = ("E.g. labels: {path: crowns.gpkg}, or labels: {preset: landcover, overpass: "
@@ -70,6 +70,7 @@ class PipelineFile:
     seed: int = 0
     remote: str | None = None  # train on this ssh host (`landcover remote setup HOST`)
     ssh_config: Path | None = None  # ... with this ssh config instead of ~/.ssh/config
+    ssh_identity: Path | None = None  # ... and this private key file (its path only)
 
     @property
     def osm(self) -> bool:
@@ -115,8 +116,8 @@ class PipelineFile:
             "task": self.task,
             "imagery": {"source": self.imagery, "gsd": self.gsd, "zoom": self.zoom, "headers": self.headers},
             "train": {"epochs": self.epochs, "batch_size": self.batch_size, "chip_size": self.chip_size,
-                      "seed": self.seed, **({"remote": self.remote} if self.remote else {}),
-                      **({"ssh_config": str(self.ssh_config)} if self.ssh_config else {})},
+                      "seed": self.seed, **{k: str(v) for k, v in (("remote", self.remote), ("ssh_config", self.ssh_config),
+                                                                   ("ssh_identity", self.ssh_identity)) if v}},
             "workdir": str(self.work),
             "out": str(self.out),
         }
@@ -179,6 +180,7 @@ class PipelineFile:
             model=_model(base, spec.get("model")),
             remote=str(train["remote"]) if train.get("remote") else None,
             ssh_config=_path(base, train.get("ssh_config")),
+            ssh_identity=_path(base, train.get("ssh_identity")),
             **{k: _number(train, k, int, default=getattr(cls, k)) for k in TRAIN_NUMBERS},
         )
 

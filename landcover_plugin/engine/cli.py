@@ -53,7 +53,8 @@ def _add_aoi(p: argparse.ArgumentParser, required: bool) -> None:
 
 
 def _add_ssh(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh config file to use instead of ~/.ssh/config")
+    p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh config file to use instead of ~/.ssh/config "
+                   "(default: $LANDCOVER_SSH_CONFIG if set)")
     p.add_argument("--ssh-identity", type=Path, metavar="KEY", help="private key file for the host (ssh -i)")
 
 
@@ -254,7 +255,10 @@ def _headers(pairs: list[str]) -> dict[str, str]:
 def _ssh_target(args: argparse.Namespace, host: str):
     from .remote.ssh import SshTarget
 
-    return SshTarget(host, ssh_config=args.ssh_config, identity=args.ssh_identity)
+    # LANDCOVER_SSH_CONFIG: an ssh config for every landcover command (e.g. one kept for a project)
+    config = args.ssh_config or (Path(os.environ["LANDCOVER_SSH_CONFIG"]) if os.environ.get("LANDCOVER_SSH_CONFIG")
+                                 else None)
+    return SshTarget(host, ssh_config=config, identity=args.ssh_identity)
 
 
 def _remote(args: argparse.Namespace, reporter: Reporter):

@@ -30,7 +30,7 @@ from landcover_plugin.engine.remote.transfer import _member_path
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ssh_server import SshServer, start_ssh_server  # noqa: E402
+from ssh_server import SHARED_REMOTE_HOME, SshServer, start_ssh_server  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def fingerprint(server: SshServer) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    server = start_ssh_server(tmp_path_factory.mktemp("gpu-host"))
+    server = start_ssh_server(tmp_path_factory.mktemp("gpu-host"), SHARED_REMOTE_HOME)
     yield server
     server.stop()
 

@@ -177,7 +177,9 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         config.write_text(json.dumps(dataclasses.asdict(tp), default=str))
         args = ["train", "--config", str(config)]
         if p.remote:  # the host's job outlives this run: `landcover remote attach` fetches its model
-            args += ["--remote", p.remote, *(["--ssh-config", str(p.ssh_config)] if p.ssh_config else [])]
+            args += ["--remote", p.remote]
+            args += [arg for flag, path in (("--ssh-config", p.ssh_config), ("--ssh-identity", p.ssh_identity))
+                     if path for arg in (flag, str(path))]
         elif can_resume(tp):  # an interrupted training of the same options left its checkpoint
             reporter.log("train: going on from the checkpoint of an interrupted run")
             args.append("--resume")

@@ -227,8 +227,12 @@ def op_jobs() -> None:
         events = folder / "events.jsonl"
         if events.is_file():
             for line in events.read_text(errors="replace").splitlines()[-50:]:
-                if '"progress"' in line:
-                    progress = json.loads(line).get("message", "")
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(event, dict) and event.get("event") == "progress":
+                    progress = event.get("message", "")
         jobs.append({"job": folder.name, "state": job_state(folder), "started": meta.get("started"),
                      "progress": progress, "local_out": meta.get("local_out")})
     _print_json(jobs)

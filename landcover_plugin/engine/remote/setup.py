@@ -47,8 +47,11 @@ printf '{"version": "%s", "accel": "%s"}\n' "$1" "$ACCEL" > "$R/engine.json"
 
 
 def _source_files() -> dict[str, Path]:
-    """Archive name -> file: the package (no caches) and its requirement files."""
-    files = {f"landcover_plugin/{p.relative_to(PACKAGE)}": p for p in sorted(PACKAGE.rglob("*"))
+    """Archive name -> file: what the engine runs (engine/, contract/, resources/; not the
+    QGIS shell, so a plugin-only change needs no update there) and its requirement files."""
+    paths = [PACKAGE / "__init__.py"] + [p for part in ("engine", "contract", "resources")
+                                         for p in sorted((PACKAGE / part).rglob("*"))]
+    files = {f"landcover_plugin/{p.relative_to(PACKAGE)}": p for p in paths
              if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"}
     requirements = next(d for d in (PACKAGE_ROOT / "requirements", PACKAGE / "requirements") if d.is_dir())
     files |= {f"requirements/{p.name}": p for p in sorted(requirements.glob("*.txt"))}

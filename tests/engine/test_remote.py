@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -174,6 +175,29 @@ def test_train_remote_streams_progress_and_brings_back_a_checked_model(host, dat
     code, events = landcover("train", "--remote", *host, "--dataset", str(dataset), "--out", str(tmp_path / "m2"),
                              "--epochs", "1", "--batch-size", "4")
     assert code == 0 and events[-1]["summary"]["upload_bytes"] == 0
+
+
+def test_an_interrupted_upload_resumes_with_the_files_not_yet_stored(server, host, dataset):
+    from landcover_plugin.engine.errors import Cancelled
+    from landcover_plugin.engine.remote import transfer
+
+    target = ssh.SshTarget(server.alias, server.ssh_config)
+    files = transfer.folder_files(dataset, "again")  # a copy under another name: the same contents
+    shutil.rmtree(server.remote_home / "store")
+    calls = []
+
+    def cancel_after_three(done, total):
+        calls.append(done)
+        if len(calls) == 3:
+            raise Cancelled("SIGTERM")
+
+    with pytest.raises(Cancelled):
+        transfer.upload(target, files, cancel_after_three)
+    stored = [p for p in (server.remote_home / "store").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert 2 <= len(stored) < len(files)
+    hashes, sent = transfer.upload(target, files, lambda done, total: None)
+    assert 0 < sent < sum(p.stat().st_size for p in files.values())
+    assert all((server.remote_home / "store" / h[:2] / h).is_file() for h in hashes.values())
 
 
 def test_a_dropped_connection_is_retried_and_a_closed_laptop_attaches_later(server, host, dataset, tmp_path):

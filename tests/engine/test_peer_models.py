@@ -334,3 +334,24 @@ def test_a_model_landcover_cannot_run_is_refused_with_exit_2(orchard_image, tmp_
     assert rc == 2 and events[-1]["event"] == "error" and events[-1]["code"] == code, events[-1]
     assert "bug" not in events[-1]["message"] + events[-1]["hint"]
     assert not (tmp_path / "x.gpkg").exists()
+
+
+def test_a_bare_deepness_sigmoid_of_batch_one_runs(osbs_tif, tmp_path):
+    """As Deepness's own test models `one_output_sigmoid_bsx512x512.onnx`: no metadata, output
+    (n, h, w), a Reshape that takes one tile at a time whatever the input shape says. It runs
+    (tile by tile) as [background, channel_0], the same map as the documented sigmoid."""
+    meta = deepness_example_metadata(resolution=10, tiles_overlap=10, seg_small_segment=0)
+    documented = segmentor(tmp_path / "sigmoid.onnx", "sigmoid", 128, meta)
+    proto = onnx.load(str(documented))
+    del proto.metadata_props[:]
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "batch_size"
+    proto.graph.output[0].name = "y4"
+    proto.graph.node[-1].output[0] = "y4"
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([1, 128, 128], np.int64), "hw"))
+    proto.graph.node.append(helper.make_node("Reshape", ["y4", "hw"], ["y"]))
+    del proto.graph.output[:]
+    proto.graph.output.append(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch_size", 128, 128]))
+    onnx.save(proto, str(tmp_path / "bare.onnx"))
+    assert read_info(tmp_path / "bare.onnx").class_names == ["background", "channel_0"]
+    bare = our_classes(tmp_path / "bare.onnx", osbs_tif, tmp_path)
+    assert (bare == our_classes(documented, osbs_tif, tmp_path)).all()

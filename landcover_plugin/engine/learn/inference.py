@@ -342,6 +342,20 @@ def prediction_profile(height: int, width: int, channels: int, stride: int, crs,
             "blockysize": block, "compress": "deflate", "zlevel": 1}
 
 
+def run_model(session, name: str, x: np.ndarray) -> np.ndarray:
+    """The model's first output on a batch. Some exports (Deepness's test models among them)
+    run one tile at a time whatever their input shape says: a batch they fail on is run
+    tile by tile before the model is called broken."""
+    try:
+        return session.run(None, {name: x})[0]
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        if len(x) > 1:
+            return np.concatenate([run_model(session, name, x[i:i + 1]) for i in range(len(x))])
+        raise EngineError("BAD_MODEL", f"onnxruntime cannot run the model on a tile: {exc}",
+                          "Check that the model takes (batch, bands, tile, tile) float32 input, "
+                          "as Deepness and landcover feed it.") from None
+
+
 def run_batches(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, tiles: list[Tile],
                 batch_size: int, reporter: Reporter):
     """Yield (tiles, model output, valid cores) batch by batch; the next batch is read
@@ -360,8 +374,9 @@ def run_batches(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, t
                 ahead = pool.submit(read_batch, src, window, batches[k + 1], info, aoi)
             if fixed_batch and len(batch) < fixed_batch:  # a model exported with a fixed batch size
                 x = np.concatenate([x, np.zeros((fixed_batch - len(batch), *x.shape[1:]), np.float32)])
-            probs = session.run(None, {model_input.name: x})[0][:len(batch)]
+            probs = run_model(session, model_input.name, x)[:len(batch)]
             if not info.detector:  # a detector's outputs are checked as they are decoded
+                probs = probs[:, None] if probs.ndim == 3 else probs  # a peer's (n, h, w) sigmoid
                 check_output(probs.shape, info)
             yield batch, probs, oks
             done += len(batch)

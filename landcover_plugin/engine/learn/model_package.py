@@ -148,10 +148,10 @@ def peer_value(text: str):
             return text
 
 
-def peer_class_names(value, output_shape: tuple) -> list[str]:
-    """Deepness's and GeoDeep's class_names forms -> one name per output channel: a dict
-    {id: name} (ids as text or numbers), a list of names, or a list of such dicts (one per
-    output: the first output's). One sigmoid channel with one name means [background, name]."""
+def peer_class_names(value, output_shape: tuple, segmentor: bool = True) -> list[str]:
+    """Deepness's and GeoDeep's class_names forms -> one name per class: a dict {id: name}
+    (ids as text or numbers), a list of names, or a list of such dicts (one per output: the
+    first output's). A segmentor's one sigmoid channel with one name means [background, name]."""
     if isinstance(value, list) and value and isinstance(value[0], dict):
         value = value[0]
     if isinstance(value, dict):
@@ -162,7 +162,12 @@ def peer_class_names(value, output_shape: tuple) -> list[str]:
     if not isinstance(value, list):
         raise ValueError(f"class_names: {value!r} is neither a dict nor a list")
     names = [str(n) for n in value]
-    sigmoid = len(output_shape) == 4 and output_shape[1] == 1
+    if not segmentor:
+        return names
+    sigmoid = len(output_shape) == 3 or (len(output_shape) == 4 and output_shape[1] == 1)  # (n, h, w): one too
+    channels = 1 if len(output_shape) == 3 else _fixed(output_shape[1]) if len(output_shape) == 4 else None
+    if not names and channels:  # none given: Deepness's names
+        names = [f"channel_{i}" for i in range(channels)]
     return ["background", *names] if sigmoid and len(names) == 1 else names
 
 
@@ -175,7 +180,8 @@ def _from_peers(props: dict[str, str], input_shape: tuple, output_shape: tuple) 
     Read as they read it: the tile size from a fixed input shape (their tools take it from
     there; `tiles_size` may be missing), their defaults for missing keys."""
     v = {k: peer_value(t) for k, t in props.items()}
-    kind = str(v.get("model_type", "Detector" if len(output_shape) == 3 else "Segmentor"))
+    mask = len(output_shape) == 4 or (len(output_shape) == 3 and input_shape[-1:] == output_shape[-1:])
+    kind = str(v.get("model_type", "Segmentor" if mask else "Detector"))  # none: a (n, [c,] h, w) output is a mask
     kind = {"segmentation": "Segmentor", "detection": "Detector"}.get(kind.lower(), kind.capitalize())
     if kind not in ("Segmentor", "Detector"):
         raise EngineError("UNSUPPORTED_MODEL", f"The model is a {kind} model; landcover runs Segmentor and "
@@ -190,7 +196,8 @@ def _from_peers(props: dict[str, str], input_shape: tuple, output_shape: tuple) 
         percent = float(v.get("tiles_overlap", PEER_TILES_OVERLAP))
         return ModelInfo(
             task="trees" if kind == "Detector" else "landcover",
-            class_names=peer_class_names(v.get("class_names", v.get("names", {})), output_shape),
+            class_names=peer_class_names(v.get("class_names", v.get("names", {})), output_shape,
+                                         segmentor=kind == "Segmentor"),
             class_colors=[], band_count=bands, resolution_m=float(v.get("resolution", 10)) / 100.0,
             tile_size=tile, tile_overlap=int(tile * percent / 100) // 2,  # as they split it: half a side
             mean=mean, std=[float(x) for x in v.get("standardization_std", [])],

@@ -82,7 +82,7 @@ class ModelInfo:
             "standardization_mean": self.mean,
             "standardization_std": self.std,
             "seg_thresh": 0.0,  # a softmax's argmax, as ours (their 0.5 left most pixels without a class)
-            "seg_small_segment": 0,
+            "seg_small_segment": 1 if self.task in ("landcover", "buildings") else 0,  # see peer_export.py
         }
         ours = {f"landcover.{k}": json.dumps(v) for k, v in asdict(self).items() if k not in PEER_ONLY}
         return {**{k: json.dumps(v) for k, v in peers.items()}, **ours}

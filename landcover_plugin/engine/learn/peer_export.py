@@ -7,15 +7,17 @@ standardization_mean/std, so our scaling and standardisation come first in the g
 a trees model's crown probability p becomes two classes [background 1 - p, crown p]
 (with seg_thresh = our crown threshold: crown exactly where ours is, for thresholds
 from 0.5). Land cover and buildings keep their softmax, with seg_thresh 0: the argmax,
-as ours. Chip classification has no counterpart in either tool: none is written.
+as ours, and GeoDeep's sieve set to ours. Chip classification has no counterpart in either tool: none is written.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 
+from ..vector.vectorize import MIN_REGION_PIXELS
 from .model_package import PEER_ONNX_NAME, ModelInfo
 
 PEER_TASKS = ("landcover", "buildings", "trees")
@@ -34,7 +36,9 @@ def peer_metadata(info: ModelInfo) -> dict[str, str]:
         "standardization_mean": [0.0] * info.band_count,  # done in the graph
         "standardization_std": [1.0] * info.band_count,
         "seg_thresh": info.threshold if trees else 0.0,
-        "seg_small_segment": 0,  # no sieve: ours has none
+        # GeoDeep sieves regions under (2 s)² px (Deepness median-filters s px: nothing at 1): our
+        # land-cover sieve of MIN_REGION_PIXELS (4 px, as GDAL's, 4-connected) is s = 1; crowns none.
+        "seg_small_segment": 0 if trees else round(math.sqrt(MIN_REGION_PIXELS) / 2),
     }.items()}
 
 

@@ -54,7 +54,7 @@ TASK_TEXT = {"trees": "tree crowns and centres", "landcover": "land-cover classe
 RUNS_IN = {
     "trees": "landcover: model.onnx (crowns, tree points, health, orchard). Deepness and GeoDeep: "
              "model-peers.onnx, a crown/background Segmentor (crown polygons only, no tree points). "
-             "Deepness also opens model.onnx as a Regressor: the crown-probability and centre-heatmap rasters.",
+             "Deepness also opens model.onnx as a Regressor: the crown-probability raster.",
     "other": "landcover: model.onnx. Deepness and GeoDeep: model-peers.onnx, a Segmentor with the same "
              "classes (GeoDeep reads RGB only: 3-band models). Deepness also runs model.onnx.",
     "classification": "landcover only: neither Deepness nor GeoDeep runs chip classifiers.",

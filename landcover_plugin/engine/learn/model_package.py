@@ -36,7 +36,7 @@ ONNX_NAME = "model.onnx"
 KERAS_NAME = "model.keras"
 PEER_ONNX_NAME = "model-peers.onnx"  # the model as Deepness and GeoDeep run it (learn/peer_export.py)
 # How the peers run each of our tasks' model.onnx (their model_type vocabulary): a trees
-# model's channels are probability maps, which Deepness shows as a Regressor's rasters.
+# model's channel 0 is the crown probability, which Deepness shows as a Regressor's raster.
 PEER_MODEL_TYPE = {"landcover": "Segmentor", "buildings": "Segmentor", "trees": "Regressor"}
 PEER_TILES_OVERLAP = 5.0  # percent; GeoDeep's default when a model has none
 PEER_SEG_THRESH = 0.5  # GeoDeep's default

@@ -7,7 +7,8 @@ standardization_mean/std, so our scaling and standardisation come first in the g
 a trees model's crown probability p becomes two classes [background 1 - p, crown p]
 (with seg_thresh = our crown threshold: crown exactly where ours is, for thresholds
 from 0.5). Land cover and buildings keep their softmax, with seg_thresh 0: the argmax,
-as ours, and GeoDeep's sieve set to ours. Chip classification has no counterpart in either tool: none is written.
+as ours, and GeoDeep's sieve set to ours. Chip classification has no counterpart in
+either tool: none is written.
 """
 from __future__ import annotations
 

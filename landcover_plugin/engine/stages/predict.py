@@ -12,7 +12,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import rasterio
@@ -23,8 +23,9 @@ from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI
 from ..imagery.raster import open_raster
+from ..learn.detect import detect_trees
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
-                              open_session, predict_to_raster)
+                              open_session, plan_tiles, predict_to_raster)
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_from_points
@@ -94,12 +95,13 @@ def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "Predi
             reporter.progress("vectorize", n, len(plan), "blocks")
 
 
-def write_trees(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams", out: GpkgWriter,
+def write_trees(found: Iterable[list[TreeRow]], params: "PredictParams", out: GpkgWriter,
                 reporter: Reporter) -> dict:
-    """Crowns and trees written block by block as they are outlined, so that memory stays
-    flat with the area; then the orchard fitted to their points. Returns the summary."""
+    """Crowns and trees written block by block as they are found (outlined, or a detector's
+    boxes), so that memory stays flat with the area; then the orchard fitted to their
+    points. Returns the summary."""
     trees = TreeWriter(out)
-    for rows in tree_blocks(pred, src, window, info, params, reporter):
+    for rows in found:
         trees.add(rows)
     xy, area_m2, dead = trees.points()
     summary = {"crowns": trees.count, "canopy_m2": round(sum(area_m2.tolist()), 2), "dead": int(dead.sum())}
@@ -164,19 +166,24 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
             layers, tiles = classify_chips(session, src, info, window, aoi, reporter, params.batch_size)
             summary = {"chips": len(layers[0].rows),
                        "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
+        elif info.detector:  # a peer's detector: its boxes are the crowns, no prediction raster
+            plan = plan_tiles(int(window.height), int(window.width), info.tile_size, info.tile_overlap, aoi)
+            tiles = len(plan)
+            summary = write_trees(detect_trees(session, src, info, window, aoi, plan, params.batch_size,
+                                               params.health, reporter), params, out, reporter)
         else:
             pred = Path(tmp) / "prediction.tif"
             tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
             reporter.log("Vectorizing the predictions")
-        if info.task == "trees":
-            summary = write_trees(pred, src, window, info, params, out, reporter)
-        elif info.task != "classification":
-            layers = vectorize_landcover(pred, info, params.block_size, reporter)
-            summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
-                       "polygons": len(layers[0].rows)}
-            if info.task == "buildings":
-                layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
-                summary["buildings"] = len(layers[0].rows)
+            if info.task == "trees":
+                summary = write_trees(tree_blocks(pred, src, window, info, params, reporter), params, out, reporter)
+            else:
+                layers = vectorize_landcover(pred, info, params.block_size, reporter)
+                summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
+                           "polygons": len(layers[0].rows)}
+                if info.task == "buildings":
+                    layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
+                    summary["buildings"] = len(layers[0].rows)
         for layer in layers:
             out.write(layer)
         h = params.health

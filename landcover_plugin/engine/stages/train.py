@@ -29,6 +29,7 @@ from ..learn.fit import (PATIENCE, augmented, batched, checkpointer, device_name
 from ..learn.losses import check_labels, class_weights, make_loss, make_metric, val_metrics
 from ..learn.model_card import CURVES_NAME, model_card, plot_curves
 from ..learn.model_package import KERAS_NAME, ONNX_NAME, ModelInfo, write_metadata
+from ..learn.peer_export import write_peer_model
 
 LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-3, 1e-4
 
@@ -216,6 +217,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
         export_onnx(model, tmp / ONNX_NAME, tile, bands)
         write_metadata(tmp / ONNX_NAME, info)
         summary["onnx_max_diff"] = check_onnx(tmp / ONNX_NAME, model, x_val[:1])
+        write_peer_model(tmp / ONNX_NAME, info, tmp)  # model-peers.onnx: for Deepness and GeoDeep
         plot_curves(state.history, tmp / CURVES_NAME)
         (tmp / "train_config.json").write_text(json.dumps(config, indent=1))
         (tmp / "MODEL_CARD.md").write_text(model_card(info, manifest, summary, params))

@@ -11,6 +11,7 @@ class HostDialog(QDialog):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Add a GPU host")
+        self.setMinimumWidth(480)  # the destination examples readable
         form = QFormLayout(self)
         intro = QLabel("A machine you reach with ssh (a lab GPU workstation, a cloud GPU machine, a cluster's "
                        "login node). Your ssh config, agent and known hosts apply; keys only, no passwords. "

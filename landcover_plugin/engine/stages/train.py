@@ -154,7 +154,9 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     dead = task == "trees" and "dead" in class_names
     norm = manifest.norm
     if params.base:
-        model, base_info = load_base(params.base, manifest, task)
+        model, base_info, from_onnx = load_base(params.base, manifest, task)
+        if from_onnx:
+            reporter.log(f"fine-tuning {params.base}: weights taken from its ONNX file")
         rate = params.learning_rate or FINE_TUNE_LEARNING_RATE
         # Keep the base's input normalisation: its weights expect it.
         norm = {"input_scale": base_info.input_scale, "mean": base_info.mean, "std": base_info.std}
@@ -171,6 +173,10 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     scaled = replace(manifest, **norm)  # the base model's normalisation when fine-tuning
     x_train, y_train = load_chips(params.dataset, scaled, "train")
     x_val, y_val = load_chips(params.dataset, scaled, "val")
+    if params.base and from_onnx:
+        from ..learn.onnx_weights import calibrate_batchnorm
+
+        calibrate_batchnorm(model, x_train[:16])
     if task == "classification":  # one label per chip instead of the mask
         y_train, y_val = chip_labels(manifest, "train"), chip_labels(manifest, "val")
     check_labels(task, class_names, y_train, centres_only)

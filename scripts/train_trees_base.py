@@ -37,7 +37,7 @@ from landcover_plugin.engine.learn.model_package import read_info, write_metadat
 from landcover_plugin.engine.learn.peer_export import write_peer_model  # noqa: E402
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset  # noqa: E402
 from landcover_plugin.engine.stages.train import TrainParams, train  # noqa: E402
-from landcover_plugin.engine.vector.crown_metrics import CrownScore, crown_boxes, match_boxes  # noqa: E402
+from landcover_plugin.engine.vector.crown_metrics import CrownScore, score_post, tune_post  # noqa: E402
 
 DATA = ROOT / "data" / "deepforest"
 WORK = ROOT / "data" / "trees-base"
@@ -46,7 +46,6 @@ IMAGES = {"OSBS_029": ("OSBS_029.tif", "OSBS_029.csv"),
                                   "2019_YELL_2_541000_4977000_image_crop.xml"),
           "SOAP_061": ("SOAP_061.png", "SOAP_061.xml")}
 RESOLUTION = 0.1
-POST_GRID = {"threshold": [0.3, 0.5, 0.7], "seed_distance_m": [0.5, 1.0, 2.0], "min_crown_m2": [0.5, 2.0, 4.0]}
 
 
 def voc_boxes(xml: Path) -> list[tuple[float, float, float, float]]:
@@ -141,24 +140,13 @@ def predict_image(model_dir: Path, tif: Path) -> tuple[np.ndarray, np.ndarray]:
 def score(prediction: tuple[np.ndarray, np.ndarray], boxes: list, post: dict) -> CrownScore:
     """Crown boxes from a prediction, matched one-to-one to the annotated boxes at IoU 0.4."""
     values, valid = prediction
-    pred = crown_boxes(values[0], values[1], post["threshold"], seed_radius_px=round(post["seed_distance_m"] / RESOLUTION),
-                       min_pixels=round(post["min_crown_m2"] / RESOLUTION**2), valid=valid)
-    return match_boxes(pred, boxes)
+    return score_post((values[0], values[1], valid), boxes, post, RESOLUTION)
 
 
 def tune(predictions: list, boxes: list[list]) -> dict:
-    """The crown post-processing (threshold, seed distance, smallest crown) with the best
-    pooled F1 on the given (training) images: never on the held-out one."""
-    best = None
-    for post in ({"threshold": t, "seed_distance_m": d, "min_crown_m2": a}
-                 for t in POST_GRID["threshold"] for d in POST_GRID["seed_distance_m"]
-                 for a in POST_GRID["min_crown_m2"]):
-        total = CrownScore()
-        for prediction, b in zip(predictions, boxes):
-            total = total.add(score(prediction, b, post))
-        if best is None or total.f1 > best[0]:
-            best = (total.f1, post)
-    return best[1]
+    """The crown post-processing with the best pooled F1 on the given (training) images:
+    never on the held-out one."""
+    return tune_post([(v[0], v[1], valid) for v, valid in predictions], boxes, RESOLUTION)[0]
 
 
 def fit(args, dataset: Path, out: Path, reporter: Reporter, seed: int = 0) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from landcover_plugin.engine.vector.crown_metrics import box_iou, crown_boxes, match_boxes, truth_boxes_from_mask
+from landcover_plugin.engine.vector.crown_metrics import (box_iou, crown_boxes, match_boxes, truth_boxes_from_mask,
+                                                          score_post, tune_post)
 
 
 def test_one_to_one_matching_at_iou_04():
@@ -34,3 +35,22 @@ def test_touching_crowns_are_split_at_their_centres():
     # The same crowns as a model would output them: probability and heatmap.
     prob, heat = (mask[0] == 1).astype(np.float32), mask[1] / 255.0
     assert match_boxes(crown_boxes(prob, heat, seed_radius_px=3, min_pixels=5), boxes).tp == 2
+
+
+def test_post_processing_is_tuned_to_the_crowns_given():
+    """Two 1.2 m crowns on a faint 0.4 haze that joins them: a threshold below the haze
+    merges them into one box; the tuning finds one above it, and both crowns."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    prob = np.full((64, 64), 0.4, np.float32)
+    heat = np.zeros((64, 64), np.float32)
+    truth = []
+    for cx, cy in ((20, 32), (44, 32)):
+        disk = (xx - cx) ** 2 + (yy - cy) ** 2 <= 36
+        prob[disk] = 0.9
+        heat = np.maximum(heat, np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / 8.0))
+        truth.append((cx - 6.0, cy - 6.0, cx + 7.0, cy + 7.0))
+    post, score = tune_post([(prob, heat, None)], [truth], resolution_m=0.2)
+    assert post["threshold"] >= 0.5 and score.f1 == 1.0
+    haze = score_post((prob, heat, None), truth, {**post, "threshold": 0.3}, resolution_m=0.2)
+    assert haze.f1 < 1.0  # below the haze the crowns come out wrong: the threshold matters here
+

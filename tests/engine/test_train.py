@@ -138,6 +138,12 @@ def test_trees_model_package(trees_model, trees_dataset):
     assert info.class_names == ["crown"]
     assert ((got >= 0) & (got <= 1)).all()  # sigmoid crown and heatmap
     assert "val_crown_iou" in result.summary
+    # The crown post-processing chosen on the validation crowns travels in the model.
+    from landcover_plugin.engine.vector.crown_metrics import POST_GRID
+
+    assert (info.threshold, info.seed_distance_m, info.min_crown_m2) == \
+        (result.summary["threshold"], result.summary["seed_distance_m"], result.summary["min_crown_m2"])
+    assert info.threshold in POST_GRID["threshold"] and 0 <= result.summary["val_crown_f1_tuned"] <= 1
 
 
 def test_landcover_model_package(landcover_model, landcover_dataset):

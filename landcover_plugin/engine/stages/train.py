@@ -97,6 +97,20 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
             "encoder": params.encoder, "encoder_weights": str(params.encoder_weights)}
 
 
+def _tuned_post(y_val, val_pred, resolution_m: float) -> dict:
+    """The crown post-processing (threshold, seed distance, smallest crown) with the best
+    crown F1 on the validation chips, stored in the model; {} without validation crowns."""
+    from ...contract.names import IGNORE
+    from ..vector.crown_metrics import truth_boxes_from_mask, tune_post
+
+    truths = [truth_boxes_from_mask(y.transpose(2, 0, 1)) for y in y_val]
+    if not any(truths):
+        return {}
+    post, score = tune_post([(p[..., 0], p[..., 1], y[..., 0] != IGNORE) for p, y in zip(val_pred, y_val)],
+                            truths, resolution_m)
+    return {**post, "val_crown_f1_tuned": score.f1}
+
+
 def can_resume(params: TrainParams) -> bool:
     """Whether an interrupted run of these very options left its checkpoint, so that
     `--resume` goes on from it (`landcover run` asks; train refuses another run's)."""
@@ -207,12 +221,15 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {state.epoch} epochs")
     model.load_weights(ckpt / BEST)  # early stopping keeps the best epoch's weights
     val_loss = float(model.evaluate(val_data, verbose=0)[0])
-    metrics = {"val_loss": val_loss, **val_metrics(task, y_val, predict_eagerly(model, x_val, batch_size))}
+    val_pred = predict_eagerly(model, x_val, batch_size)
+    metrics = {"val_loss": val_loss, **val_metrics(task, y_val, val_pred)}
+    post = _tuned_post(y_val, val_pred, manifest.resolution_m) if task == "trees" and not centres_only else {}
     info = ModelInfo(task=task, class_names=class_names, class_colors=manifest.class_colors,
                      band_count=bands, resolution_m=manifest.resolution_m, tile_size=tile,
                      tile_overlap=0 if task == "classification" else tile // 8, **norm,
-                     dataset=Path(params.dataset).resolve().name, metrics=metrics, dataset_hash=manifest_hash)
-    summary = {"epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, "device": device,
+                     dataset=Path(params.dataset).resolve().name, metrics=metrics, dataset_hash=manifest_hash,
+                     **{k: v for k, v in post.items() if k in ModelInfo.__dataclass_fields__})
+    summary = {"epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, **post, "device": device,
                "parameters": model.count_params(), "batch_size": batch_size, "learning_rate": rate}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.__dict__.items()} | {"batch_size": batch_size}
     with atomic_output(params.out, directory=True) as tmp:

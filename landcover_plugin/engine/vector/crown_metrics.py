@@ -94,3 +94,32 @@ def _label_boxes(trees: np.ndarray, min_pixels: int) -> list[Box]:
             continue
         boxes.append((float(slc[1].start), float(slc[0].start), float(slc[1].stop), float(slc[0].stop)))
     return boxes
+
+
+# The crown post-processing a model carries (ModelInfo threshold, seed_distance_m,
+# min_crown_m2), chosen on held-out crowns after each training.
+POST_GRID = {"threshold": [0.3, 0.5, 0.7], "seed_distance_m": [0.5, 1.0, 2.0], "min_crown_m2": [0.5, 2.0, 4.0]}
+Prediction = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # crown probability, heatmap, valid mask
+
+
+def score_post(prediction: Prediction, truth: list[Box], post: dict, resolution_m: float) -> CrownScore:
+    """Crown boxes decoded with the post-processing `post`, matched to the annotated boxes."""
+    prob, heat, valid = prediction
+    pred = crown_boxes(prob, heat, post["threshold"], seed_radius_px=max(1, round(post["seed_distance_m"] / resolution_m)),
+                       min_pixels=max(1, round(post["min_crown_m2"] / resolution_m**2)), valid=valid)
+    return match_boxes(pred, truth)
+
+
+def tune_post(predictions: list[Prediction], truths: list[list[Box]], resolution_m: float) -> tuple[dict, CrownScore]:
+    """The post-processing of POST_GRID with the best pooled F1 on these crowns, and its score
+    (ties: the first, i.e. the lower threshold and the smaller distances)."""
+    best: tuple[dict, CrownScore] | None = None
+    for post in ({"threshold": t, "seed_distance_m": d, "min_crown_m2": a} for t in POST_GRID["threshold"]
+                 for d in POST_GRID["seed_distance_m"] for a in POST_GRID["min_crown_m2"]):
+        total = CrownScore()
+        for prediction, truth in zip(predictions, truths):
+            total = total.add(score_post(prediction, truth, post, resolution_m))
+        if best is None or total.f1 > best[1].f1:
+            best = (post, total)
+    return best
+

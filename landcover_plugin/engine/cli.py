@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASK_IDS, default="landcover",
                    help="buildings: any polygons are buildings, the rest background; classification: "
                    "one class per chip, the majority of its labelled pixels (default landcover)")
-    p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
+    p.add_argument("--chip-size", type=int, help="chip size in pixels (default: from the scene and the labels' size)")
     p.add_argument("--val-share", type=number, default=0.25, help="share of spatial blocks for validation")
     p.add_argument("--preset", help="preset the labels were made with: fixes classes, colours, overlap priority")
     p.add_argument("--complete", action="store_true",

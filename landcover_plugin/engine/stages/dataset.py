@@ -84,6 +84,7 @@ class DatasetParams:
     where: str | None = None  # --where: SQL condition on the source's catalog
     class_map: dict[str, str] | None = None  # label value -> class name (e.g. codes -> names)
     crown_radius_m: float = 2.0  # tree positions (points): the crown radius their heatmap assumes
+    seed: int = 0  # draws the validation split (another seed, other validation polygons or blocks)
 
 
 def class_color(name: str) -> str:
@@ -150,13 +151,13 @@ def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
         # (GDAL's default grows to 5% of the RAM).
         with rasterio.Env(GDAL_CACHEMAX=CACHE_MB), open_raster(params.imagery) as src:
             _check_coverage(labels, src, reporter)
-            splits = polygon_split(labels.geometries, labels.classes, params.val_share) if by_polygon(params) else None
+            splits = polygon_split(labels.geometries, labels.classes, params.val_share, params.seed) if by_polygon(params) else None
             chips, meta = _write_chips(src, labels, params, class_names, values, priorities, work, reporter, splits)
             imagery_date = src.tags().get("TIFFTAG_DATETIME", "")
         if by_polygon(params):
             how = "by polygon: each class's separate polygons go whole to train or validation"
         else:
-            split, how = split_cells([tuple(c["cell"]) for c in chips], params.val_share)
+            split, how = split_cells([tuple(c["cell"]) for c in chips], params.val_share, params.seed)
             for chip in chips:
                 chip["split"] = split[tuple(chip["cell"])]
         reporter.log(f"validation split: {how}")
@@ -284,18 +285,26 @@ def touching_groups(geoms: list) -> list[int]:
 
 
 def polygon_split(geoms: list, classes: list[str], val_share: float, seed: int = 0) -> list[str]:
-    """"train" or "val" per label: per class, a share of its separate polygons (whole, with those
-    touching them) goes to validation, never all of them; a class of one polygon trains only."""
+    """"train" or "val" per label: per class, separate polygons (whole, with those touching them)
+    taken in a seeded random order go to validation until they hold `val_share` of the class's area,
+    never all of them; a class of one polygon trains only."""
     import random
 
     rng = random.Random(seed)
     groups = touching_groups(geoms)
     split = ["train"] * len(geoms)
     for name in sorted(set(classes)):
-        ids = sorted({groups[i] for i, c in enumerate(classes) if c == name})
-        if len(ids) < 2:
-            continue
-        val = set(rng.sample(ids, min(len(ids) - 1, max(1, round(val_share * len(ids))))))
+        area: dict[int, float] = {}
+        for i, c in enumerate(classes):
+            if c == name:
+                area[groups[i]] = area.get(groups[i], 0.0) + geoms[i].area
+        ids = sorted(area)
+        rng.shuffle(ids)
+        val: set[int] = set()
+        for g in ids[:-1]:  # the last one always trains
+            if sum(area[v] for v in val) >= val_share * sum(area.values()):
+                break
+            val.add(g)
         for i, c in enumerate(classes):
             if c == name and groups[i] in val:
                 split[i] = "val"

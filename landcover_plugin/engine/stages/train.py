@@ -188,6 +188,11 @@ def train_forest(params: TrainParams, manifest: Manifest, reporter: Reporter) ->
 
     check_out_path(params.out, directory=True, inputs=[params.dataset])
     roles = rf.parse_roles(params.bands, manifest.band_count)
+    if not rf.index_names(roles):
+        reporter.log("forest: no spectral indices (NDVI, NDWI, NDBI): give the band roles with --bands, e.g. "
+                     "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6" if manifest.band_count > 1 else
+                     "forest: no spectral indices on a one-band raster: the band and its neighbourhood only",
+                     level="warning")
     class_names = manifest.class_names
     x_train, y_train = load_chips(params.dataset, manifest, "train")
     x_val, y_val = load_chips(params.dataset, manifest, "val")

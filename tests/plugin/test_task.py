@@ -84,6 +84,11 @@ def test_summary_text_shows_the_results():
     assert summary_text({"tiles": 3, "zoom": 18}) == "zoom: 18"
     osm = {"predict": {"crowns": 2}, "attribution": "© OpenStreetMap contributors"}
     assert summary_text(osm) == "crowns: 2. Labels: © OpenStreetMap contributors"
+    land = {"train": {"val_accuracy": 0.8071, "family": "unet", "weakest_class": "water",
+                      "classes_not_learnt": ["agriculture"], "still_improving": True},
+            "predict": {"polygons": 1058}}
+    assert summary_text(land) == ("polygons: 1058. Validation accuracy 0.81 (unet), weakest class: water; "
+                                  "not learnt: agriculture; still improving at the last epoch: train longer")
 
 
 def osbs_spec(osbs_tif, osbs_csv, tmp_path) -> PipelineFile:

@@ -77,8 +77,9 @@ def _feature_nodes(band_count: int, mean: list[float], std: list[float], roles: 
     parts = [x]
     for name in index_names(roles):
         a, b = (roles[r] - 1 for r in INDICES[name])
-        nodes += [helper.make_node("Gather", ["lc_raw", const(f"lc_{name}_ia", [a], np.int64)], [f"lc_{name}_a"], axis=1),
-                  helper.make_node("Gather", ["lc_raw", const(f"lc_{name}_ib", [b], np.int64)], [f"lc_{name}_b"], axis=1),
+        ia, ib = const(f"lc_{name}_ia", [a], np.int64), const(f"lc_{name}_ib", [b], np.int64)
+        nodes += [helper.make_node("Gather", ["lc_raw", ia], [f"lc_{name}_a"], axis=1),
+                  helper.make_node("Gather", ["lc_raw", ib], [f"lc_{name}_b"], axis=1),
                   helper.make_node("Sub", [f"lc_{name}_a", f"lc_{name}_b"], [f"lc_{name}_num"]),
                   helper.make_node("Add", [f"lc_{name}_a", f"lc_{name}_b"], [f"lc_{name}_sum"]),
                   helper.make_node("Abs", [f"lc_{name}_sum"], [f"lc_{name}_abs"]),
@@ -111,8 +112,9 @@ def features_model(band_count: int, mean: list[float], std: list[float], roles: 
     from onnx import TensorProto, helper
 
     nodes, inits = _feature_nodes(band_count, mean, std, roles, "input", "features")
-    return _model(nodes, inits, [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["n", band_count, "h", "w"])],
-                  [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["n", None, "h", "w"])])
+    tensor = helper.make_tensor_value_info
+    return _model(nodes, inits, [tensor("input", TensorProto.FLOAT, ["n", band_count, "h", "w"])],
+                  [tensor("features", TensorProto.FLOAT, ["n", None, "h", "w"])])
 
 
 def compute_features(model, x_nhwc: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -173,9 +175,10 @@ def export_forest(forest, path: Path, band_count: int, n_classes: int, mean: lis
               helper.make_node("Concat", ["lc_nhw_dims", "lc_c"], ["lc_nhwc_shape"], axis=0),
               helper.make_node("Reshape", ["lc_class_probs", "lc_nhwc_shape"], ["lc_nhwc"]),
               helper.make_node("Transpose", ["lc_nhwc"], ["output"], perm=[0, 3, 1, 2])]
+    tensor = helper.make_tensor_value_info
     model = _model(nodes, inits + list(skl.graph.initializer),
-                   [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", band_count, "height", "width"])],
-                   [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", n_classes, "height", "width"])])
+                   [tensor("input", TensorProto.FLOAT, ["batch", band_count, "height", "width"])],
+                   [tensor("output", TensorProto.FLOAT, ["batch", n_classes, "height", "width"])])
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
 

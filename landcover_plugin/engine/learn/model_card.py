@@ -79,6 +79,7 @@ def model_card(info: ModelInfo, manifest: Manifest, summary: dict, params: Train
     classes = "\n".join(f"- {n} ({c})" for n, c in zip(info.class_names, info.class_colors))
     metrics = "\n".join(f"- {k}: {v:.4f}" for k, v in info.metrics.items())
     counts = {s: len(manifest.split(s)) for s in ("train", "val")}
+    split = manifest.extra.get("split", "by spatial blocks")
     how = f"fine-tuned from {params.base}" + (" (encoder frozen)" if params.freeze_encoder else "") \
         if params.base else "from scratch"
     if params.encoder != "unet" and not params.base:
@@ -99,7 +100,7 @@ def model_card(info: ModelInfo, manifest: Manifest, summary: dict, params: Train
 
 - Task: {info.task} ({TASK_TEXT.get(info.task, info.task)})
 - Data: dataset `{info.dataset}` (sha256 of dataset.json {info.dataset_hash[:16]}; {counts['train']} train / \
-{counts['val']} validation chips of {manifest.chip_size} px, split {manifest.extra.get('split', 'by spatial blocks')}); imagery \
+{counts['val']} validation chips of {manifest.chip_size} px, split {split}); imagery \
 `{Path(manifest.extra.get('imagery', '')).name}`, labels `{Path(manifest.extra.get('labels', '')).name}`
 - Input: {info.band_count} bands at {info.resolution_m:g} m/px, scaled by 1/{info.input_scale:g} then standardised
 - Training: {training}

@@ -151,7 +151,8 @@ def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
         # (GDAL's default grows to 5% of the RAM).
         with rasterio.Env(GDAL_CACHEMAX=CACHE_MB), open_raster(params.imagery) as src:
             _check_coverage(labels, src, reporter)
-            splits = polygon_split(labels.geometries, labels.classes, params.val_share, params.seed) if by_polygon(params) else None
+            splits = (polygon_split(labels.geometries, labels.classes, params.val_share, params.seed)
+                      if by_polygon(params) else None)
             chips, meta = _write_chips(src, labels, params, class_names, values, priorities, work, reporter, splits)
             imagery_date = src.tags().get("TIFFTAG_DATETIME", "")
         if by_polygon(params):
@@ -203,9 +204,7 @@ def _check(params: DatasetParams) -> None:
     if params.imagery is None or params.labels is None:
         raise EngineError("NO_INPUT", "A dataset needs imagery and labels (or --from another dataset).",
                           "Give --imagery RASTER --labels VECTOR, or --from DATASET --where SQL.")
-    if params.chip_size is None:
-        pass
-    elif params.chip_size < 32 or params.chip_size % 16:
+    if params.chip_size is not None and (params.chip_size < 32 or params.chip_size % 16):
         raise EngineError("BAD_CHIP_SIZE", f"Chip size {params.chip_size} is not a multiple of 16 (>= 32).",
                           "Use e.g. --chip-size 64, 128 or 256.")
     if params.chip_size is not None and params.chip_size > MAX_CHIP_SIZE:
@@ -315,7 +314,9 @@ def class_notes(class_names: list[str], chips: list[dict], labels: Labels) -> di
     """Why a class cannot be learnt (or validated): the message a user needs instead of a silent model."""
     def pixels(split: str) -> np.ndarray:
         of = [c for c in chips if c["split"] == split]
-        return np.sum([np.array(c["fractions"]) * c["pixels"] for c in of], axis=0) if of else np.zeros(len(class_names))
+        if not of:
+            return np.zeros(len(class_names))
+        return np.sum([np.array(c["fractions"]) * c["pixels"] for c in of], axis=0)
     train, val = pixels("train"), pixels("val")
     groups = touching_groups(labels.geometries)
     notes = {name: "is given only as points or lines: it cannot be learnt (land cover learns from areas); "

@@ -171,7 +171,8 @@ def _keep_best(params: TrainParams, manifest: Manifest, unet: StageResult, repor
     card = Path(params.out) / "MODEL_CARD.md"
     write_text_atomic(card, card.read_text() + f"""
 ## Model family
-`--family auto` trained both; kept **{winner}**: validation accuracy {scores[winner]:.4f} against {scores[loser]:.4f} for {loser} ({margin:+.4f}), on the same held-out polygons.
+`--family auto` trained both; kept **{winner}**: validation accuracy {scores[winner]:.4f} against \
+{scores[loser]:.4f} for {loser} ({margin:+.4f}), on the same held-out polygons.
 """)
     result = forest if winner == "forest" else unet
     return StageResult(outputs={"model": str(params.out), "onnx": str(Path(params.out) / ONNX_NAME)},
@@ -202,7 +203,8 @@ def train_forest(params: TrainParams, manifest: Manifest, reporter: Reporter) ->
     reporter.progress("train", 0, 2, "forest: features")
     features = rf.features_model(manifest.band_count, manifest.mean, manifest.std, roles)
     f, c = rf.training_pixels(rf.compute_features(features, x_train), y_train, params.seed)
-    reporter.log(f"forest: {len(c)} training pixels, features: {', '.join(rf.feature_names(manifest.band_count, roles))}")
+    names = rf.feature_names(manifest.band_count, roles)
+    reporter.log(f"forest: {len(c)} training pixels, features: {', '.join(names)}")
     reporter.progress("train", 1, 2, "forest: fitting")
     forest = rf.fit_forest(f, c, rf.ForestParams(seed=params.seed))
     seconds = time.perf_counter() - start

@@ -155,12 +155,14 @@ def _build_dataset(params: DatasetParams, reporter: Reporter) -> StageResult:
                       if by_polygon(params) else None)
             chips, meta = _write_chips(src, labels, params, class_names, values, priorities, work, reporter, splits)
             imagery_date = src.tags().get("TIFFTAG_DATETIME", "")
-        if by_polygon(params):
+        if splits is not None and any(c["split"] == "val" for c in chips):
             how = "by polygon: each class's separate polygons go whole to train or validation"
-        else:
+        else:  # no class with two separate polygons (all train, one chip per window): spatial blocks
             split, how = split_cells([tuple(c["cell"]) for c in chips], params.val_share, params.seed)
             for chip in chips:
                 chip["split"] = split[tuple(chip["cell"])]
+            if splits is not None:
+                how = f"no class has two separate polygons: {how}"
         reporter.log(f"validation split: {how}")
         for chip in chips:
             if params.task == "classification":
@@ -332,7 +334,8 @@ def class_notes(class_names: list[str], chips: list[dict], labels: Labels) -> di
             notes[name] = (f"cannot be learnt reliably: only {int(train[i])} training pixels (fewer than "
                            f"{MIN_CLASS_PIXELS}); draw larger or more polygons")
         elif separate < 2:
-            notes[name] = "has one polygon only: it is learnt but not validated; draw a second one apart from it"
+            notes[name] = ("has one polygon only: no polygon of its own can validate it; draw a second one "
+                           "apart from it")
         elif val[i] == 0:
             notes[name] = "has no validation pixels: it is learnt but not validated"
     return notes

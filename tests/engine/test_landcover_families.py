@@ -121,9 +121,9 @@ def test_forest_package_runs_like_the_unet(forest_model, default_ds, vrt, tmp_pa
     assert probs.shape == (3, 7, 32, 32)
     assert np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
     # the forest inside the ONNX file and its features computed for training agree
-    features = rf.compute_features(rf.features_model(6, manifest.mean, manifest.std,
-                                                     rf.parse_roles(LANDSAT_ROLES, 6)), x[:3])
-    assert features.shape[-1] == len(rf.feature_names(6, rf.parse_roles(LANDSAT_ROLES, 6))) == 21
+    roles = rf.parse_roles(LANDSAT_ROLES, 6)
+    (features,) = rf.feature_batches(rf.features_model(6, manifest.mean, manifest.std, roles), x[:3])
+    assert features.shape == (3, 32, 32, len(rf.feature_names(6, roles))) and features.shape[-1] == 21
     card = (out / "MODEL_CARD.md").read_text()
     assert "random forest" in card and "Confusion matrix" in card and "Weakest class" in card
     # the one predict path, on the VRT stack

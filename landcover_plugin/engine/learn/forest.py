@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -117,25 +118,30 @@ def features_model(band_count: int, mean: list[float], std: list[float], roles: 
                   [tensor("features", TensorProto.FLOAT, ["n", None, "h", "w"])])
 
 
-def compute_features(model, x_nhwc: np.ndarray, batch: int = 64) -> np.ndarray:
-    """Features (N, H, W, F) of normalised chips (N, H, W, B), by the ONNX feature graph."""
+def feature_batches(model, x_nhwc: np.ndarray, batch: int = 64) -> Iterator[np.ndarray]:
+    """Features (n, H, W, F) of normalised chips (N, H, W, B), batch by batch, by the ONNX feature graph."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    out = [session.run(None, {"input": np.ascontiguousarray(x_nhwc[i:i + batch].transpose(0, 3, 1, 2))})[0]
-           for i in range(0, len(x_nhwc), batch)]
-    return np.concatenate(out).transpose(0, 2, 3, 1)
+    for i in range(0, len(x_nhwc), batch):
+        yield session.run(None, {"input": np.ascontiguousarray(x_nhwc[i:i + batch].transpose(0, 3, 1, 2))})[0] \
+            .transpose(0, 2, 3, 1)
 
 
-def training_pixels(features: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The labelled pixels' features and classes, at most MAX_PIXELS of them (a seeded sample)."""
+def training_pixels(model, x_nhwc: np.ndarray, y: np.ndarray, seed: int, batch: int = 64
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Features and classes of the labelled pixels, about MAX_PIXELS of them at most (a seeded
+    sample drawn batch by batch: the features of every chip never sit in memory at once)."""
     labels = y[..., 0]
-    keep = labels != IGNORE
-    f, c = features[keep], labels[keep].astype(np.int64)
-    if len(c) > MAX_PIXELS:
-        pick = np.random.default_rng(seed).choice(len(c), MAX_PIXELS, replace=False)
-        f, c = f[pick], c[pick]
-    return f, c
+    share = min(1.0, MAX_PIXELS / max(int(np.sum(labels != IGNORE)), 1))
+    rng = np.random.default_rng(seed)
+    features, classes = [], []
+    for i, f in zip(range(0, len(x_nhwc), batch), feature_batches(model, x_nhwc, batch)):
+        part = labels[i:i + batch]
+        pick = (part != IGNORE) & (rng.random(part.shape) < share)
+        features.append(f[pick])
+        classes.append(part[pick].astype(np.int64))
+    return np.concatenate(features), np.concatenate(classes)
 
 
 def fit_forest(f: np.ndarray, c: np.ndarray, params: ForestParams):

@@ -202,7 +202,7 @@ def train_forest(params: TrainParams, manifest: Manifest, reporter: Reporter) ->
     start = time.perf_counter()
     reporter.progress("train", 0, 2, "forest: features")
     features = rf.features_model(manifest.band_count, manifest.mean, manifest.std, roles)
-    f, c = rf.training_pixels(rf.compute_features(features, x_train), y_train, params.seed)
+    f, c = rf.training_pixels(features, x_train, y_train, params.seed)
     names = rf.feature_names(manifest.band_count, roles)
     reporter.log(f"forest: {len(c)} training pixels, features: {', '.join(names)}")
     reporter.progress("train", 1, 2, "forest: fitting")
@@ -217,7 +217,7 @@ def train_forest(params: TrainParams, manifest: Manifest, reporter: Reporter) ->
         info = ModelInfo(task="landcover", class_names=class_names, class_colors=manifest.class_colors,
                          band_count=manifest.band_count, resolution_m=manifest.resolution_m, tile_size=tile,
                          tile_overlap=tile // 8, **manifest.norm, dataset=Path(params.dataset).resolve().name,
-                         metrics=metrics, dataset_hash=dataset_hash(params.dataset), nir_band=roles.get("nir"))
+                         metrics=metrics, dataset_hash=dataset_hash(params.dataset))
         write_metadata(tmp / ONNX_NAME, info)
         summary = {"family": "forest", **metrics, **class_scores(y_val, pred, class_names),
                    "classes_not_learnt": missing_classes(y_train, class_names), "training_pixels": len(c),

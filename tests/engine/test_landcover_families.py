@@ -71,6 +71,7 @@ def test_vrt_of_mixed_types_makes_chips_with_its_nodata(default_ds, vrt):
     with rasterio.open(vrt) as src:
         band7_nodata = int((src.read_masks(6) == 0).sum())
     assert band7_nodata > 0  # the sample's band 7 lacks data where the others have it
+    assert "band 6 of the imagery has no data on 22% of the scene" in warnings_of(default_ds[2])
     # A pixel without data in any band is neither labelled nor counted valid in the chips.
     for chip in manifest.chips:
         with rasterio.open(vrt) as src, rasterio.open(out / chip["image"]) as img, \

@@ -58,6 +58,7 @@ AUTO_CHIP_MAX = 256  # the largest chip the automatic size picks
 OVERLAP_WINDOWS = 2000  # land cover: fewer grid windows than this, and chips overlap by half (small scenes)
 MIN_CLASS_PIXELS = 50  # training pixels below which a class is reported as too small to learn
 MIN_LABEL_SHARE = 0.01  # labels covering less of the scene are reported
+GAP_SHARE = 0.01  # a band without data on more of the scene than this (where the others have it) is reported
 CACHE_MB = 64  # GDAL block cache while cutting chips
 # NLCD-like colours, matched by keyword in the (lower-case) class name.
 CLASS_COLORS = {
@@ -341,8 +342,31 @@ def class_notes(class_names: list[str], chips: list[dict], labels: Labels) -> di
     return notes
 
 
+def band_gaps(src, size: int = 512) -> dict[int, float]:
+    """Bands lacking data where every other band has it (a stack of separate files: Landsat's
+    band 7 may miss a third of the scene), as {band: share of the scene}; read decimated."""
+    from rasterio.enums import Resampling
+
+    if src.count < 2:
+        return {}
+    shape = (src.count, min(src.height, size), min(src.width, size))
+    valid = src.read_masks(out_shape=shape, resampling=Resampling.nearest) > 0
+    gaps = {}
+    for b in range(src.count):
+        others = np.delete(valid, b, axis=0).all(axis=0)
+        share = float(np.mean(others & ~valid[b]))
+        if share > GAP_SHARE:
+            gaps[b + 1] = share
+    return gaps
+
+
 def _check_coverage(labels: Labels, src, reporter: Reporter) -> None:
-    """Labels over less than 1% of the scene: say so (the map beyond them is extrapolated)."""
+    """Labels over less than 1% of the scene: say so (the map beyond them is extrapolated); and
+    a band without data where the others have it (those pixels are ignored, their labels lost)."""
+    for band, share in band_gaps(src).items():
+        reporter.log(f"band {band} of the imagery has no data on {100 * share:.0f}% of the scene where the other "
+                     "bands have data: those pixels are neither learnt nor mapped (a stack without that band keeps "
+                     "them)", level="warning")
     import shapely
     from shapely.geometry import box
 

@@ -23,7 +23,7 @@ from landcover_plugin.engine.learn.dataset_folder import Manifest, load_chips
 from landcover_plugin.engine.learn.model_package import read_info
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset, touching_groups
 from landcover_plugin.engine.stages.predict import PredictParams, predict
-from landcover_plugin.engine.stages.train import TrainParams, train
+from landcover_plugin.engine.stages.train import TrainParams, params_from_config, train
 
 LANDSAT_ROLES = "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6"  # TM/ETM+ bands 1-5 and 7
 
@@ -223,3 +223,13 @@ def test_forest_family_refuses_fine_tuning_and_unknown_families(default_ds, tmp_
         train(TrainParams(dataset=default_ds[0], out=tmp_path / "m", family="gbm"),
               Reporter(json_mode=True, out=io.StringIO()))
     assert err.value.code == "BAD_PARAMS" and "auto, unet, forest" in err.value.hint
+
+
+def test_band_roles_in_a_config_file_must_be_text(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("dataset: ds\nout: model\nfamily: forest\nbands: {red: 3, nir: 4}\n")
+    with pytest.raises(EngineError) as err:
+        params_from_config(config)
+    assert err.value.code == "BAD_CONFIG" and "bands" in err.value.message
+    config.write_text("dataset: ds\nout: model\nfamily: forest\nbands: red=3,nir=4\n")
+    assert params_from_config(config).bands == "red=3,nir=4"

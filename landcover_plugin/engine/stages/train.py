@@ -89,13 +89,14 @@ def params_from_config(path: Path | None, **overrides) -> TrainParams:
                           "Give --dataset and --out, or put them in the config file.")
     # A YAML value of the wrong kind ("epochs: ten") would fail deep in training.
     kinds = {"epochs": int, "batch_size": int, "seed": int, "patience": int, "width": int, "depth": int,
-             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool}
+             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool, "family": str, "bands": str}
     wrong = sorted(k for k, kind in kinds.items() if data.get(k) is not None
                    and (not isinstance(data[k], kind) or (kind is not bool and isinstance(data[k], bool))))
     if wrong:
         raise EngineError("BAD_CONFIG", f"Training option(s) {', '.join(wrong)} in {path} are not of the right kind.",
                           "Give whole numbers for epochs, batch_size, seed, patience, width and depth, a number "
-                          "for learning_rate and true/false for freeze_encoder and resume.")
+                          "for learning_rate, true/false for freeze_encoder and resume, and text for family and "
+                          "bands.")
     return TrainParams(**data)
 
 

@@ -47,6 +47,12 @@ def training_text(train: dict[str, Any]) -> str:
     return text
 
 
+def result_level(summary: dict[str, Any]):
+    """A warning, not a success, when the model lacks a class or was still improving."""
+    train = summary.get("train", {})
+    return Qgis.Warning if train.get("classes_not_learnt") or train.get("still_improving") else Qgis.Success
+
+
 def _log(message: str, level: str) -> None:
     QgsMessageLog.logMessage(message, LOG_TAG, _LEVELS.get(level, Qgis.Info))
 
@@ -83,8 +89,9 @@ class EngineTask(QgsTask):
 
     def finished(self, ok: bool) -> None:  # main thread
         if ok and self.result_event is not None:
-            text = summary_text(self.result_event.get("summary", {}))
-            self._push(f"{self.description()} done" + (f": {text}" if text else "."), Qgis.Success)
+            summary = self.result_event.get("summary", {})
+            text = summary_text(summary)
+            self._push(f"{self.description()} done" + (f": {text}" if text else "."), result_level(summary))
             if self.on_success:
                 self.on_success(self.result_event)
             return

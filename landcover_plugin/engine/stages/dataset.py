@@ -347,10 +347,13 @@ def band_gaps(src, size: int = 512) -> dict[int, float]:
     band 7 may miss a third of the scene), as {band: share of the scene}; read decimated."""
     from rasterio.enums import Resampling
 
+    from ..imagery.raster import reading
+
     if src.count < 2:
         return {}
     shape = (src.count, min(src.height, size), min(src.width, size))
-    valid = src.read_masks(out_shape=shape, resampling=Resampling.nearest) > 0
+    with reading(src.name):
+        valid = src.read_masks(out_shape=shape, resampling=Resampling.nearest) > 0
     gaps = {}
     for b in range(src.count):
         others = np.delete(valid, b, axis=0).all(axis=0)

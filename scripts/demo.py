@@ -80,6 +80,12 @@ def summary() -> str:
         rows = sorted(((f["properties"]["class"], f["properties"]["hectares"]) for f in stats), key=lambda r: -r[1])
     lines = ["", "Summary", f"  trees: {len(areas)} crowns found, total canopy {sum(areas):,.0f} m²"]
     lines += ["  land cover (hectares per class):"] + [f"    {c:<12} {ha:>10,.1f} ha" for c, ha in rows]
+    train = json.loads((WORK / "landcover" / ".train.done.json").read_text())["summary"]
+    scores = ", ".join(f"{f} {v:.3f}" for f, v in train.get("family_scores", {}).items())
+    lines += [f"  land-cover model: {train.get('family', 'unet')}, validation accuracy {train['val_accuracy']:.3f} "
+              f"on held-out polygons ({scores or 'one family'}), weakest class {train.get('weakest_class', '-')}, "
+              f"not learnt: {', '.join(train.get('classes_not_learnt', [])) or 'none'}",
+              "  (cross-validated scores of both families: make bench BENCH=families)"]
     lines += ["", f"Results in {OUT.relative_to(ROOT)}/: trees.gpkg (crowns, trees, missing_trees, orchard_blocks), "
               "landcover.gpkg (landcover, class_stats), map.png", "Open the GeoPackages in QGIS: the styles are stored inside them."]
     return "\n".join(lines)

@@ -25,11 +25,33 @@ def summary_text(summary: dict[str, Any]) -> str:
     main = summary.get("predict", summary)
     text = ", ".join(f"{k}: {_fmt(v)}" for k, v in main.items()
                      if k not in _QUIET | {"attribution"} and not isinstance(v, (dict, list)))
+    text += training_text(summary.get("train", {}))
     if summary.get("attribution"):  # labels from OSM: its licence asks for the credit where results show
         text += f"{'. ' if text else ''}Labels: {summary['attribution']}"
     if main.get("provider"):  # a GPU user sees whether it was used (onnxruntime falls back to the CPU silently)
         text += f" (model ran on {str(main['provider']).removesuffix('ExecutionProvider')})"
     return text
+
+
+def training_text(train: dict[str, Any]) -> str:
+    """How far to trust a land-cover model: its validation accuracy, the weakest class, the
+    classes it never learnt and whether it was still improving (the `train` stage's summary)."""
+    if "val_accuracy" not in train:
+        return ""
+    text = f". Validation accuracy {train['val_accuracy']:.2f}"
+    text += f" ({train['family']})" if train.get("family") else ""
+    text += f", weakest class: {train['weakest_class']}" if train.get("weakest_class") else ""
+    if train.get("classes_not_learnt"):
+        text += f"; not learnt: {', '.join(train['classes_not_learnt'])}"
+    if train.get("still_improving"):
+        text += "; still improving at the last epoch: train longer"
+    return text
+
+
+def result_level(summary: dict[str, Any]):
+    """A warning, not a success, when the model lacks a class or was still improving."""
+    train = summary.get("train", {})
+    return Qgis.Warning if train.get("classes_not_learnt") or train.get("still_improving") else Qgis.Success
 
 
 def _log(message: str, level: str) -> None:
@@ -71,8 +93,9 @@ class EngineTask(QgsTask):
 
     def finished(self, ok: bool) -> None:  # main thread
         if ok and self.result_event is not None:
-            text = summary_text(self.result_event.get("summary", {}))
-            self._push(f"{self.description()} done" + (f": {text}" if text else "."), Qgis.Success)
+            summary = self.result_event.get("summary", {})
+            text = summary_text(summary)
+            self._push(f"{self.description()} done" + (f": {text}" if text else "."), result_level(summary))
             if self.on_success:
                 self.on_success(self.result_event)
             return

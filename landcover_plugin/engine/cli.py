@@ -120,8 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=TASK_IDS, default="landcover",
                    help="buildings: any polygons are buildings, the rest background; classification: "
                    "one class per chip, the majority of its labelled pixels (default landcover)")
-    p.add_argument("--chip-size", type=int, default=128, help="chip size in pixels (default 128)")
-    p.add_argument("--val-share", type=number, default=0.25, help="share of spatial blocks for validation")
+    p.add_argument("--chip-size", type=int, help="chip size in pixels (default: from the scene and the labels' size)")
+    p.add_argument("--val-share", type=number, default=0.25,
+                   help="share of each class's polygons (land cover) or of spatial blocks for validation")
+    p.add_argument("--seed", type=int, default=0, help="draws the validation split (default 0)")
     p.add_argument("--preset", help="preset the labels were made with: fixes classes, colours, overlap priority")
     p.add_argument("--complete", action="store_true",
                    help="the labels map the area completely: unlabelled pixels are background (else ignored)")
@@ -157,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "data/imagenet/mobilenet_v2-b0353104.pth); nothing is downloaded")
     p.add_argument("--resume", action="store_true", default=None,
                    help="go on from the checkpoint an interrupted run left beside --out")
+    p.add_argument("--family", choices=("auto", "unet", "forest"),
+                   help="model family: unet, forest (random forest over bands, indices and neighbourhood "
+                   "statistics; land cover) or auto (default: land cover trains both and keeps the better on "
+                   "the validation polygons; other tasks unet)")
+    p.add_argument("--bands", metavar="ROLE=BAND,...",
+                   help="band roles for the forest's spectral indices (NDVI, NDWI, NDBI), e.g. "
+                   "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6 (roles: blue green red nir swir1 swir2)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="model folder to write (or in --config)")
     p.add_argument("--remote", metavar="HOST", help="train on this ssh host (set up with `landcover remote "
@@ -309,14 +318,14 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
                                            preset=args.preset, complete=args.complete, offset=_offset(args.offset),
                                            background_ratio=args.background_ratio, source=args.source,
                                            where=args.where, class_map=parse_class_map(args.class_map),
-                                           crown_radius_m=args.crown_radius),
+                                           crown_radius_m=args.crown_radius, seed=args.seed),
                              reporter)
     if args.command == "train":
         from .stages.train import params_from_config, train
 
         options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
                                                  "learning_rate", "freeze_encoder", "resume", "encoder",
-                                                 "encoder_weights")}
+                                                 "encoder_weights", "family", "bands")}
         if not args.config and (args.dataset is None or args.out is None):
             raise EngineError("BAD_PARAMS", "train needs --dataset and --out.",
                               "Give both, or a --config file that names them.")

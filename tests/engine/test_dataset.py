@@ -33,13 +33,17 @@ def run(params: DatasetParams) -> tuple[dict, list[dict], dict]:
 
 
 def sample(dataset: Path, manifest: dict, x: float, y: float) -> tuple[dict, np.ndarray] | None:
-    """The chip holding map point (x, y) and the mask values there (one per band)."""
+    """The chip holding map point (x, y) and the mask values there (one per band); of a land-cover
+    window's train and val chips, the one labelled there."""
+    found = None
     for chip in manifest["chips"]:
         if box(*chip["bounds"]).contains(box(x, y, x, y).buffer(1e-6)):
             with rasterio.open(dataset / chip["mask"]) as src:
                 row, col = src.index(x, y)
-                return chip, src.read()[:, row, col]
-    return None
+                found = chip, src.read()[:, row, col]
+            if found[1][0] != IGNORE:
+                return found
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +122,34 @@ def test_landcover_mask_has_the_polygon_class_and_ignores_unlabelled(landcover_d
     assert unlabelled >= 1
 
 
-def test_block_split_keeps_train_and_val_apart(landcover_ds, trees_ds):
-    for _, manifest, _, _ in (landcover_ds, trees_ds):
-        train = [box(*c["bounds"]) for c in manifest["chips"] if c["split"] == "train"]
-        val = [box(*c["bounds"]) for c in manifest["chips"] if c["split"] == "val"]
-        assert train and val
-        # shapely: boxes sharing an edge or a corner intersect
-        assert not any(t.intersects(v) for t in train for v in val)
+def test_block_split_keeps_train_and_val_apart(trees_ds):
+    _, manifest, _, _ = trees_ds
+    train = [box(*c["bounds"]) for c in manifest["chips"] if c["split"] == "train"]
+    val = [box(*c["bounds"]) for c in manifest["chips"] if c["split"] == "val"]
+    assert train and val
+    # shapely: boxes sharing an edge or a corner intersect
+    assert not any(t.intersects(v) for t in train for v in val)
+
+
+def test_landcover_split_keeps_each_polygon_whole(landcover_ds, landsat_polygons):
+    """A polygon is labelled in train chips or in val chips, never both, and every class
+    with two or more separate polygons is in both splits (issue 16)."""
+    params, manifest, _, _ = landcover_ds
+    labels = read_labels(landsat_polygons, params.imagery, "landcover", "label")
+    seen: dict[str, set] = {}
+    for geom, name in zip(labels.geometries, labels.classes):
+        x, y = geom.representative_point().coords[0]
+        for chip in manifest["chips"]:
+            if box(*chip["bounds"]).contains(box(x, y, x, y).buffer(1e-6)):
+                with rasterio.open(params.out / chip["mask"]) as src:
+                    if src.read(1)[src.index(x, y)] != IGNORE:
+                        seen.setdefault(name, set()).add((id(geom), chip["split"]))
+    splits_of = {}
+    for name, pairs in seen.items():
+        for g, split in pairs:
+            splits_of.setdefault(g, set()).add(split)
+    assert splits_of and all(len(s) == 1 for s in splits_of.values())
+    assert "by polygon" in manifest["split"]
 
 
 def test_catalog_has_one_polygon_per_chip(landcover_ds):

@@ -65,7 +65,7 @@ def trees_model(trees_dataset, tmp_path_factory):
 def landcover_model(landcover_dataset, tmp_path_factory):
     reporter = quiet()
     out = tmp_path_factory.mktemp("models") / "landcover"
-    result = train(TrainParams(dataset=landcover_dataset, out=out, epochs=2, batch_size=4), reporter)
+    result = train(TrainParams(dataset=landcover_dataset, out=out, epochs=2, batch_size=4, family="unet"), reporter)
     return out, result, events_of(reporter)
 
 

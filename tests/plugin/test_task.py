@@ -10,7 +10,7 @@ from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
 from landcover_plugin.contract.pipeline_file import PipelineFile
 from landcover_plugin.contract.runner import EngineRun
 from landcover_plugin.core.layers import load_result_layers
-from landcover_plugin.core.task import EngineTask, summary_text
+from landcover_plugin.core.task import EngineTask, result_level, summary_text
 
 
 def _start(task: EngineTask) -> EngineTask:
@@ -84,6 +84,13 @@ def test_summary_text_shows_the_results():
     assert summary_text({"tiles": 3, "zoom": 18}) == "zoom: 18"
     osm = {"predict": {"crowns": 2}, "attribution": "© OpenStreetMap contributors"}
     assert summary_text(osm) == "crowns: 2. Labels: © OpenStreetMap contributors"
+    land = {"train": {"val_accuracy": 0.8071, "family": "unet", "weakest_class": "water",
+                      "classes_not_learnt": ["agriculture"], "still_improving": True},
+            "predict": {"polygons": 1058}}
+    assert summary_text(land) == ("polygons: 1058. Validation accuracy 0.81 (unet), weakest class: water; "
+                                  "not learnt: agriculture; still improving at the last epoch: train longer")
+    assert result_level(land) == Qgis.Warning
+    assert result_level({"train": {"val_accuracy": 0.9, "classes_not_learnt": []}}) == Qgis.Success
 
 
 def osbs_spec(osbs_tif, osbs_csv, tmp_path) -> PipelineFile:
@@ -117,4 +124,5 @@ def test_pipeline_task_adds_styled_layers(qgis_iface, qgis_new_project, engine_p
         assert layer.isValid() and QgsProject.instance().mapLayer(layer.id()) is layer
         assert_styled(layer, spec.out)
     assert progress and max(progress) == 100 and progress == sorted(progress)
-    assert any("crowns:" in m for m in bar.get_messages(Qgis.Success))
+    # a warning rather than a success when the 2-epoch model was still improving
+    assert any("crowns:" in m for m in bar.get_messages(Qgis.Success) + bar.get_messages(Qgis.Warning))

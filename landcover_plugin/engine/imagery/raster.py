@@ -5,6 +5,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import rasterio
 
 from ..atomic import atomic_output
@@ -18,6 +19,22 @@ def open_raster(path: Path | str):
     except rasterio.errors.RasterioIOError as exc:
         raise EngineError("BAD_IMAGERY", f"Cannot read imagery {path}: {exc}",
                           "Give a raster file GDAL can open (GeoTIFF, VRT, JPEG2000, ...).") from None
+
+
+def common_dtype(src, indexes: list[int]) -> str:
+    """The one data type that holds every band read (Float32 for a Float32 + Int16 stack)."""
+    return np.result_type(*(src.dtypes[i - 1] for i in indexes)).name
+
+
+def read_bands(src, indexes: list[int], **kwargs) -> np.ndarray:
+    """`src.read(indexes, **kwargs)` for any stack: rasterio refuses to read bands of
+    different data types together (a VRT of separate Landsat files mixes Float32 and
+    Int16), so those are read one by one into their common type."""
+    if len({src.dtypes[i - 1] for i in indexes}) == 1:
+        return src.read(indexes, **kwargs)
+    dtype = common_dtype(src, indexes)
+    bands = [src.read(i, out_dtype=dtype, **kwargs) for i in indexes]
+    return np.ma.stack(bands) if kwargs.get("masked") else np.stack(bands)
 
 
 @contextmanager

@@ -50,6 +50,7 @@ class Labels:
     repaired: int = 0  # invalid geometries repaired
     skipped: int = 0  # features without a usable polygon
     points: bool = False  # the geometries are tree positions (Points), not crowns or areas
+    no_area_classes: tuple[str, ...] = ()  # classes given only as points or lines: nothing to learn from
 
 
 def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = None,
@@ -98,8 +99,9 @@ def read_labels(path: Path, imagery: Path, task: str, class_field: str | None = 
     geoms, classes = [geoms[i] for i in inside], [classes[i] for i in inside]
     if priorities is not None:
         priorities = [priorities[i] for i in inside]
+    no_area = tuple(sorted(set(counts.get("no_area", ())) - set(classes)))
     return Labels(geoms, classes, sorted(set(classes)), crs_wkt, footprint, priorities, read_info(path),
-                  counts["repaired"], counts["skipped"], points)
+                  counts["repaired"], counts["skipped"], points, no_area)
 
 
 def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
@@ -126,8 +128,9 @@ def _read_vector(path: Path, crs_wkt: str, task: str, class_field: str | None
                     points.extend(getattr(geom, "geoms", [geom]))
                     continue
                 geom = _polygonal(geom, counts)
-                if geom is None:
-                    continue  # lines (and, for land cover, points) carry no area to learn from
+                if geom is None:  # lines (and, for land cover, points) carry no area to learn from
+                    counts.setdefault("no_area", set()).add(str(value))
+                    continue
                 geoms.append(geom)
                 classes.append(str(value))
                 priorities.append(int(feature["properties"].get("priority") or 0) if has_priority else 0)

@@ -28,7 +28,7 @@ from ...contract.names import NODATA, RESOLUTION_TOLERANCE
 from ..errors import EngineError
 from ..events import Reporter
 from ..imagery.aoi import AOI
-from ..imagery.raster import reading
+from ..imagery.raster import common_dtype, read_bands, reading
 from ..vector.vectorize import Layer, areas_m2, pixel_size_m
 from .model_package import ModelInfo
 
@@ -196,7 +196,7 @@ def sample_max(src, bands: int, grid: int = 4, size: int = 256) -> float:
         for c in cols:
             window = Window(c, r, min(size, src.width - c), min(size, src.height - r))
             with reading(src.name):
-                data = np.ma.masked_invalid(src.read(list(range(1, bands + 1)), window=window, masked=True))
+                data = np.ma.masked_invalid(read_bands(src, list(range(1, bands + 1)), window=window, masked=True))
             if data.count():
                 tops.append(float(data.max()))
     return max(tops, default=float("nan"))
@@ -234,7 +234,7 @@ def input_factor(dtype: str, top: float, scale: float) -> float:
 
 def fit_input_scale(src, info: ModelInfo, reporter: Reporter) -> ModelInfo:
     """The model's info with its input scale adapted to the imagery's value range (see input_factor)."""
-    dtype = src.dtypes[0]
+    dtype = common_dtype(src, list(range(1, info.band_count + 1)))
     top = 255.0 if dtype == "uint8" else sample_max(src, info.band_count)  # 8-bit: no need to read
     factor = input_factor(dtype, top, info.input_scale)
     if factor != 1.0:
@@ -278,14 +278,14 @@ def read_tile(src, window: Window, tile: Tile, bands: int) -> tuple[np.ndarray, 
     row, col = int(window.row_off) + tile.row, int(window.col_off) + tile.col
     r0, c0 = max(row, 0), max(col, 0)
     r1, c1 = min(row + tile.size, src.height), min(col + tile.size, src.width)
-    raw = np.zeros((bands, tile.size, tile.size), src.dtypes[0])
+    raw = np.zeros((bands, tile.size, tile.size), common_dtype(src, list(range(1, bands + 1))))
     ok = np.zeros((tile.size, tile.size), bool)
     if r1 > r0 and c1 > c0:
         part = Window(c0, r0, c1 - c0, r1 - r0)
         indexes = list(range(1, bands + 1))
         at = np.s_[r0 - row:r1 - row, c0 - col:c1 - col]
         with reading(src.name):
-            raw[(slice(None), *at)] = src.read(indexes, window=part)
+            raw[(slice(None), *at)] = read_bands(src, indexes, window=part)
             ok[at] = (src.read_masks(indexes, window=part) > 0).all(axis=0)  # nodata in any band
     return raw, ok
 

@@ -29,6 +29,12 @@ def check_labels(task: str, class_names: list[str], y: np.ndarray, centres_only:
                           "Annotate crowns inside the imagery and rebuild the dataset.")
 
 
+def missing_classes(y: np.ndarray, class_names: list[str]) -> list[str]:
+    """Land cover: the classes without a single training pixel (the model cannot predict them)."""
+    present = set(np.unique(y[..., 0][y[..., 0] != IGNORE]).astype(int).tolist())
+    return [name for i, name in enumerate(class_names) if i not in present]
+
+
 def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     """Inverse-frequency weights (mean 1, clipped to 0.1..10) so small classes count."""
     counts = np.bincount(y[y != IGNORE].astype(np.int64), minlength=n_classes)[:n_classes].astype(np.float64)
@@ -157,3 +163,23 @@ def val_metrics(task: str, y: np.ndarray, pred: np.ndarray) -> dict[str, float]:
         dead_truth, dead_guess = (y[..., 0] == 2)[truth], (pred[..., 2] >= 0.5)[truth]
         metrics["val_dead_accuracy"] = float(np.mean(dead_truth == dead_guess)) if truth.any() else 0.0
     return metrics
+
+
+def class_scores(y: np.ndarray, pred: np.ndarray, class_names: list[str]) -> dict:
+    """Land cover: the validation confusion matrix (rows truth, columns prediction, pixels) and
+    per-class precision, recall and F1; the weakest class is the lowest F1 among those validated."""
+    valid = y[..., 0] != IGNORE
+    n = len(class_names)
+    truth, guess = y[..., 0][valid].astype(np.int64), pred.argmax(-1)[valid]
+    confusion = np.bincount(truth * n + guess, minlength=n * n).reshape(n, n)
+    per_class = {}
+    for i, name in enumerate(class_names):
+        hit, truths, guesses = confusion[i, i], confusion[i].sum(), confusion[:, i].sum()
+        if not truths:
+            continue  # not in validation: nothing to score
+        precision, recall = (hit / guesses if guesses else 0.0), hit / truths
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": round(float(precision), 4), "recall": round(float(recall), 4),
+                           "f1": round(float(f1), 4), "pixels": int(truths)}
+    weakest = min(per_class, key=lambda k: per_class[k]["f1"]) if per_class else ""
+    return {"val_classes": per_class, "val_confusion": confusion.tolist(), "weakest_class": weakest}

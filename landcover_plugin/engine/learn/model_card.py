@@ -61,26 +61,59 @@ RUNS_IN = {
 }
 
 
+def scores_section(summary: dict, class_names: list[str]) -> str:
+    """Land cover: per-class scores, the confusion matrix and the classes not learnt, as Markdown."""
+    if "val_classes" not in summary:
+        return ""
+    rows = "\n".join(f"| {n} | {s['precision']:.3f} | {s['recall']:.3f} | {s['f1']:.3f} | {s['pixels']} |"
+                     for n, s in summary["val_classes"].items())
+    matrix = "\n".join(f"| {n} | " + " | ".join(str(v) for v in row) + " |"
+                       for n, row in zip(class_names, summary["val_confusion"]))
+    missing = ", ".join(summary.get("classes_not_learnt", [])) or "none"
+    return f"""
+### Per class (validation pixels)
+| class | precision | recall | F1 | pixels |
+|---|---|---|---|---|
+{rows}
+
+Weakest class: {summary['weakest_class'] or '-'}. Classes without training pixels (never predicted): {missing}.
+
+### Confusion matrix (rows: truth, columns: prediction, pixels)
+| | {' | '.join(class_names)} |
+|---|{'---|' * len(class_names)}
+{matrix}
+"""
+
+
 def model_card(info: ModelInfo, manifest: Manifest, summary: dict, params: TrainParams) -> str:
     classes = "\n".join(f"- {n} ({c})" for n, c in zip(info.class_names, info.class_colors))
     metrics = "\n".join(f"- {k}: {v:.4f}" for k, v in info.metrics.items())
     counts = {s: len(manifest.split(s)) for s in ("train", "val")}
+    split = manifest.extra.get("split", "by spatial blocks")
     how = f"fine-tuned from {params.base}" + (" (encoder frozen)" if params.freeze_encoder else "") \
         if params.base else "from scratch"
     if params.encoder != "unet" and not params.base:
         how = (f"{params.encoder} encoder from {Path(params.encoder_weights).name}"
                + (" (frozen)" if params.freeze_encoder else "") if params.encoder_weights
                else f"{params.encoder} encoder, random initialisation")
+    if summary.get("family") == "forest":
+        roles = ", ".join(f"{r}={b}" for r, b in summary["band_roles"].items()) or "none given (--bands)"
+        training = (f"random forest of {summary['trees']} trees on {summary['training_pixels']} labelled pixels "
+                    f"(bands, spectral indices, 5x5 neighbourhood mean and sd; band roles: {roles}), classes "
+                    f"weighted by their pixels, seed {params.seed}, {summary['fit_seconds']:g} s; options in "
+                    "train_config.json")
+    else:
+        training = (f"{summary['epochs']} epochs (best {summary['best_epoch']}), batch {summary['batch_size']}, "
+                    f"learning rate {summary['learning_rate']:g}, seed {params.seed}, {how}, on "
+                    f"{summary['device']}; curves in training_curves.png, options in train_config.json")
     return f"""# landcover model: {info.task}
 
 - Task: {info.task} ({TASK_TEXT.get(info.task, info.task)})
 - Data: dataset `{info.dataset}` (sha256 of dataset.json {info.dataset_hash[:16]}; {counts['train']} train / \
-{counts['val']} validation chips of {info.tile_size} px, spatial-block split); imagery \
+{counts['val']} validation chips of {manifest.chip_size} px, split {split}); imagery \
 `{Path(manifest.extra.get('imagery', '')).name}`, labels `{Path(manifest.extra.get('labels', '')).name}`
 - Input: {info.band_count} bands at {info.resolution_m:g} m/px, scaled by 1/{info.input_scale:g} then standardised
-- Training: {summary['epochs']} epochs (best {summary['best_epoch']}), batch {summary['batch_size']}, \
-learning rate {summary['learning_rate']:g}, seed {params.seed}, {how}, on {summary['device']}; \
-curves in training_curves.png, options in train_config.json
+- Training: {training}
 
 ## Where it runs
 {RUNS_IN.get(info.task, RUNS_IN["other"])}
@@ -90,7 +123,7 @@ curves in training_curves.png, options in train_config.json
 
 ## Validation metrics
 {metrics}
-
+{scores_section(summary, info.class_names)}
 ## Licences
 {LICENCES}
 """

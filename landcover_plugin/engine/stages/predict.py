@@ -22,7 +22,7 @@ from ..atomic import atomic_output, check_out_path, partial_prefix, remove_stale
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI
-from ..imagery.raster import open_raster
+from ..imagery.raster import open_raster, read_bands
 from ..learn.detect import detect_trees
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
                               open_session, plan_tiles, predict_to_raster)
@@ -89,7 +89,7 @@ def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "Predi
                 prob=data[0] / PROB_SCALE, heat=data[1] / PROB_SCALE, valid=data[0] != NODATA,
                 transform=ds.window_transform(win), core=np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0],
                 dead=data[2] / PROB_SCALE if data.shape[0] > 2 else None,
-                rgb=src.read([1, 2, 3], window=img).astype(np.float64) if rgb else None,
+                rgb=read_bands(src, [1, 2, 3], window=img).astype(np.float64) if rgb else None,
                 nir=src.read(nir, window=img).astype(np.float64) if nir else None)
             yield block_trees(block, ds.crs, tree_params)
             reporter.progress("vectorize", n, len(plan), "blocks")

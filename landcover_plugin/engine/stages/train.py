@@ -1,4 +1,9 @@
-"""Train a U-Net on a dataset folder and export it as an ONNX model package.
+"""Train a model on a dataset folder and export it as an ONNX model package.
+
+Families (`--family`): `unet` (Keras U-Net), `forest` (a random forest over per-pixel
+features, learn/forest.py, land cover only) and `auto`, the land-cover default: both are
+trained and the one with the better accuracy on the dataset's validation polygons is kept;
+the card and the summary say which won and by how much.
 
 The package folder holds model.onnx (metadata in metadata_props, see
 model_package.py), model.keras (to fine-tune from with --base) and
@@ -26,7 +31,8 @@ from ..learn.export import check_onnx, export_onnx
 from ..learn.fit import (PATIENCE, augmented, batched, checkpointer, device_name, fit_keeping_checkpoint,
                          freeze_encoder, load_base, max_batch_size, pick_batch_size, predict_eagerly,
                          progress_callback, use_mixed_precision)
-from ..learn.losses import check_labels, class_weights, make_loss, make_metric, val_metrics
+from ..learn.losses import (check_labels, class_scores, class_weights, make_loss, make_metric, missing_classes,
+                            val_metrics)
 from ..learn.model_card import CURVES_NAME, model_card, plot_curves
 from ..learn.model_package import KERAS_NAME, ONNX_NAME, ModelInfo, write_metadata
 from ..learn.peer_export import write_peer_model
@@ -53,6 +59,11 @@ class TrainParams:
     depth: int = 3  # U-Net poolings
     encoder: str = "unet"  # or "mobilenetv2" (Keras applications), see unet.py
     encoder_weights: Path | None = None  # local ImageNet weights file for the encoder (never downloaded)
+    family: str = "auto"  # one of FAMILIES
+    bands: str | None = None  # band roles for the forest's indices, e.g. "blue=1,green=2,red=3,nir=4,swir1=5"
+
+
+FAMILIES = ("auto", "unet", "forest")
 
 
 def params_from_config(path: Path | None, **overrides) -> TrainParams:
@@ -79,13 +90,14 @@ def params_from_config(path: Path | None, **overrides) -> TrainParams:
                           "Give --dataset and --out, or put them in the config file.")
     # A YAML value of the wrong kind ("epochs: ten") would fail deep in training.
     kinds = {"epochs": int, "batch_size": int, "seed": int, "patience": int, "width": int, "depth": int,
-             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool}
+             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool, "family": str, "bands": str}
     wrong = sorted(k for k, kind in kinds.items() if data.get(k) is not None
                    and (not isinstance(data[k], kind) or (kind is not bool and isinstance(data[k], bool))))
     if wrong:
         raise EngineError("BAD_CONFIG", f"Training option(s) {', '.join(wrong)} in {path} are not of the right kind.",
                           "Give whole numbers for epochs, batch_size, seed, patience, width and depth, a number "
-                          "for learning_rate and true/false for freeze_encoder and resume.")
+                          "for learning_rate, true/false for freeze_encoder and resume, and text for family and "
+                          "bands.")
     return TrainParams(**data)
 
 
@@ -130,6 +142,119 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if task not in TASK_IDS or task != manifest.task:
         raise EngineError("BAD_TASK", f"Cannot train a '{task}' model on a '{manifest.task}' dataset.",
                           f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASK_IDS)}).")
+    family = _family(params, task)
+    if family == "forest":
+        return train_forest(params, manifest, reporter)
+    result = train_unet(params, manifest, reporter)
+    return result if family == "unet" else _keep_best(params, manifest, result, reporter)
+
+
+def _family(params: TrainParams, task: str) -> str:
+    """The family to train: auto is both for land cover from scratch, the U-Net otherwise."""
+    if params.family not in FAMILIES:
+        raise EngineError("BAD_PARAMS", f"Unknown model family '{params.family}'.",
+                          f"Use --family {', '.join(FAMILIES)}.")
+    if params.family == "forest" and (task != "landcover" or params.base):
+        raise EngineError("BAD_PARAMS", "--family forest trains land-cover models from scratch only.",
+                          "Use --family unet (or leave --family out) for this task or with --base.")
+    if params.family == "auto":
+        return "auto" if task == "landcover" and not params.base else "unet"
+    return params.family
+
+
+def _keep_best(params: TrainParams, manifest: Manifest, unet: StageResult, reporter: Reporter) -> StageResult:
+    """--family auto: the forest is trained too, and the package of the better one (validation
+    accuracy on the held-out polygons) is kept at --out, its card saying by how much it won."""
+    import shutil
+
+    from ..atomic import write_text_atomic
+
+    side = Path(params.out).with_name(f".{Path(params.out).name}.forest")
+    try:
+        forest = train_forest(replace(params, out=side), manifest, reporter)
+        scores = {"unet": unet.summary["val_accuracy"], "forest": forest.summary["val_accuracy"]}
+        winner = max(scores, key=lambda f: (scores[f], f == "forest"))  # a tie: the smaller, faster model
+        if winner == "forest":
+            with atomic_output(params.out, directory=True) as tmp:
+                for f in side.iterdir():
+                    shutil.copy2(f, tmp / f.name)
+    finally:
+        shutil.rmtree(side, ignore_errors=True)
+    margin = abs(scores["unet"] - scores["forest"])
+    loser = "unet" if winner == "forest" else "forest"
+    reporter.log(f"model family: {winner} kept (validation accuracy {scores[winner]:.3f}, {loser} "
+                 f"{scores[loser]:.3f})")
+    card = Path(params.out) / "MODEL_CARD.md"
+    write_text_atomic(card, card.read_text() + f"""
+## Model family
+`--family auto` trained both; kept **{winner}**: validation accuracy {scores[winner]:.4f} against \
+{scores[loser]:.4f} for {loser} ({margin:+.4f}), on the same held-out polygons.
+""")
+    result = forest if winner == "forest" else unet
+    return StageResult(outputs={"model": str(params.out), "onnx": str(Path(params.out) / ONNX_NAME)},
+                       summary=result.summary | {"family": winner, "family_scores": scores,
+                                                 "family_margin": round(margin, 4)})
+
+
+def train_forest(params: TrainParams, manifest: Manifest, reporter: Reporter) -> StageResult:
+    """The random forest (learn/forest.py): features of the train chips' labelled pixels, fit,
+    export to ONNX, validation metrics from the exported model itself."""
+    import time
+
+    from ..learn import forest as rf
+
+    check_out_path(params.out, directory=True, inputs=[params.dataset])
+    roles = rf.parse_roles(params.bands, manifest.band_count)
+    if not rf.index_names(roles):
+        reporter.log("forest: no spectral indices (NDVI, NDWI, NDBI): give the band roles with --bands, e.g. "
+                     "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6" if manifest.band_count > 1 else
+                     "forest: no spectral indices on a one-band raster: the band and its neighbourhood only",
+                     level="warning")
+    class_names = manifest.class_names
+    x_train, y_train = load_chips(params.dataset, manifest, "train")
+    x_val, y_val = load_chips(params.dataset, manifest, "val")
+    check_labels("landcover", class_names, y_train)
+    _warn_missing(class_names, y_train, reporter)
+    start = time.perf_counter()
+    reporter.progress("train", 0, 2, "forest: features")
+    features = rf.features_model(manifest.band_count, manifest.mean, manifest.std, roles)
+    f, c = rf.training_pixels(features, x_train, y_train, params.seed)
+    names = rf.feature_names(manifest.band_count, roles)
+    reporter.log(f"forest: {len(c)} training pixels, features: {', '.join(names)}")
+    reporter.progress("train", 1, 2, "forest: fitting")
+    forest = rf.fit_forest(f, c, rf.ForestParams(seed=params.seed))
+    seconds = time.perf_counter() - start
+    with atomic_output(params.out, directory=True) as tmp:
+        rf.export_forest(forest, tmp / ONNX_NAME, manifest.band_count, len(class_names), manifest.mean,
+                         manifest.std, roles)
+        pred = rf.predict_onnx(tmp / ONNX_NAME, x_val)
+        metrics = val_metrics("landcover", y_val, pred)
+        tile = max(manifest.chip_size, rf.TILE)  # pixel features: any tile works, larger ones run faster
+        info = ModelInfo(task="landcover", class_names=class_names, class_colors=manifest.class_colors,
+                         band_count=manifest.band_count, resolution_m=manifest.resolution_m, tile_size=tile,
+                         tile_overlap=tile // 8, **manifest.norm, dataset=Path(params.dataset).resolve().name,
+                         metrics=metrics, dataset_hash=dataset_hash(params.dataset))
+        write_metadata(tmp / ONNX_NAME, info)
+        summary = {"family": "forest", **metrics, **class_scores(y_val, pred, class_names),
+                   "classes_not_learnt": missing_classes(y_train, class_names), "training_pixels": len(c),
+                   "trees": forest.n_estimators, "fit_seconds": round(seconds, 2), "band_roles": roles,
+                   "device": "cpu"}
+        config = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.__dict__.items()} | {"family": "forest"}
+        (tmp / "train_config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "MODEL_CARD.md").write_text(model_card(info, manifest, summary, params))
+    reporter.progress("train", 2, 2, "forest: done")
+    return StageResult(outputs={"model": str(params.out), "onnx": str(Path(params.out) / ONNX_NAME)},
+                       summary=summary)
+
+
+def _warn_missing(class_names: list[str], y_train, reporter: Reporter) -> None:
+    for name in missing_classes(y_train, class_names):
+        reporter.log(f"class '{name}' has no training pixels: the model cannot predict it (see the dataset's "
+                     "class_notes for why)", level="warning")
+
+
+def train_unet(params: TrainParams, manifest: Manifest, reporter: Reporter) -> StageResult:
+    task = params.task or manifest.task
     if params.epochs < 1 or params.batch_size < 0 or (params.learning_rate is not None
                                                       and not 0 < params.learning_rate < math.inf):
         raise EngineError("BAD_PARAMS", "Epochs must be at least 1, batch size at least 0 (0: automatic) and "
@@ -194,6 +319,8 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if task == "classification":  # one label per chip instead of the mask
         y_train, y_val = chip_labels(manifest, "train"), chip_labels(manifest, "val")
     check_labels(task, class_names, y_train, centres_only)
+    if task == "landcover":
+        _warn_missing(class_names, y_train, reporter)
     weights = class_weights(y_train, len(class_names)) if task != "trees" else None
     optimizer = keras.optimizers.Adam(rate)
     model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only), metrics=[make_metric(task)])
@@ -221,15 +348,22 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     reporter.progress("train", params.epochs * steps, params.epochs * steps, f"done after {state.epoch} epochs")
     model.load_weights(ckpt / BEST)  # early stopping keeps the best epoch's weights
     val_loss = float(model.evaluate(val_data, verbose=0)[0])
-    val_pred = predict_eagerly(model, x_val, batch_size)
-    metrics = {"val_loss": val_loss, **val_metrics(task, y_val, val_pred)}
-    post = _tuned_post(y_val, val_pred, manifest.resolution_m) if task == "trees" and not centres_only else {}
+    pred = predict_eagerly(model, x_val, batch_size)
+    metrics = {"val_loss": val_loss, **val_metrics(task, y_val, pred)}
+    scores = class_scores(y_val, pred, class_names) | {"classes_not_learnt": missing_classes(y_train, class_names)} \
+        if task == "landcover" else {}
+    post = _tuned_post(y_val, pred, manifest.resolution_m) if task == "trees" and not centres_only else {}
+    still_improving = not state.stopped_early and state.best_epoch == state.epoch
+    if still_improving:
+        reporter.log(f"validation loss was still improving at the last epoch ({state.epoch}): more epochs "
+                     "(--epochs) may give a better model", level="warning")
     info = ModelInfo(task=task, class_names=class_names, class_colors=manifest.class_colors,
                      band_count=bands, resolution_m=manifest.resolution_m, tile_size=tile,
                      tile_overlap=0 if task == "classification" else tile // 8, **norm,
                      dataset=Path(params.dataset).resolve().name, metrics=metrics, dataset_hash=manifest_hash,
                      **{k: v for k, v in post.items() if k in ModelInfo.__dataclass_fields__})
-    summary = {"epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, **post, "device": device,
+    summary = {"family": "unet", "epochs": state.epoch, "best_epoch": state.best_epoch, **metrics, **scores, **post,
+               "still_improving": still_improving, "device": device,
                "parameters": model.count_params(), "batch_size": batch_size, "learning_rate": rate}
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in params.__dict__.items()} | {"batch_size": batch_size}
     with atomic_output(params.out, directory=True) as tmp:

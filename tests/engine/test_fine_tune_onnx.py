@@ -3,7 +3,6 @@ model.keras), and any model of ours whose folder lost its Keras file."""
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import subprocess
 import sys

@@ -17,7 +17,6 @@ from rasterio.windows import Window
 from shapely.geometry import box, shape
 from shapely.ops import unary_union
 
-from landcover_plugin.engine.errors import EngineError
 from landcover_plugin.engine.events import Reporter
 from landcover_plugin.engine.learn.model_package import read_info
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset

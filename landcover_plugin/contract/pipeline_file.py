@@ -66,7 +66,7 @@ class PipelineFile:
     model: Path | str | None = None  # or predict with an existing model (a path, or a shipped model's name)
     epochs: int = 20
     batch_size: int = 8
-    chip_size: int = 128  # written under train:, used by the dataset stage
+    chip_size: int | None = None  # written under train:, used by the dataset stage (None: from the labels)
     seed: int = 0
     remote: str | None = None  # train on this ssh host (`landcover remote setup HOST`)
     ssh_config: Path | None = None  # ... with this ssh config instead of ~/.ssh/config

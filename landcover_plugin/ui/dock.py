@@ -13,8 +13,8 @@ from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsGeometry
                        QgsRectangle, QgsSettings, QgsWkbTypes)
 from qgis.gui import (QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox,
                       QgsMapToolExtent, QgsRubberBand)
-from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtGui import QColor
+from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.PyQt.QtGui import QColor, QDesktopServices
 from qgis.PyQt.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMessageBox,
                                  QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
@@ -30,7 +30,7 @@ from ..core.locate import engine_location, user_data_dir
 from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
 from ..core.setup_task import CreateEnvTask
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
-from ..core.task import EngineTask
+from ..core.task import EngineTask, training_text
 from .host_dialog import HostDialog
 
 XYZ_PREFIX = "XYZ: "
@@ -229,8 +229,14 @@ class LandcoverDock(QgsDockWidget):
         self.cancel_button = QPushButton("Cancel", objectName="cancelButton", enabled=False)
         self.cancel_button.setToolTip("Stop the engine; nothing half-written is kept.")
         self.cancel_button.clicked.connect(self.cancel)
+        self.report_button = QPushButton("Open report", objectName="reportButton", enabled=False)
+        self.report_button.setToolTip("The trained model's card: validation scores (per class and the confusion "
+                                      "matrix for land cover), the training curves' file, what it was trained on.")
+        self.report_button.clicked.connect(self.open_report)
+        self.report_path: Path | None = None
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.report_button)
         outer.addLayout(buttons)
 
         self.progress = QProgressBar(objectName="progressBar")
@@ -491,6 +497,7 @@ class LandcoverDock(QgsDockWidget):
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.cancel_button.setEnabled(running)
+        self.report_button.setEnabled(self.report_path is not None and not running)
         self.progress.setValue(0)
 
     def _succeeded(self, event: dict, label: str) -> None:
@@ -505,7 +512,16 @@ class LandcoverDock(QgsDockWidget):
         layers = load_result_layers(gpkg, f"Landcover — {label} ({time.strftime('%H:%M')})",
                                     attribution=attribution)
         credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
-        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{credit}")
+        trained = training_text(event.get("summary", {}).get("train", {}))
+        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{trained}{credit}")
+        model = event.get("outputs", {}).get("model")
+        card = Path(model) / "MODEL_CARD.md" if model else None
+        self.report_path = card if card and card.is_file() else None
+        self.report_button.setEnabled(self.report_path is not None)
+
+    def open_report(self) -> None:
+        if self.report_path is not None:
+            QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.report_path)))
 
     def _failed(self, failure: EngineFailed) -> None:
         self.task = None

@@ -150,7 +150,9 @@ def test_area_in_a_crs_without_epsg_code_goes_to_wgs84(dock):
 
 
 @pytest.mark.slow
-def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp_path, wait_until):
+def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp_path, wait_until, monkeypatch):
+    from qgis.PyQt.QtGui import QDesktopServices
+
     raster, labels = osbs_layers
     _draw_over(dock, raster)
     dock.imagery_combo.setLayer(raster)
@@ -169,6 +171,11 @@ def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp
     names = {node.layer().name() for node in group.findLayers()}
     assert {"crowns", "trees"} <= names
     assert dock.progress.value() == 100 and dock.run_button.isEnabled()
+    opened = []
+    monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url.toLocalFile()) or True)
+    assert dock.report_button.isEnabled()
+    dock.report_button.click()  # the trained model's card: scores, curves, provenance
+    assert opened == [str(tmp_path / "trees-work" / "model" / "MODEL_CARD.md")]
 
 
 def test_cancel_button_stops_the_run(dock, osbs_layers, slow_tiles, tmp_path, wait_until):

@@ -13,6 +13,7 @@ one), `problems` for what the job asks.
     labels: FILE or {path, class_field} or {preset, osm_file} or {preset, overpass, date}
     model: MODEL                      (instead of labels: predict only)
     train: {epochs, batch_size, chip_size, seed}
+    predict: {scheduler: tcp://HOST:PORT}  (predict on a Dask cluster; tls:// with Dask's TLS configuration)
     workdir: DIR                      (default OUT-work beside out)
     out: RESULT.gpkg
 """
@@ -28,10 +29,12 @@ from typing import Any
 from .names import MODELS_DIR, OSM_SUFFIXES, OVERPASS_DEFAULT
 from .tasks import TASK_IDS
 
-KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "workdir", "out")
+KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "predict", "workdir", "out")
 IMAGERY_KEYS = ("source", "gsd", "zoom", "headers")
 LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
 TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed")
+PREDICT_KEYS = ("scheduler",)
+SCHEDULER_SCHEMES = ("tcp://", "tls://")
 HINT = "See the pipeline file example in the README."
 LABELS_HINT = ("E.g. labels: {path: crowns.gpkg}, or labels: {preset: landcover, overpass: "
                f"{OVERPASS_DEFAULT}, date: 2020-06-01}}, or {{preset: trees, osm_file: area.osm.pbf}}.")
@@ -67,6 +70,7 @@ class PipelineFile:
     batch_size: int = 8
     chip_size: int = 128  # written under train:, used by the dataset stage
     seed: int = 0
+    scheduler: str | None = None  # a Dask scheduler's address: predict on its workers
 
     @property
     def osm(self) -> bool:
@@ -105,6 +109,9 @@ class PipelineFile:
             found.append(f"{self.osm_file.name} is not an OpenStreetMap file ({', '.join(OSM_SUFFIXES)}).")
         if self.date:
             found += _date_problems(self.date, sources)
+        if self.scheduler is not None and not self.scheduler.startswith(SCHEDULER_SCHEMES):
+            found.append(f"The scheduler '{self.scheduler}' is not a Dask address: give tcp://HOST:PORT "
+                         "(or tls://HOST:PORT).")
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,6 +135,8 @@ class PipelineFile:
                               **({"date": self.date} if self.date else {})}
         if self.model is not None:
             spec["model"] = str(self.model)
+        if self.scheduler:
+            spec["predict"] = {"scheduler": self.scheduler}
         return spec
 
     def write(self, path: Path) -> Path:
@@ -149,8 +158,9 @@ class PipelineFile:
         labels = spec.get("labels") or {}
         labels = {"path": labels} if isinstance(labels, str) else labels
         train = spec.get("train") or {}
+        predict = spec.get("predict") or {}
         for name, section, keys in (("imagery", imagery, IMAGERY_KEYS), ("labels", labels, LABEL_KEYS),
-                                    ("train", train, TRAIN_KEYS)):
+                                    ("train", train, TRAIN_KEYS), ("predict", predict, PREDICT_KEYS)):
             if not isinstance(section, dict):
                 raise PipelineFileError(f"{name} is neither a value nor a mapping.",
                                         LABELS_HINT if name == "labels" else HINT)
@@ -173,6 +183,7 @@ class PipelineFile:
             overpass=labels.get("overpass"),
             date=str(labels["date"]) if labels.get("date") else None,  # YAML reads 2020-06-01 as a date
             model=_model(base, spec.get("model")),
+            scheduler=str(predict["scheduler"]) if predict.get("scheduler") else None,
             **{k: _number(train, k, int, default=getattr(cls, k)) for k in TRAIN_KEYS},
         )
 

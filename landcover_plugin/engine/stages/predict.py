@@ -10,9 +10,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import rasterio
@@ -24,13 +25,14 @@ from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI
 from ..imagery.raster import open_raster
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
-                              open_session, predict_to_raster)
+                              model_tiles, open_session, output_channels, predict_to_raster)
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_from_points
 from ..vector.styles import styles_for, write_styles
 from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, TreeRow, TreeWriter, block_trees
-from ..vector.vectorize import BLOCK_SIZE, NODATA, GpkgWriter, Layer, blocks, landcover_blocks, pixel_size_m
+from ..vector.vectorize import (BLOCK_SIZE, NODATA, GpkgWriter, Layer, blocks, landcover_blocks,
+                               landcover_from_blocks, pixel_size_m)
 
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
@@ -51,6 +53,7 @@ class PredictParams:
     health: HealthThresholds = HealthThresholds()
     orchard: bool = True  # trees: look for a planting grid and missing trees
     grid: GridParams = GridParams()
+    scheduler: str | None = None  # a Dask scheduler's address: predict on its workers (stages/predict_cluster.py)
 
 
 # --- vectorizing the prediction raster ----------------------------------------
@@ -63,43 +66,59 @@ def vectorize_landcover(pred: Path, info: ModelInfo, block_size: int, reporter: 
                                 block_size=block_size, on_block=progress)
 
 
+def tree_margin(transform, crs, height: int, width: int) -> int:
+    """Pixels read around a tree block so that crowns cut by its border are whole."""
+    return max(8, math.ceil(TREE_MARGIN_M / pixel_size_m(transform, crs, height, width)))
+
+
+def tree_setup(src, info: ModelInfo, params: "PredictParams") -> tuple[TreeParams, int | None]:
+    """The crown post-processing (the model was tuned with it: it travels in its metadata)
+    and the 1-based NIR band of the imagery (None: none)."""
+    nir = params.nir_band if params.nir_band is not None else info.nir_band
+    if nir is not None and not 1 <= nir <= src.count:
+        raise EngineError("BAD_IMAGERY_BANDS", f"NIR band {nir} does not exist in {src.name} ({src.count} bands).",
+                          "Give --nir-band between 1 and the imagery's band count, or leave it out.")
+    return TreeParams(threshold=info.threshold, min_area_m2=info.min_crown_m2,
+                      seed_distance_m=info.seed_distance_m, health=params.health), nir
+
+
+def tree_block(data: np.ndarray, transform, core: tuple[slice, slice], src, img: Window,
+               nir: int | None) -> TreeBlock:
+    """A TreeBlock from the prediction raster's bands over a block and its margin, and
+    the imagery's colour (and NIR) bands over the same pixels (`img`)."""
+    return TreeBlock(
+        prob=data[0] / PROB_SCALE, heat=data[1] / PROB_SCALE, valid=data[0] != NODATA, transform=transform,
+        core=core, dead=data[2] / PROB_SCALE if data.shape[0] > 2 else None,
+        rgb=src.read([1, 2, 3], window=img).astype(np.float64) if src.count >= 3 else None,
+        nir=src.read(nir, window=img).astype(np.float64) if nir else None)
+
+
 def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams",
                 reporter: Reporter) -> Iterator[list[TreeRow]]:
     """The trees of each block in turn; each block is read with a margin so that crowns
     cut by its border are whole (a tree belongs to the block holding its centre)."""
     with rasterio.open(pred) as ds:
-        margin = max(8, math.ceil(TREE_MARGIN_M / pixel_size_m(ds.transform, ds.crs, ds.height, ds.width)))
-        rgb = src.count >= 3
-        nir = params.nir_band if params.nir_band is not None else info.nir_band
-        if nir is not None and not 1 <= nir <= src.count:
-            raise EngineError("BAD_IMAGERY_BANDS", f"NIR band {nir} does not exist in {src.name} ({src.count} bands).",
-                              "Give --nir-band between 1 and the imagery's band count, or leave it out.")
-        # the crown post-processing the model was tuned with travels in its metadata
-        tree_params = TreeParams(threshold=info.threshold, min_area_m2=info.min_crown_m2,
-                                 seed_distance_m=info.seed_distance_m, health=params.health)
+        margin = tree_margin(ds.transform, ds.crs, ds.height, ds.width)
+        tree_params, nir = tree_setup(src, info, params)
         plan = blocks(ds.height, ds.width, params.block_size)
         for n, (r0, c0, r1, c1) in enumerate(plan, start=1):
             e0, f0 = max(r0 - margin, 0), max(c0 - margin, 0)
             e1, f1 = min(r1 + margin, ds.height), min(c1 + margin, ds.width)
             win = Window(f0, e0, f1 - f0, e1 - e0)
-            data = ds.read(window=win)
             img = Window(f0 + window.col_off, e0 + window.row_off, f1 - f0, e1 - e0)
-            block = TreeBlock(
-                prob=data[0] / PROB_SCALE, heat=data[1] / PROB_SCALE, valid=data[0] != NODATA,
-                transform=ds.window_transform(win), core=np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0],
-                dead=data[2] / PROB_SCALE if data.shape[0] > 2 else None,
-                rgb=src.read([1, 2, 3], window=img).astype(np.float64) if rgb else None,
-                nir=src.read(nir, window=img).astype(np.float64) if nir else None)
+            block = tree_block(ds.read(window=win), ds.window_transform(win),
+                               np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0], src, img, nir)
             yield block_trees(block, ds.crs, tree_params)
             reporter.progress("vectorize", n, len(plan), "blocks")
 
 
-def write_trees(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams", out: GpkgWriter,
+def write_trees(tree_rows: Iterable[list[TreeRow]], info: ModelInfo, params: "PredictParams", out: GpkgWriter,
                 reporter: Reporter) -> dict:
-    """Crowns and trees written block by block as they are outlined, so that memory stays
-    flat with the area; then the orchard fitted to their points. Returns the summary."""
+    """Crowns and trees written block by block as they are outlined (`tree_rows`: each
+    block's, in plan order), so that memory stays flat with the area; then the orchard
+    fitted to their points. Returns the summary."""
     trees = TreeWriter(out)
-    for rows in tree_blocks(pred, src, window, info, params, reporter):
+    for rows in tree_rows:
         trees.add(rows)
     xy, area_m2, dead = trees.points()
     summary = {"crowns": trees.count, "canopy_m2": round(sum(area_m2.tolist()), 2), "dead": int(dead.sum())}
@@ -136,6 +155,33 @@ def check_params(params: PredictParams, info: ModelInfo) -> None:
                           "Give the number of onnxruntime threads, or 0 for all cores.")
 
 
+@contextmanager
+def cluster_client(scheduler: str | None, inputs: list[Path], reporter: Reporter) -> Iterator:
+    """A client of the Dask scheduler at `scheduler` whose workers read `inputs`, or None
+    (this machine). Dask is imported only for a cluster run."""
+    if scheduler is None:
+        yield None
+        return
+    from ..cluster import check_workers, connect
+
+    with connect(scheduler) as client:
+        workers = check_workers(client, inputs)
+        reporter.log(f"Predicting on the Dask cluster at {scheduler} ({workers} workers)")
+        yield client
+
+
+def cluster_run(client, params: PredictParams, info: ModelInfo, src, window: Window, aoi):
+    """The prediction of the window as Dask tasks (stages/predict_cluster.py)."""
+    from .predict_cluster import ClusterJob, ClusterRun
+
+    trees, nir = tree_setup(src, info, params) if info.task == "trees" else (None, None)
+    job = ClusterJob(model_file=onnx_path(params.model).resolve(), imagery=params.imagery.resolve(), info=info,
+                     window=window, aoi=aoi, crs=src.crs, transform=src.window_transform(window),
+                     channels=output_channels(info) if info.task == "trees" else 1, batch_size=params.batch_size,
+                     threads=params.threads or 1, block_size=params.block_size, trees=trees, nir=nir)
+    return ClusterRun(client, job, model_tiles(info, window, aoi))
+
+
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
     started = time.monotonic()
@@ -143,45 +189,59 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     fix_mmap_threshold(1 << 20)  # tile-sized buffers: the RSS grew with the number of tiles
     info = read_info(params.model)
     check_params(params, info)
-    session, provider = open_session(onnx_path(params.model), reporter, params.threads)
-    params.out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(params.out)  # what killed runs left beside the output
-    # The prediction raster lives next to the output and goes whatever happens (cancel included;
-    # a kill leaves it, named with the pid for the next run to remove).
-    # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
-    # are read through, so the RSS would grow with the area.
-    # The GeoPackage is written as it is made (trees block by block), all of it to a
-    # temporary name that becomes the output only when complete.
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
-            tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp, \
-            atomic_output(params.out) as tmp_out:
-        check_imagery(src, info, reporter)
-        info = fit_input_scale(src, info, reporter)
-        window, aoi = aoi_window(src, params.aoi)
-        out = GpkgWriter(tmp_out, src.crs)
-        layers: list[Layer] = []  # what is written whole at the end
-        if info.task == "classification":  # one polygon per chip: no prediction raster
-            layers, tiles = classify_chips(session, src, info, window, aoi, reporter, params.batch_size)
-            summary = {"chips": len(layers[0].rows),
-                       "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
-        else:
-            pred = Path(tmp) / "prediction.tif"
-            tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
-            reporter.log("Vectorizing the predictions")
-        if info.task == "trees":
-            summary = write_trees(pred, src, window, info, params, out, reporter)
-        elif info.task != "classification":
-            layers = vectorize_landcover(pred, info, params.block_size, reporter)
-            summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
-                       "polygons": len(layers[0].rows)}
-            if info.task == "buildings":
-                layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
-                summary["buildings"] = len(layers[0].rows)
-        for layer in layers:
-            out.write(layer)
-        h = params.health
-        nir = (params.nir_band or info.nir_band) is not None
-        write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
-                                         (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
+    on_cluster = params.scheduler is not None and info.task != "classification"
+    if params.scheduler and not on_cluster:
+        reporter.log("Chip classification runs on this machine: --scheduler serves land cover, buildings and "
+                     "trees models.", level="warning")
+    inputs = [onnx_path(params.model).resolve(), params.imagery.resolve()]
+    with cluster_client(params.scheduler if on_cluster else None, inputs, reporter) as client:
+        session, provider = open_session(onnx_path(params.model), reporter, params.threads) if client is None \
+            else (None, "dask")
+        params.out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_partials(params.out)  # what killed runs left beside the output
+        # The prediction raster lives next to the output and goes whatever happens (cancel included;
+        # a kill leaves it, named with the pid for the next run to remove).
+        # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
+        # are read through, so the RSS would grow with the area.
+        # The GeoPackage is written as it is made (trees block by block), all of it to a
+        # temporary name that becomes the output only when complete.
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
+                tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp, \
+                atomic_output(params.out) as tmp_out:
+            check_imagery(src, info, reporter)
+            info = fit_input_scale(src, info, reporter)
+            window, aoi = aoi_window(src, params.aoi)
+            out = GpkgWriter(tmp_out, src.crs)
+            layers: list[Layer] = []  # what is written whole at the end
+            if info.task == "classification":  # one polygon per chip: no prediction raster
+                layers, tiles = classify_chips(session, src, info, window, aoi, reporter, params.batch_size)
+                summary = {"chips": len(layers[0].rows),
+                           "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
+            elif client is not None:  # the blocks' vectors come back from the cluster, in plan order
+                run = cluster_run(client, params, info, src, window, aoi)
+                tiles, results = len(run.tiles), run.results(reporter)
+            else:
+                pred = Path(tmp) / "prediction.tif"
+                tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
+                reporter.log("Vectorizing the predictions")
+            if info.task == "trees":
+                rows = results if client else tree_blocks(pred, src, window, info, params, reporter)
+                summary = write_trees(rows, info, params, out, reporter)
+            elif info.task != "classification":
+                layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
+                    if client else vectorize_landcover(pred, info, params.block_size, reporter)
+                summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
+                           "polygons": len(layers[0].rows)}
+                if info.task == "buildings":
+                    layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
+                    summary["buildings"] = len(layers[0].rows)
+            for layer in layers:
+                out.write(layer)
+            h = params.health
+            nir = (params.nir_band or info.nir_band) is not None
+            write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
+                                             (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
+    if on_cluster:
+        summary["workers"] = len(run.workers)
     summary |= {"provider": provider, "tiles": tiles, "seconds": round(time.monotonic() - started, 2)}
     return StageResult(outputs={"gpkg": str(params.out)}, summary=summary)

@@ -27,6 +27,7 @@ DASK = Path(sys.executable).parent / "dask"  # the engine venv's
 class Cluster:
     address: str
     workers: list[subprocess.Popen] = field(default_factory=list)
+    processes: list[subprocess.Popen] = field(default_factory=list)  # the scheduler's and the workers'
 
 
 def make_certificates(folder: Path) -> dict[str, Path]:
@@ -70,7 +71,7 @@ def dask_cluster(workers: int, tmp: Path, certs: dict[str, Path] | None = None,
                 raise RuntimeError(f"the Dask scheduler did not start: {(tmp / 'dask.log').read_text()[-2000:]}")
             time.sleep(0.1)
         address = json.loads(info.read_text())["address"]
-        cluster = Cluster(address)
+        cluster = Cluster(address, processes=procs)
         for n in range(workers):
             cluster.workers.append(subprocess.Popen(
                 [str(DASK), "worker", address, "--nthreads", "1", "--no-nanny", "--no-dashboard",

@@ -174,3 +174,53 @@ def test_a_scheduler_that_cannot_be_used_is_a_clear_error(address, code, monkeyp
         with connect(address, timeout=1):
             pass
     assert err.value.code == code and err.value.hint
+
+
+def areas_file(path: Path, raster: Path, ids: list[str]) -> tuple[Path, list]:
+    """Two orchard blocks over the raster (one with a hole) and one off it, field `block`."""
+    with rasterio.open(raster) as src:
+        x0, y0, x1, y1 = src.bounds
+        crs = src.crs.to_string()
+    xm, ym = (x0 + x1) / 2, (y0 + y1) / 2
+    polygons = [box(x0 + 2, y0 + 2, xm, y1 - 2).difference(box(x0 + 8, ym - 3, x0 + 14, ym + 3)),
+                box(xm, y0 + 5, x1 - 5, ym + 6), box(x1 + 100, y1 + 100, x1 + 120, y1 + 120)]
+    schema = {"geometry": "Polygon", "properties": {"block": "str"}}
+    with fiona.open(path, "w", driver="GPKG", crs=crs, schema=schema) as dst:
+        for block_id, geom in zip(ids, polygons):
+            dst.write({"geometry": geom.__geo_interface__, "properties": {"block": block_id}})
+    return path, polygons
+
+
+def test_per_feature_gives_each_area_its_own_result_with_its_id(cluster, osbs_tif, tmp_path):
+    """Each block's rows are those of a run over that block alone, with its id; the one off
+    the imagery is skipped (and said); the cluster gives the same as this machine."""
+    areas, polygons = areas_file(tmp_path / "blocks.gpkg", osbs_tif, ["north-7", "east-2", "far"])
+    results = {}
+    for name, extra in (("local", []), ("cluster", ["--scheduler", cluster.address])):
+        results[name] = tmp_path / f"{name}.gpkg"
+        code, events = landcover_cli("predict", "--model", "trees-base", "--imagery", osbs_tif, "--out",
+                                     results[name], "--aoi", areas, "--per-feature", "--id-field", "block", *extra)
+        assert code == 0, events[-1]
+        assert events[-1]["summary"]["areas"] == 2 and set(events[-1]["summary"]["by_area"]) == {"north-7", "east-2"}
+        assert any(e.get("level") == "warning" and "far" in e["message"] for e in events)
+    assert features(results["cluster"]) == features(results["local"])
+    per_area = features(results["local"])
+    for block_id, polygon in zip(["north-7", "east-2"], polygons):
+        alone = tmp_path / f"{block_id}.gpkg"
+        aoi = AOI(polygon, "EPSG:32617")
+        predict(PredictParams(model="trees-base", imagery=osbs_tif, out=alone, aoi=aoi), json_reporter())
+        for layer, rows in features(alone).items():
+            mine = [(g, {k: v for k, v in p.items() if k != "area_id"}) for g, p in per_area[layer]
+                    if p["area_id"] == block_id]
+            assert mine == rows, layer
+        assert features(alone)["crowns"]
+    assert {p["area_id"] for rows in per_area.values() for _, p in rows} == {"north-7", "east-2"}
+
+
+@pytest.mark.parametrize("ids, field, message", [(["a", "a", "b"], "block", "share the id a"),
+                                                  (["a", "b", "c"], "name", "no field 'name'")])
+def test_per_feature_ids_that_cannot_tell_areas_apart_are_refused(osbs_tif, tmp_path, ids, field, message):
+    areas, _ = areas_file(tmp_path / "blocks.gpkg", osbs_tif, ids)
+    code, events = landcover_cli("predict", "--model", "trees-base", "--imagery", osbs_tif, "--out",
+                                 tmp_path / "o.gpkg", "--aoi", areas, "--per-feature", "--id-field", field)
+    assert code == 2 and events[-1]["code"] == "BAD_AOI" and message in events[-1]["message"]

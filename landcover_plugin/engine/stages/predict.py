@@ -31,8 +31,8 @@ from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_from_points
 from ..vector.styles import styles_for, write_styles
 from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, TreeRow, TreeWriter, block_trees
-from ..vector.vectorize import (BLOCK_SIZE, NODATA, GpkgWriter, Layer, blocks, landcover_blocks,
-                               landcover_from_blocks, pixel_size_m)
+from ..vector.vectorize import (AREA_FIELD, BLOCK_SIZE, NODATA, GpkgWriter, Layer, TaggedWriter, blocks,
+                               landcover_blocks, landcover_from_blocks, pixel_size_m)
 
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
@@ -54,6 +54,7 @@ class PredictParams:
     orchard: bool = True  # trees: look for a planting grid and missing trees
     grid: GridParams = GridParams()
     scheduler: str | None = None  # a Dask scheduler's address: predict on its workers (stages/predict_cluster.py)
+    areas: tuple[tuple[str, AOI], ...] = ()  # (id, area): one result each, every row with its id (instead of aoi)
 
 
 # --- vectorizing the prediction raster ----------------------------------------
@@ -182,8 +183,40 @@ def cluster_run(client, params: PredictParams, info: ModelInfo, src, window: Win
     return ClusterRun(client, job, model_tiles(info, window, aoi))
 
 
+def predict_area(params: PredictParams, info: ModelInfo, src, aoi: AOI | None, out: GpkgWriter, pred: Path,
+                 session, client, reporter: Reporter) -> tuple[dict, int, set[str]]:
+    """One area's layers into `out` (`pred`: where the local run's prediction raster goes).
+    Returns its summary, the tiles the model ran on, and the cluster's workers that ran them."""
+    window, aoi_px = aoi_window(src, aoi)
+    layers: list[Layer] = []  # what is written whole at the end
+    run = None
+    if info.task == "classification":  # one polygon per chip: no prediction raster
+        layers, tiles = classify_chips(session, src, info, window, aoi_px, reporter, params.batch_size)
+        summary = {"chips": len(layers[0].rows), "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
+    elif client is not None:  # the blocks' vectors come back from the cluster, in plan order
+        run = cluster_run(client, params, info, src, window, aoi_px)
+        tiles, results = len(run.tiles), run.results(reporter)
+    else:
+        tiles = predict_to_raster(session, src, info, window, aoi_px, pred, reporter, params.batch_size)
+        reporter.log("Vectorizing the predictions")
+    if info.task == "trees":
+        rows = results if run else tree_blocks(pred, src, window, info, params, reporter)
+        summary = write_trees(rows, info, params, out, reporter)
+    elif info.task != "classification":
+        layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
+            if run else vectorize_landcover(pred, info, params.block_size, reporter)
+        summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
+                   "polygons": len(layers[0].rows)}
+        if info.task == "buildings":
+            layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
+            summary["buildings"] = len(layers[0].rows)
+    for layer in layers:
+        out.write(layer)
+    return summary, tiles, run.workers if run else set()
+
+
 def predict(params: PredictParams, reporter: Reporter) -> StageResult:
-    """Predict over the imagery (or its AOI) and write the result GeoPackage with styles."""
+    """Predict over the imagery (or its AOI, or each of its areas) and write the result GeoPackage with styles."""
     started = time.monotonic()
     check_out_path(params.out, inputs=[params.model, params.imagery])
     fix_mmap_threshold(1 << 20)  # tile-sized buffers: the RSS grew with the number of tiles
@@ -210,38 +243,30 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
                 atomic_output(params.out) as tmp_out:
             check_imagery(src, info, reporter)
             info = fit_input_scale(src, info, reporter)
-            window, aoi = aoi_window(src, params.aoi)
             out = GpkgWriter(tmp_out, src.crs)
-            layers: list[Layer] = []  # what is written whole at the end
-            if info.task == "classification":  # one polygon per chip: no prediction raster
-                layers, tiles = classify_chips(session, src, info, window, aoi, reporter, params.batch_size)
-                summary = {"chips": len(layers[0].rows),
-                           "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
-            elif client is not None:  # the blocks' vectors come back from the cluster, in plan order
-                run = cluster_run(client, params, info, src, window, aoi)
-                tiles, results = len(run.tiles), run.results(reporter)
-            else:
-                pred = Path(tmp) / "prediction.tif"
-                tiles = predict_to_raster(session, src, info, window, aoi, pred, reporter, params.batch_size)
-                reporter.log("Vectorizing the predictions")
-            if info.task == "trees":
-                rows = results if client else tree_blocks(pred, src, window, info, params, reporter)
-                summary = write_trees(rows, info, params, out, reporter)
-            elif info.task != "classification":
-                layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
-                    if client else vectorize_landcover(pred, info, params.block_size, reporter)
-                summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
-                           "polygons": len(layers[0].rows)}
-                if info.task == "buildings":
-                    layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
-                    summary["buildings"] = len(layers[0].rows)
-            for layer in layers:
-                out.write(layer)
+            summaries, tiles, workers = {}, 0, set()
+            for n, (area_id, aoi) in enumerate(params.areas or ((None, params.aoi),), start=1):
+                if params.areas:
+                    reporter.log(f"Area {area_id} ({n} of {len(params.areas)})")
+                try:
+                    summary, area_tiles, area_workers = predict_area(
+                        params, info, src, aoi, out if area_id is None else TaggedWriter(out, AREA_FIELD, area_id),
+                        Path(tmp) / "prediction.tif", session, client, reporter)
+                except EngineError as exc:  # one orchard of many off the imagery: the others are still wanted
+                    if not params.areas or exc.code != "AOI_OUTSIDE_IMAGERY":
+                        raise
+                    reporter.log(f"Area {area_id} skipped: {exc.message}", level="warning")
+                    continue
+                summaries[area_id], tiles, workers = summary, tiles + area_tiles, workers | area_workers
+            if not summaries:
+                raise EngineError("AOI_OUTSIDE_IMAGERY", f"None of the {len(params.areas)} areas overlaps "
+                                  f"{params.imagery}.", "Give areas over the imagery, or check their CRS.")
             h = params.health
             nir = (params.nir_band or info.nir_band) is not None
             write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
                                              (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
+    summary = {"areas": len(summaries), "by_area": summaries} if params.areas else summaries[None]
     if on_cluster:
-        summary["workers"] = len(run.workers)
+        summary["workers"] = len(workers)
     summary |= {"provider": provider, "tiles": tiles, "seconds": round(time.monotonic() - started, 2)}
     return StageResult(outputs={"gpkg": str(params.out)}, summary=summary)

@@ -346,6 +346,22 @@ class GpkgWriter:
             self.names.append(layer.name)
 
 
+AREA_FIELD = "area_id"  # predict --per-feature: the area (AOI feature) a row belongs to
+
+
+class TaggedWriter:
+    """A GpkgWriter's view that puts `field` = `value` first in every row of every layer:
+    one area of many written into one GeoPackage (predict --per-feature)."""
+
+    def __init__(self, out: GpkgWriter, field: str, value: str):
+        self.out, self.field, self.value = out, field, value
+        self.path, self.crs, self.names = out.path, out.crs, out.names
+
+    def write(self, layer: Layer) -> None:
+        self.out.write(Layer(layer.name, layer.geometry, {self.field: "str", **layer.fields},
+                             [(g, {self.field: self.value, **props}) for g, props in layer.rows]))
+
+
 def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:
     """Write the layers whole into one GeoPackage (the caller makes it atomic)."""
     out = GpkgWriter(path, crs)

@@ -189,6 +189,16 @@ class LandcoverDock(QgsDockWidget):
         self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better.")
         form.addRow("Epochs", self.epochs_spin)
 
+        self.scheduler_edit = QLineEdit(objectName="schedulerEdit")
+        self.scheduler_edit.setText(job.scheduler_setting() or "")
+        self.scheduler_edit.setPlaceholderText("optional: tcp://HOST:8786")
+        self.scheduler_edit.setToolTip("Optional: a Dask scheduler (tcp://HOST:PORT, or tls:// with Dask's TLS "
+                                       "configuration) whose workers predict, for areas one machine is too slow "
+                                       "for; they must read the imagery and model at the same paths. Empty: "
+                                       "this machine. Remembered, and used by Processing too.")
+        self.scheduler_edit.editingFinished.connect(self._remember_scheduler)
+        form.addRow("Dask scheduler", self.scheduler_edit)
+
         self.out_dir = QgsFileWidget(objectName="outputDir")
         self.out_dir.setStorageMode(QgsFileWidget.GetDirectory)
         self.out_dir.setFilePath(str(default_output_dir()))
@@ -254,6 +264,9 @@ class LandcoverDock(QgsDockWidget):
 
     def _remember_overpass(self) -> None:
         QgsSettings().setValue(OVERPASS_SETTING, self.overpass_edit.text().strip() or OVERPASS_DEFAULT)
+
+    def _remember_scheduler(self) -> None:
+        QgsSettings().setValue(job.SCHEDULER_SETTING, self.scheduler_edit.text().strip())
 
     def start_drawing(self) -> None:
         if self.canvas.mapTool() is not self.map_tool:
@@ -321,6 +334,7 @@ class LandcoverDock(QgsDockWidget):
             overpass=overpass,
             date=(self.date_edit.text().strip() or None) if overpass else None,
             epochs=self.epochs_spin.value(),
+            scheduler=self.scheduler_edit.text().strip() or None,
             out=out_dir / f"{task}-{stamp}.gpkg",
             workdir=out_dir / f"{task}-work",
         )
@@ -412,7 +426,8 @@ class LandcoverDock(QgsDockWidget):
         layers = load_result_layers(gpkg, f"Landcover — {label} ({time.strftime('%H:%M')})",
                                     attribution=attribution)
         credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
-        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{credit}")
+        workers = job.workers_note(event.get("summary", {}))
+        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{workers}{credit}")
 
     def _failed(self, failure: EngineFailed) -> None:
         self.task = None

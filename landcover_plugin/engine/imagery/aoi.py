@@ -166,7 +166,8 @@ def read_aoi_features(path: Path, crs: str = "EPSG:4326",
     return features, file_crs
 
 
-def parse_aoi_areas(text: str | None, crs: str = "EPSG:4326", id_field: str | None = None) -> tuple[tuple[str, AOI], ...]:
+def parse_aoi_areas(text: str | None, crs: str = "EPSG:4326",
+                    id_field: str | None = None) -> tuple[tuple[str, AOI], ...]:
     """Each feature of a vector file as an area of its own, with its id (predict --per-feature)."""
     if not text or not Path(text).exists():
         raise EngineError("BAD_AOI", "--per-feature needs --aoi to be a vector file of areas.",

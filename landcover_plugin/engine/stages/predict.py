@@ -226,45 +226,45 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     if params.scheduler and not on_cluster:
         reporter.log("Chip classification runs on this machine: --scheduler serves land cover, buildings and "
                      "trees models.", level="warning")
+    session, provider = (None, "dask") if on_cluster else open_session(onnx_path(params.model), reporter,
+                                                                         params.threads)
+    params.out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(params.out)  # what killed runs left beside the output
+    # The prediction raster lives next to the output and goes whatever happens (cancel included;
+    # a kill leaves it, named with the pid for the next run to remove).
+    # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
+    # are read through, so the RSS would grow with the area.
+    # The GeoPackage is written as it is made (trees block by block), all of it to a
+    # temporary name that becomes the output only when complete.
     inputs = [onnx_path(params.model).resolve(), params.imagery.resolve()]
-    with cluster_client(params.scheduler if on_cluster else None, inputs, reporter) as client:
-        session, provider = open_session(onnx_path(params.model), reporter, params.threads) if client is None \
-            else (None, "dask")
-        params.out.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(params.out)  # what killed runs left beside the output
-        # The prediction raster lives next to the output and goes whatever happens (cancel included;
-        # a kill leaves it, named with the pid for the next run to remove).
-        # A bounded GDAL block cache: by default it grows to 5% of the RAM as the rasters
-        # are read through, so the RSS would grow with the area.
-        # The GeoPackage is written as it is made (trees block by block), all of it to a
-        # temporary name that becomes the output only when complete.
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
-                tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp, \
-                atomic_output(params.out) as tmp_out:
-            check_imagery(src, info, reporter)
-            info = fit_input_scale(src, info, reporter)
-            out = GpkgWriter(tmp_out, src.crs)
-            summaries, tiles, workers = {}, 0, set()
-            for n, (area_id, aoi) in enumerate(params.areas or ((None, params.aoi),), start=1):
-                if params.areas:
-                    reporter.log(f"Area {area_id} ({n} of {len(params.areas)})")
-                try:
-                    summary, area_tiles, area_workers = predict_area(
-                        params, info, src, aoi, out if area_id is None else TaggedWriter(out, AREA_FIELD, area_id),
-                        Path(tmp) / "prediction.tif", session, client, reporter)
-                except EngineError as exc:  # one orchard of many off the imagery: the others are still wanted
-                    if not params.areas or exc.code != "AOI_OUTSIDE_IMAGERY":
-                        raise
-                    reporter.log(f"Area {area_id} skipped: {exc.message}", level="warning")
-                    continue
-                summaries[area_id], tiles, workers = summary, tiles + area_tiles, workers | area_workers
-            if not summaries:
-                raise EngineError("AOI_OUTSIDE_IMAGERY", f"None of the {len(params.areas)} areas overlaps "
-                                  f"{params.imagery}.", "Give areas over the imagery, or check their CRS.")
-            h = params.health
-            nir = (params.nir_band or info.nir_band) is not None
-            write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
-                                             (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
+    with cluster_client(params.scheduler if on_cluster else None, inputs, reporter) as client, \
+            rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(params.imagery) as src, \
+            tempfile.TemporaryDirectory(prefix=partial_prefix(params.out) + "-", dir=params.out.parent) as tmp, \
+            atomic_output(params.out) as tmp_out:
+        check_imagery(src, info, reporter)
+        info = fit_input_scale(src, info, reporter)
+        out = GpkgWriter(tmp_out, src.crs)
+        summaries, tiles, workers = {}, 0, set()
+        for n, (area_id, aoi) in enumerate(params.areas or ((None, params.aoi),), start=1):
+            if params.areas:
+                reporter.log(f"Area {area_id} ({n} of {len(params.areas)})")
+            try:
+                summary, area_tiles, area_workers = predict_area(
+                    params, info, src, aoi, out if area_id is None else TaggedWriter(out, AREA_FIELD, area_id),
+                    Path(tmp) / "prediction.tif", session, client, reporter)
+            except EngineError as exc:  # one orchard of many off the imagery: the others are still wanted
+                if not params.areas or exc.code != "AOI_OUTSIDE_IMAGERY":
+                    raise
+                reporter.log(f"Area {area_id} skipped: {exc.message}", level="warning")
+                continue
+            summaries[area_id], tiles, workers = summary, tiles + area_tiles, workers | area_workers
+        if not summaries:
+            raise EngineError("AOI_OUTSIDE_IMAGERY", f"None of the {len(params.areas)} areas overlaps "
+                              f"{params.imagery}.", "Give areas over the imagery, or check their CRS.")
+        h = params.health
+        nir = (params.nir_band or info.nir_band) is not None
+        write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
+                                         (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
     summary = {"areas": len(summaries), "by_area": summaries} if params.areas else summaries[None]
     if on_cluster:
         summary["workers"] = len(workers)

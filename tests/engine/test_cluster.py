@@ -106,6 +106,16 @@ def test_landcover_on_the_cluster_is_that_of_the_local_run(cluster, tmp_path):
     assert features(outs["cluster"]) == features(outs["local"])
 
 
+def test_a_pipeline_file_predicts_on_its_scheduler(cluster, osbs_tif, tmp_path):
+    pipeline = tmp_path / "pipeline.yaml"
+    pipeline.write_text(f"task: trees\nimagery: {osbs_tif}\nmodel: trees-base\nout: trees.gpkg\n"
+                        f"predict: {{scheduler: '{cluster.address}'}}\n")
+    code, events = landcover_cli("run", pipeline)
+    assert code == 0, events[-1]
+    assert events[-1]["summary"]["predict"]["workers"] == 1  # 400 px: one block of the default 2048
+    assert events[-1]["summary"]["predict"]["crowns"] > 20 and (tmp_path / "trees.gpkg").exists()
+
+
 def test_a_worker_killed_mid_run_still_gives_the_whole_result(orchard_scene, tmp_path):
     raster, local = orchard_scene
     killed = []

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from landcover_plugin.engine.events import Reporter  # noqa: E402
 from landcover_plugin.engine.learn.model_package import read_info, write_metadata  # noqa: E402
+from landcover_plugin.engine.learn.peer_export import write_peer_model  # noqa: E402
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset  # noqa: E402
 from landcover_plugin.engine.stages.train import TrainParams, train  # noqa: E402
 from landcover_plugin.engine.vector.crown_metrics import CrownScore, crown_boxes, match_boxes  # noqa: E402
@@ -254,6 +255,7 @@ def main() -> None:
     info.threshold, info.seed_distance_m, info.min_crown_m2 = post["threshold"], post["seed_distance_m"], \
         post["min_crown_m2"]
     write_metadata(args.out / "model.onnx", info)
+    write_peer_model(args.out / "model.onnx", info, args.out)  # its threshold is in the peers' copy too
     config_file = args.out / "train_config.json"  # paths relative to the repository: it ships
     config = json.loads(config_file.read_text())
     for key in ("dataset", "out", "base", "encoder_weights"):

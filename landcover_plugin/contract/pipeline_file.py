@@ -12,7 +12,7 @@ one), `problems` for what the job asks.
     imagery: SOURCE or {source: SOURCE, gsd: M, zoom: Z, headers: {NAME: VALUE}}
     labels: FILE or {path, class_field} or {preset, osm_file} or {preset, overpass, date}
     model: MODEL                      (instead of labels: predict only)
-    train: {epochs, batch_size, chip_size, seed}
+    train: {epochs, batch_size, chip_size, seed, remote: HOST, ssh_config, ssh_identity}  (remote: over ssh)
     predict: {scheduler: tcp://HOST:PORT}  (predict on a Dask cluster; tls:// with Dask's TLS configuration)
     workdir: DIR                      (default OUT-work beside out)
     out: RESULT.gpkg
@@ -32,7 +32,8 @@ from .tasks import TASK_IDS
 KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "predict", "workdir", "out")
 IMAGERY_KEYS = ("source", "gsd", "zoom", "headers")
 LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
-TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed")
+TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed", "remote", "ssh_config", "ssh_identity")
+TRAIN_NUMBERS = TRAIN_KEYS[:4]
 PREDICT_KEYS = ("scheduler",)
 SCHEDULER_SCHEMES = ("tcp://", "tls://")
 HINT = "See the pipeline file example in the README."
@@ -70,6 +71,9 @@ class PipelineFile:
     batch_size: int = 8
     chip_size: int = 128  # written under train:, used by the dataset stage
     seed: int = 0
+    remote: str | None = None  # train on this ssh host (`landcover remote setup HOST`)
+    ssh_config: Path | None = None  # ... with this ssh config instead of ~/.ssh/config
+    ssh_identity: Path | None = None  # ... and this private key file (its path only)
     scheduler: str | None = None  # a Dask scheduler's address: predict on its workers
 
     @property
@@ -119,7 +123,8 @@ class PipelineFile:
             "task": self.task,
             "imagery": {"source": self.imagery, "gsd": self.gsd, "zoom": self.zoom, "headers": self.headers},
             "train": {"epochs": self.epochs, "batch_size": self.batch_size, "chip_size": self.chip_size,
-                      "seed": self.seed},
+                      "seed": self.seed, **{k: str(v) for k, v in (("remote", self.remote), ("ssh_config", self.ssh_config),
+                                                                   ("ssh_identity", self.ssh_identity)) if v}},
             "workdir": str(self.work),
             "out": str(self.out),
         }
@@ -183,8 +188,11 @@ class PipelineFile:
             overpass=labels.get("overpass"),
             date=str(labels["date"]) if labels.get("date") else None,  # YAML reads 2020-06-01 as a date
             model=_model(base, spec.get("model")),
+            remote=str(train["remote"]) if train.get("remote") else None,
+            ssh_config=_path(base, train.get("ssh_config")),
+            ssh_identity=_path(base, train.get("ssh_identity")),
             scheduler=str(predict["scheduler"]) if predict.get("scheduler") else None,
-            **{k: _number(train, k, int, default=getattr(cls, k)) for k in TRAIN_KEYS},
+            **{k: _number(train, k, int, default=getattr(cls, k)) for k in TRAIN_NUMBERS},
         )
 
 

@@ -88,5 +88,7 @@ class EventRelay:
                 self.set_progress(value)
             if event.get("stage") == "pipeline" and event.get("message"):
                 self.set_stage(event["message"])
+            elif event.get("stage") == "train" and event.get("message"):  # epoch, ETA and where it runs
+                self.set_stage(f"train: {event['message']}")
         elif event["event"] == "log":
             self.log(event.get("message", ""), event.get("level", "info"))

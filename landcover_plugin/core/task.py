@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from qgis.core import Qgis, QgsMessageLog, QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
 
 from ..contract.runner import EngineFailed, EngineRun
 from .job import EventRelay
@@ -41,7 +42,10 @@ def _fmt(value: Any) -> str:
 
 class EngineTask(QgsTask):
     """Runs `engine` and reports; `on_success(result_event)` / `on_failure(EngineFailed)`
-    are called in the main thread when it ends."""
+    are called in the main thread when it ends. `stage_changed` says what runs now
+    (the stage; the epoch and where training runs), queued to the main thread."""
+
+    stage_changed = pyqtSignal(str)
 
     def __init__(self, description: str, engine: EngineRun, message_bar=None,
                  on_success: Callable[[dict], None] | None = None,
@@ -52,7 +56,7 @@ class EngineTask(QgsTask):
         self.on_success, self.on_failure = on_success, on_failure
         self.result_event: dict | None = None
         self.failure: EngineFailed | None = None
-        self._relay = EventRelay(self.setProgress, _log)
+        self._relay = EventRelay(self.setProgress, _log, self.stage_changed.emit)
 
     def run(self) -> bool:  # worker thread
         try:

@@ -52,6 +52,12 @@ def _add_aoi(p: argparse.ArgumentParser, required: bool) -> None:
     p.add_argument("--aoi-crs", default="EPSG:4326", help="CRS of a minx,miny,maxx,maxy AOI (default WGS84)")
 
 
+def _add_ssh(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ssh-config", type=Path, metavar="FILE", help="ssh config file to use instead of ~/.ssh/config "
+                   "(default: $LANDCOVER_SSH_CONFIG if set)")
+    p.add_argument("--ssh-identity", type=Path, metavar="KEY", help="private key file for the host (ssh -i)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="landcover",
@@ -153,6 +159,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="go on from the checkpoint an interrupted run left beside --out")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="model folder to write (or in --config)")
+    p.add_argument("--remote", metavar="HOST", help="train on this ssh host (set up with `landcover remote "
+                   "setup HOST`): the dataset goes there, the model comes back")
+    _add_ssh(p)
+
+    p = sub.add_parser("remote", help="a GPU host to train on over ssh: setup, jobs, attach, cancel")
+    _add_common(p)
+    remote = p.add_subparsers(dest="remote_command", required=True, metavar="ACTION")
+    r = remote.add_parser("setup", help="install or update this engine on HOST and say what it has (GPUs)")
+    r.add_argument("--accept-host-key", metavar="SHA256:...",
+                   help="trust HOST's key with this fingerprint (check it with the host's administrator first)")
+    r = remote.add_parser("jobs", help="the training jobs on HOST and their state")
+    r = remote.add_parser("attach", help="follow a job on HOST again and fetch its model")
+    r.add_argument("--out", type=Path, help="model folder to write (default: the one the training was started for)")
+    r = remote.add_parser("cancel", help="stop a job on HOST")
+    for action in remote.choices.values():
+        _add_common(action)
+        action.add_argument("host", metavar="HOST", help="ssh destination: a Host of your ssh config or [user@]host")
+        if action.prog.endswith(("attach", "cancel")):
+            action.add_argument("job", metavar="JOB", help="job id, as `landcover remote jobs HOST` lists it")
+        _add_ssh(action)
 
     p = sub.add_parser("eval", help="evaluate a model on a dataset's validation chips: report.md + report.html")
     _add_common(p)
@@ -232,6 +258,35 @@ def _headers(pairs: list[str]) -> dict[str, str]:
     return {k.strip(): v.strip() for k, v in (h.split(":", 1) for h in pairs)}
 
 
+def _ssh_target(args: argparse.Namespace, host: str):
+    from .remote.ssh import SshTarget
+
+    # LANDCOVER_SSH_CONFIG: an ssh config for every landcover command (e.g. one kept for a project)
+    config = args.ssh_config or (Path(os.environ["LANDCOVER_SSH_CONFIG"]) if os.environ.get("LANDCOVER_SSH_CONFIG")
+                                 else None)
+    return SshTarget(host, ssh_config=config, identity=args.ssh_identity)
+
+
+def _remote(args: argparse.Namespace, reporter: Reporter):
+    from .events import StageResult
+    from .remote import client, setup, ssh
+
+    target = _ssh_target(args, args.host)
+    if args.remote_command == "setup":
+        if args.accept_host_key:
+            known = ssh.accept_host_key(target, args.accept_host_key)
+            reporter.log(f"{args.host}: key {args.accept_host_key} added to {known}")
+        info = setup.setup(target, reporter.log)
+        return StageResult({}, {"host": args.host, "python": info.python, "engine": info.engine_version,
+                                "device": info.device, "found": "; ".join(info.describe()[2:])})
+    if args.remote_command == "jobs":
+        jobs = client.list_jobs(target)
+        return StageResult({}, {j["job"]: f"{j['state']} {j['progress']}".strip() for j in jobs} or {"jobs": "none"})
+    if args.remote_command == "attach":
+        return client.attach(target, args.job, args.out, reporter)
+    return client.cancel(target, args.job)
+
+
 def dispatch(args: argparse.Namespace, reporter: Reporter):
     """Run the subcommand; return its StageResult."""
     if args.command == "fetch":
@@ -268,12 +323,17 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
                                                  "learning_rate", "freeze_encoder", "resume", "encoder",
                                                  "encoder_weights")}
-        if args.config:
-            return train(params_from_config(args.config, **options), reporter)
-        if args.dataset is None or args.out is None:
+        if not args.config and (args.dataset is None or args.out is None):
             raise EngineError("BAD_PARAMS", "train needs --dataset and --out.",
                               "Give both, or a --config file that names them.")
-        return train(params_from_config(None, **options), reporter)
+        params = params_from_config(args.config, **options)
+        if args.remote:
+            from .remote.client import RemoteTrainParams, train_remote
+
+            return train_remote(RemoteTrainParams(_ssh_target(args, args.remote), params), reporter)
+        return train(params, reporter)
+    if args.command == "remote":
+        return _remote(args, reporter)
     if args.command == "eval":
         from .stages.evaluate import EvalParams, evaluate
 

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing,
-                       QgsProcessingAlgorithm, QgsProcessingContext, QgsProcessingException,
-                       QgsProcessingOutputMultipleLayers, QgsProcessingParameterEnum,
-                       QgsProcessingParameterExtent, QgsProcessingParameterField, QgsProcessingParameterFile,
-                       QgsProcessingParameterFileDestination, QgsProcessingParameterNumber,
-                       QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
-                       QgsProcessingParameterVectorLayer)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsProcessing, QgsProcessingAlgorithm, QgsProcessingContext,
+                       QgsProcessingException, QgsProcessingOutputMultipleLayers, QgsProcessingParameterDefinition,
+                       QgsProcessingParameterEnum, QgsProcessingParameterExtent, QgsProcessingParameterField,
+                       QgsProcessingParameterFile, QgsProcessingParameterFileDestination,
+                       QgsProcessingParameterNumber, QgsProcessingParameterRasterLayer,
+                       QgsProcessingParameterString, QgsProcessingParameterVectorLayer, QgsSettings)
 
 from ..contract.names import OVERPASS_DEFAULT
 from ..contract.pipeline_file import PipelineFile
@@ -24,6 +23,7 @@ from ..core import job
 from ..core.engine_env import check_engine
 from ..core.layers import gpkg_layer_names, open_result_layers
 from ..core.locate import engine_location
+from ..core.remote_hosts import RemoteHost, load_hosts
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 
 HELP = """<p>Maps trees (one polygon per crown, one point per tree), land cover (polygons with a
@@ -39,6 +39,9 @@ layer's CRS, or WGS84 for XYZ tiles.</p>
 <p><b>Training labels</b>: a vector layer (crowns for trees; polygons with a <b>class field</b> for
 land cover, per chip too; building polygons for buildings) or a DeepForest CSV of crown boxes (<b>labels file</b>). A model is trained on them for
 <b>epochs</b> passes. Or give an existing <b>model</b> (.onnx) to predict without training.</p>
+<p><b>Train on a GPU host</b> (advanced): a host added in the dock (Train on > Add host, then Test
+connection) or an ssh destination set up with <code>landcover remote setup HOST</code>: the training runs
+there, the model comes back, and the prediction runs here.</p>
 <p><b>Labels from</b> OpenStreetMap instead: choose <i>OpenStreetMap (Overpass)</i> to query the OSM
 features of a <b>preset</b> (landcover, buildings, trees: editable files in the plugin's
 resources/presets/; trees fits the trees task, buildings the buildings task, all fit land cover) for the area from the
@@ -59,6 +62,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
     IMAGERY, XYZ_URL, EXTENT, TASK = "IMAGERY", "XYZ_URL", "EXTENT", "TASK"
     LABELS, LABELS_FILE, CLASS_FIELD, MODEL = "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL"
     EPOCHS, GSD, OUTPUT, LAYERS = "EPOCHS", "GSD", "OUTPUT", "LAYERS"
+    REMOTE_HOST = "REMOTE_HOST"
     LABEL_SOURCE, PRESET, OVERPASS_URL, OSM_FILE, DATE = "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE"
     LABEL_SOURCES = tuple(job.LABEL_SOURCES)  # LABEL_SOURCE's values; 0 keeps older command lines working
 
@@ -109,6 +113,10 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Training epochs",
                                                        QgsProcessingParameterNumber.Integer, job.QUICK_EPOCHS,
                                                        minValue=1))
+        remote = QgsProcessingParameterString(self.REMOTE_HOST, "Train on a GPU host (a host added in the dock, "
+                                              "or an ssh destination; empty: this computer)", optional=True)
+        remote.setFlags(remote.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        self.addParameter(remote)
         self.addParameter(QgsProcessingParameterNumber(self.GSD, "Resolution of XYZ tiles (m/px)",
                                                        QgsProcessingParameterNumber.Double, None, optional=True,
                                                        minValue=0.0))
@@ -184,7 +192,16 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
             labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
             model=Path(model) if model and labels is None else None,
             epochs=self.parameterAsInt(parameters, self.EPOCHS, context), scheduler=job.scheduler_setting(),
+            **self._remote(parameters, context),
             out=out, workdir=out.with_name(out.stem + "-work"), **osm), imagery.engine_env()
+
+    def _remote(self, parameters, context) -> dict:
+        """The pipeline's remote training fields: a host saved in the dock by name, or a destination."""
+        name = self.parameterAsString(parameters, self.REMOTE_HOST, context).strip()
+        if not name:
+            return {}
+        host = next((h for h in load_hosts(QgsSettings()) if h.name == name), RemoteHost(name, name))
+        return {"remote": host.destination, "ssh_identity": host.identity_path}
 
     def _osm_labels(self, parameters, context) -> dict:
         """The pipeline file's OSM fields for the chosen label source ({} for a layer, file or model)."""

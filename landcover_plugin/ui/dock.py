@@ -27,9 +27,11 @@ from ..core import job
 from ..core.engine_env import EngineLocation, check_engine, create_env_commands, requirement_files, user_venv
 from ..core.layers import load_result_layers
 from ..core.locate import engine_location, user_data_dir
+from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
 from ..core.setup_task import CreateEnvTask
 from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
 from ..core.task import EngineTask
+from .host_dialog import HostDialog
 
 XYZ_PREFIX = "XYZ: "
 OVERPASS_SETTING = "landcover/overpass_url"
@@ -48,6 +50,7 @@ class LandcoverDock(QgsDockWidget):
         self.canvas = iface.mapCanvas()
         self.task: EngineTask | None = None
         self.env_task: CreateEnvTask | None = None
+        self.connection_task: EngineTask | None = None
         self.area: QgsRectangle | None = None  # in area_crs (the canvas CRS when drawn)
         self.area_crs = QgsCoordinateReferenceSystem()
         self._xyz: dict[str, ImagerySource] = {}
@@ -181,13 +184,36 @@ class LandcoverDock(QgsDockWidget):
         self.label_source_combo.currentIndexChanged.connect(self._label_source_changed)
         self.task_combo.currentIndexChanged.connect(self._fill_presets)
         self._fill_presets()
-        self._label_source_changed()
 
         self.epochs_spin = QSpinBox(objectName="epochsSpin")
         self.epochs_spin.setRange(1, 1000)
         self.epochs_spin.setValue(job.QUICK_EPOCHS)
         self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better.")
         form.addRow("Epochs", self.epochs_spin)
+
+        self.train_on_combo = QComboBox(objectName="trainOnCombo")
+        self.train_on_combo.setToolTip("Where training runs: this computer, or a GPU host you reach with ssh "
+                                       "(the dataset goes there, the model comes back; the training goes on "
+                                       "there if the connection drops). Prediction runs here, or on the Dask "
+                                       "scheduler's workers (below).")
+        self.add_host_button = QPushButton("Add host…", objectName="addHostButton")
+        self.add_host_button.setToolTip("Add a GPU host reached with ssh: a name, the ssh destination, a key file.")
+        self.add_host_button.clicked.connect(self.ask_new_host)
+        self.test_host_button = QPushButton("Test connection", objectName="testHostButton")
+        self.test_host_button.setToolTip("Connect to the chosen host, install or update the Landcover engine "
+                                         "there, and show its GPUs (the first time takes minutes).")
+        self.test_host_button.clicked.connect(lambda: self.test_connection())
+        self.train_on_row = QWidget()
+        row = QHBoxLayout(self.train_on_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.train_on_combo, 1)
+        row.addWidget(self.add_host_button)
+        row.addWidget(self.test_host_button)
+        form.addRow("Train on", self.train_on_row)
+        self.train_on_combo.currentIndexChanged.connect(
+            lambda *_: self.test_host_button.setEnabled(self.remote_host() is not None))
+        self._fill_hosts()
+        self._label_source_changed()
 
         self.scheduler_edit = QLineEdit(objectName="schedulerEdit")
         self.scheduler_edit.setText(job.scheduler_setting() or "")
@@ -250,7 +276,8 @@ class LandcoverDock(QgsDockWidget):
         rows = {self.preset_combo: source in ("overpass", "osm_file"), self.overpass_edit: source == "overpass",
                 self.date_edit: source == "overpass", self.osm_file: source == "osm_file",
                 self.labels_combo: source == "layer", self.class_field_combo: source == "layer",
-                self.model_file: source in ("layer", "model")}
+                self.model_file: source in ("layer", "model"), self.epochs_spin: source != "model",
+                self.train_on_row: source != "model"}
         for widget, shown in rows.items():
             widget.setVisible(shown)
             self._form.labelForField(widget).setVisible(shown)
@@ -321,6 +348,7 @@ class LandcoverDock(QgsDockWidget):
         aoi, aoi_crs = self.aoi()
         task = self.task_key()
         stamp = time.strftime("%Y%m%d-%H%M%S")
+        host, training = self.remote_host(), source != "model"
         return PipelineFile(
             task=task, aoi=aoi, aoi_crs=aoi_crs,
             imagery=imagery.source if imagery else "",
@@ -335,9 +363,74 @@ class LandcoverDock(QgsDockWidget):
             date=(self.date_edit.text().strip() or None) if overpass else None,
             epochs=self.epochs_spin.value(),
             scheduler=self.scheduler_edit.text().strip() or None,
+            remote=host.destination if host and training else None,
+            ssh_identity=host.identity_path if host and training else None,
             out=out_dir / f"{task}-{stamp}.gpkg",
             workdir=out_dir / f"{task}-work",
         )
+
+    # ---- GPU hosts -----------------------------------------------------
+    def _fill_hosts(self, select: str | None = None) -> None:
+        self.train_on_combo.clear()
+        self.train_on_combo.addItem("this computer", None)
+        for host in load_hosts(QgsSettings()):
+            self.train_on_combo.addItem(host.name, host)
+        if select:
+            self.train_on_combo.setCurrentIndex(self.train_on_combo.findText(select))
+        self.test_host_button.setEnabled(self.remote_host() is not None)
+
+    def remote_host(self) -> RemoteHost | None:
+        return self.train_on_combo.currentData()
+
+    def add_host(self, host: RemoteHost) -> None:
+        """Keep the host in the user's settings and choose it."""
+        settings = QgsSettings()
+        save_hosts(settings, with_host(load_hosts(settings), host))
+        self._fill_hosts(select=host.name)
+
+    def ask_new_host(self) -> None:
+        dialog = HostDialog(self)
+        if dialog.exec_() and dialog.host() is not None:
+            self.add_host(dialog.host())
+            self.status_label.setText("Host added: press 'Test connection' to set it up.")
+
+    def test_connection(self, accept_fingerprint: str | None = None) -> EngineTask | None:
+        """`landcover remote setup` for the chosen host, in a task; shows the GPU it found."""
+        host, location = self.remote_host(), self.check_engine()
+        if host is None or location is None or self.connection_task is not None:
+            return None
+        task = EngineTask(f"Landcover: connect to {host.name}", setup_run(location, host, accept_fingerprint),
+                          message_bar=self.iface.messageBar(),
+                          on_success=lambda event: self._connected(host, event),
+                          on_failure=lambda failure: self._not_connected(host, failure))
+        self.connection_task = task
+        self.test_host_button.setEnabled(False)
+        self.status_label.setText(f"Connecting to {host.name} (installing the engine there the first time "
+                                  "takes minutes)...")
+        QgsApplication.taskManager().addTask(task)
+        return task
+
+    def _connected(self, host: RemoteHost, event: dict) -> None:
+        self.connection_task = None
+        self.test_host_button.setEnabled(True)
+        summary = event.get("summary", {})
+        self.status_label.setText(f"{host.name} is ready: Python {summary.get('python')}; {summary.get('found')}.")
+
+    def _not_connected(self, host: RemoteHost, failure: EngineFailed) -> None:
+        self.connection_task = None
+        self.test_host_button.setEnabled(True)
+        fingerprint = fingerprint_in(failure.message) if failure.code == "HOST_KEY_UNKNOWN" else None
+        if fingerprint is None:
+            self.status_label.setText(str(failure))
+            return
+        answer = QMessageBox.question(
+            self, "Trust this host?",
+            f"{host.name} ({host.destination}) is a host you have not connected to before. Its key fingerprint "
+            f"is:\n\n{fingerprint}\n\nTrust it only if the host's administrator confirms this fingerprint.")
+        if answer == QMessageBox.Yes:
+            self.test_connection(accept_fingerprint=fingerprint)
+        else:
+            self.status_label.setText(f"{host.name} was not trusted: nothing was sent to it.")
 
     # ---- engine --------------------------------------------------------
     def check_engine(self) -> EngineLocation | None:
@@ -398,6 +491,7 @@ class LandcoverDock(QgsDockWidget):
         task = EngineTask(f"Landcover: {label}", run, message_bar=self.iface.messageBar(),
                           on_success=lambda event: self._succeeded(event, label), on_failure=self._failed)
         task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
+        task.stage_changed.connect(self.status_label.setText)
         self.task = task
         self._set_running(True)
         self.status_label.setText(f"Running; pipeline: {job.pipeline_path(spec)}")

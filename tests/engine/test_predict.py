@@ -331,10 +331,10 @@ def test_a_deepness_model_runs_unchanged(tmp_path, constant_raster):
         initializer=[numpy_helper.from_array(weights, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    for key, value in {"model_type": "segmentation", "class_names": json.dumps({"0": "water", "1": "forest"}),
-                       "resolution": "100", "tiles_size": "128", "tiles_overlap": "25",
-                       "standardization_mean": "[0.2, 0.2, 0.2]", "standardization_std": "[0.5, 0.5, 0.5]"}.items():
-        model.metadata_props.add(key=key, value=value)
+    for key, value in {"model_type": "Segmentor", "class_names": {0: "water", 1: "forest"},  # as Deepness's tool
+                       "resolution": 100, "tiles_size": 128, "tiles_overlap": 25,  # writes them: json.dumps
+                       "standardization_mean": [0.2, 0.2, 0.2], "standardization_std": [0.5, 0.5, 0.5]}.items():
+        model.metadata_props.add(key=key, value=json.dumps(value))
     path = tmp_path / "deepness.onnx"
     onnx.save(model, str(path))
     out = tmp_path / "lc.gpkg"

@@ -90,8 +90,9 @@ def check_package(model_dir: Path, dataset: Path, result, events: list[dict], ch
 
     manifest = json.loads((dataset / "dataset.json").read_text())
     assert result.outputs == {"model": str(model_dir), "onnx": str(model_dir / "model.onnx")}
-    assert {p.name for p in model_dir.iterdir()} == {"model.onnx", "model.keras", "MODEL_CARD.md",
-                                                     "training_curves.png", "train_config.json", MARKER}
+    assert {p.name for p in model_dir.iterdir()} == {"model.onnx", "model-peers.onnx", "model.keras",
+                                                     "MODEL_CARD.md", "training_curves.png", "train_config.json",
+                                                     MARKER}
     info = read_info(model_dir)
     assert (info.task, info.class_names, info.class_colors) == (
         manifest["task"], manifest["class_names"], manifest["class_colors"])
@@ -110,6 +111,15 @@ def check_package(model_dir: Path, dataset: Path, result, events: list[dict], ch
     keras_model = keras.saving.load_model(model_dir / "model.keras", compile=False)
     want = keras_model(x.transpose(0, 2, 3, 1), training=False).numpy().transpose(0, 3, 1, 2)
     assert np.max(np.abs(got - want)) <= 1e-4
+    # model-peers.onnx: the same model fed as Deepness and GeoDeep feed it (values / 255)
+    peers = ort.InferenceSession(str(model_dir / "model-peers.onnx"), providers=["CPUExecutionProvider"])
+    raw = x * np.float32(info.std)[:, None, None] + np.float32(info.mean)[:, None, None]
+    theirs = peers.run(None, {"image": (raw * np.float32(info.input_scale / 255)).astype(np.float32)})[0]
+    if info.task == "trees":  # [background, crown]
+        theirs, got_crown = theirs[:, 1], got[:, 0]
+        assert np.max(np.abs(theirs - got_crown)) <= 1e-4
+    else:
+        assert np.max(np.abs(theirs - got)) <= 1e-4
 
     progress = [e for e in events if e["event"] == "progress" and e["stage"] == "train"]
     assert progress and progress[0]["message"].startswith("epoch 1 loss ")

@@ -48,7 +48,8 @@ def test_registered_with_its_parameters_and_help(alg):
     assert alg.displayName() == "Map trees or land cover from imagery"
     names = {p.name() for p in alg.parameterDefinitions()}
     assert names == {"IMAGERY", "XYZ_URL", "EXTENT", "TASK", "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL",
-                     "EPOCHS", "GSD", "OUTPUT", "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE"}
+                     "EPOCHS", "GSD", "OUTPUT", "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE",
+                     "REMOTE_HOST"}
     assert alg.parameterDefinition("PRESET").options() == ["buildings", "landcover", "trees"]
     assert alg.parameterDefinition("OVERPASS_URL").defaultValue() == OVERPASS_DEFAULT
     assert "OpenStreetMap" in alg.shortHelpString() and "© OpenStreetMap contributors" in alg.shortHelpString()

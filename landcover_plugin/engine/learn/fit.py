@@ -83,18 +83,16 @@ def device_name() -> str:
 
 
 def load_base(base: Path, manifest: Manifest, task: str):
-    """The Keras model to fine-tune and its ModelInfo; it must read and write what this dataset has."""
+    """The Keras model to fine-tune, its ModelInfo, and whether it was rebuilt from the ONNX
+    file alone (no model.keras beside it: then its BatchNorm statistics need calibrating);
+    it must read and write what this dataset has."""
     import keras
 
     from ..learn.model_package import onnx_path
 
-    folder = onnx_path(base).parent  # a folder, an .onnx beside model.keras, or a shipped model's name
-    path = folder / KERAS_NAME
-    if not path.is_file():
-        raise EngineError("MODEL_NOT_FOUND", f"No {KERAS_NAME} in {base} to fine-tune from.",
-                          "Give a model folder made by `landcover train`; for trees-base, first run "
-                          "scripts/train_trees_base.py, which writes its Keras weights.")
-    info = read_info(folder)
+    onnx_file = onnx_path(base)  # a folder, an .onnx (beside model.keras or alone), or a shipped model's name
+    path = onnx_file.parent / KERAS_NAME
+    info = read_info(onnx_file)
     if info.band_count != manifest.band_count:
         raise EngineError("BASE_MISMATCH", f"The base model reads {info.band_count} bands; the dataset's imagery "
                           f"has {manifest.band_count}.",
@@ -105,9 +103,13 @@ def load_base(base: Path, manifest: Manifest, task: str):
                           f"Base model ({info.task}, classes {info.class_names}, tile {info.tile_size}) does not fit "
                           f"the dataset ({task}, classes {manifest.class_names}, chip {manifest.chip_size}).",
                           "Fine-tune on a dataset with the same classes and chip size, or train from scratch.")
+    if not path.is_file():
+        from .onnx_weights import keras_from_onnx
+
+        return keras_from_onnx(onnx_file, info), info, True
     model = keras.saving.load_model(path, compile=False)
     unfreeze(model)  # a base trained with a frozen encoder saves it frozen: --freeze-encoder decides here
-    return model, info
+    return model, info, False
 
 
 def unfreeze(layer) -> None:

@@ -139,7 +139,8 @@ def output_channels(info: ModelInfo) -> int:
 
 
 def check_output(shape: tuple[int, ...], info: ModelInfo) -> None:
-    """The output must be (n, C, tile, tile) with C matching the task ((n, C) for classification)."""
+    """The output must be (n, C, tile, tile) with C matching the task ((n, C) for classification;
+    a peer's one sigmoid channel for [background, class])."""
     channels = output_channels(info)
     if info.task == "classification":
         if len(shape) != 2 or shape[1] != channels:
@@ -147,7 +148,8 @@ def check_output(shape: tuple[int, ...], info: ModelInfo) -> None:
                               f"return (n, {channels}): one probability per class and chip.",
                               "Use a model made by `landcover train --task classification`.")
         return
-    if len(shape) != 4 or shape[1] != channels or shape[2:] != (info.tile_size, info.tile_size):
+    sigmoid = info.task != "trees" and channels == 2 and len(shape) == 4 and shape[1] == 1
+    if len(shape) != 4 or (shape[1] != channels and not sigmoid) or shape[2:] != (info.tile_size, info.tile_size):
         raise EngineError("BAD_MODEL", f"The model returns {tuple(shape)} for {info.tile_size} px tiles; "
                           f"a {info.task} model must return (n, {channels}, {info.tile_size}, {info.tile_size}).",
                           "Use a model made by `landcover train`, or fix its class_names metadata.")
@@ -158,6 +160,10 @@ def encode(probs: np.ndarray, info: ModelInfo) -> np.ndarray:
     (landcover) or probabilities x PROB_SCALE (trees); NODATA is left for outside."""
     if info.task == "trees":
         return np.rint(np.clip(probs, 0.0, 1.0) * PROB_SCALE).astype(np.uint8)
+    if probs.shape[1] == 1:  # a peer's sigmoid: the class where it reaches seg_thresh (Deepness's rule)
+        return ((probs >= info.seg_thresh) & (probs > 0)).astype(np.uint8)
+    if info.seg_thresh > 0:  # the peers' rule: a probability below it counts as 0 (all 0: class 0)
+        probs = np.where(probs < info.seg_thresh, 0.0, probs)
     return np.argmax(probs, axis=1)[:, None].astype(np.uint8)
 
 
@@ -336,6 +342,20 @@ def prediction_profile(height: int, width: int, channels: int, stride: int, crs,
             "blockysize": block, "compress": "deflate", "zlevel": 1}
 
 
+def run_model(session, name: str, x: np.ndarray) -> np.ndarray:
+    """The model's first output on a batch. Some exports (Deepness's test models among them)
+    run one tile at a time whatever their input shape says: a batch they fail on is run
+    tile by tile before the model is called broken."""
+    try:
+        return session.run(None, {name: x})[0]
+    except Exception as exc:  # onnxruntime raises its own untyped errors
+        if len(x) > 1:
+            return np.concatenate([run_model(session, name, x[i:i + 1]) for i in range(len(x))])
+        raise EngineError("BAD_MODEL", f"onnxruntime cannot run the model on a tile: {exc}",
+                          "Check that the model takes (batch, bands, tile, tile) float32 input, "
+                          "as Deepness and landcover feed it.") from None
+
+
 def run_batches(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, tiles: list[Tile],
                 batch_size: int, reporter: Reporter):
     """Yield (tiles, model output, valid cores) batch by batch; the next batch is read
@@ -354,8 +374,10 @@ def run_batches(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, t
                 ahead = pool.submit(read_batch, src, window, batches[k + 1], info, aoi)
             if fixed_batch and len(batch) < fixed_batch:  # a model exported with a fixed batch size
                 x = np.concatenate([x, np.zeros((fixed_batch - len(batch), *x.shape[1:]), np.float32)])
-            probs = session.run(None, {model_input.name: x})[0][:len(batch)]
-            check_output(probs.shape, info)
+            probs = run_model(session, model_input.name, x)[:len(batch)]
+            if not info.detector:  # a detector's outputs are checked as they are decoded
+                probs = probs[:, None] if probs.ndim == 3 else probs  # a peer's (n, h, w) sigmoid
+                check_output(probs.shape, info)
             yield batch, probs, oks
             done += len(batch)
             reporter.progress("predict", done, len(tiles), "tiles")

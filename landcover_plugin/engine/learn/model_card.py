@@ -51,6 +51,16 @@ TASK_TEXT = {"trees": "tree crowns and centres", "landcover": "land-cover classe
              "classification": "one class per chip (chip classification)"}
 
 
+RUNS_IN = {
+    "trees": "landcover: model.onnx (crowns, tree points, health, orchard). Deepness and GeoDeep: "
+             "model-peers.onnx, a crown/background Segmentor (crown polygons only, no tree points). "
+             "Deepness also opens model.onnx as a Regressor: the crown-probability raster.",
+    "other": "landcover: model.onnx. Deepness and GeoDeep: model-peers.onnx, a Segmentor with the same "
+             "classes (GeoDeep reads RGB only: 3-band models). Deepness also runs model.onnx.",
+    "classification": "landcover only: neither Deepness nor GeoDeep runs chip classifiers.",
+}
+
+
 def model_card(info: ModelInfo, manifest: Manifest, summary: dict, params: TrainParams) -> str:
     classes = "\n".join(f"- {n} ({c})" for n, c in zip(info.class_names, info.class_colors))
     metrics = "\n".join(f"- {k}: {v:.4f}" for k, v in info.metrics.items())
@@ -71,6 +81,9 @@ def model_card(info: ModelInfo, manifest: Manifest, summary: dict, params: Train
 - Training: {summary['epochs']} epochs (best {summary['best_epoch']}), batch {summary['batch_size']}, \
 learning rate {summary['learning_rate']:g}, seed {params.seed}, {how}, on {summary['device']}; \
 curves in training_curves.png, options in train_config.json
+
+## Where it runs
+{RUNS_IN.get(info.task, RUNS_IN["other"])}
 
 ## Classes
 {classes}

@@ -176,7 +176,11 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         config = workdir / "train.json"  # the child reads its parameters whole, not a rebuilt command line
         config.write_text(json.dumps(dataclasses.asdict(tp), default=str))
         args = ["train", "--config", str(config)]
-        if can_resume(tp):  # an interrupted training of the same options left its checkpoint
+        if p.remote:  # the host's job outlives this run: `landcover remote attach` fetches its model
+            args += ["--remote", p.remote]
+            args += [arg for flag, path in (("--ssh-config", p.ssh_config), ("--ssh-identity", p.ssh_identity))
+                     if path for arg in (flag, str(path))]
+        elif can_resume(tp):  # an interrupted training of the same options left its checkpoint
             reporter.log("train: going on from the checkpoint of an interrupted run")
             args.append("--resume")
         res = _run_stage("train", tp, tp.out, lambda: run_in_child(args, reporter), workdir, reporter)

@@ -24,8 +24,9 @@ from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI
 from ..imagery.raster import open_raster
+from ..learn.detect import detect_trees
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
-                              model_tiles, open_session, output_channels, predict_to_raster)
+                              model_tiles, open_session, output_channels, plan_tiles, predict_to_raster)
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_from_points
@@ -113,13 +114,13 @@ def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "Predi
             reporter.progress("vectorize", n, len(plan), "blocks")
 
 
-def write_trees(tree_rows: Iterable[list[TreeRow]], info: ModelInfo, params: "PredictParams", out: GpkgWriter,
+def write_trees(found: Iterable[list[TreeRow]], params: "PredictParams", out: GpkgWriter,
                 reporter: Reporter) -> dict:
-    """Crowns and trees written block by block as they are outlined (`tree_rows`: each
-    block's, in plan order), so that memory stays flat with the area; then the orchard
-    fitted to their points. Returns the summary."""
+    """Crowns and trees written block by block as they are found (outlined here or on a
+    cluster, or a detector's boxes), so that memory stays flat with the area; then the
+    orchard fitted to their points. Returns the summary."""
     trees = TreeWriter(out)
-    for rows in tree_rows:
+    for rows in found:
         trees.add(rows)
     xy, area_m2, dead = trees.points()
     summary = {"crowns": trees.count, "canopy_m2": round(sum(area_m2.tolist()), 2), "dead": int(dead.sum())}
@@ -193,23 +194,29 @@ def predict_area(params: PredictParams, info: ModelInfo, src, aoi: AOI | None, o
     if info.task == "classification":  # one polygon per chip: no prediction raster
         layers, tiles = classify_chips(session, src, info, window, aoi_px, reporter, params.batch_size)
         summary = {"chips": len(layers[0].rows), "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
-    elif client is not None:  # the blocks' vectors come back from the cluster, in plan order
-        run = cluster_run(client, params, info, src, window, aoi_px)
-        tiles, results = len(run.tiles), run.results(reporter)
+    elif info.detector:  # a peer's detector: its boxes are the crowns, no prediction raster
+        plan = plan_tiles(int(window.height), int(window.width), info.tile_size, info.tile_overlap, aoi_px)
+        tiles = len(plan)
+        summary = write_trees(detect_trees(session, src, info, window, aoi_px, plan, params.batch_size,
+                                           params.health, reporter), params, out, reporter)
     else:
-        tiles = predict_to_raster(session, src, info, window, aoi_px, pred, reporter, params.batch_size)
-        reporter.log("Vectorizing the predictions")
-    if info.task == "trees":
-        rows = results if run else tree_blocks(pred, src, window, info, params, reporter)
-        summary = write_trees(rows, info, params, out, reporter)
-    elif info.task != "classification":
-        layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
-            if run else vectorize_landcover(pred, info, params.block_size, reporter)
-        summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
-                   "polygons": len(layers[0].rows)}
-        if info.task == "buildings":
-            layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
-            summary["buildings"] = len(layers[0].rows)
+        if client is not None:  # the blocks' vectors come back from the cluster, in plan order
+            run = cluster_run(client, params, info, src, window, aoi_px)
+            tiles, results = len(run.tiles), run.results(reporter)
+        else:
+            tiles = predict_to_raster(session, src, info, window, aoi_px, pred, reporter, params.batch_size)
+            reporter.log("Vectorizing the predictions")
+        if info.task == "trees":
+            summary = write_trees(results if run else tree_blocks(pred, src, window, info, params, reporter),
+                                  params, out, reporter)
+        else:
+            layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
+                if run else vectorize_landcover(pred, info, params.block_size, reporter)
+            summary = {"hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows},
+                       "polygons": len(layers[0].rows)}
+            if info.task == "buildings":
+                layers = [buildings_layer(layers[0], info.class_names)] + layers[1:]
+                summary["buildings"] = len(layers[0].rows)
     for layer in layers:
         out.write(layer)
     return summary, tiles, run.workers if run else set()
@@ -222,10 +229,10 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     fix_mmap_threshold(1 << 20)  # tile-sized buffers: the RSS grew with the number of tiles
     info = read_info(params.model)
     check_params(params, info)
-    on_cluster = params.scheduler is not None and info.task != "classification"
+    on_cluster = params.scheduler is not None and info.task != "classification" and not info.detector
     if params.scheduler and not on_cluster:
-        reporter.log("Chip classification runs on this machine: --scheduler serves land cover, buildings and "
-                     "trees models.", level="warning")
+        reporter.log("Chip classification and detectors run on this machine: --scheduler serves land cover, "
+                     "buildings and trees segmentation models.", level="warning")
     session, provider = (None, "dask") if on_cluster else open_session(onnx_path(params.model), reporter,
                                                                          params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)

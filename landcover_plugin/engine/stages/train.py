@@ -29,6 +29,7 @@ from ..learn.fit import (PATIENCE, augmented, batched, checkpointer, device_name
 from ..learn.losses import check_labels, class_weights, make_loss, make_metric, val_metrics
 from ..learn.model_card import CURVES_NAME, model_card, plot_curves
 from ..learn.model_package import KERAS_NAME, ONNX_NAME, ModelInfo, write_metadata
+from ..learn.peer_export import write_peer_model
 
 LEARNING_RATE, FINE_TUNE_LEARNING_RATE = 1e-3, 1e-4
 
@@ -153,7 +154,9 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     dead = task == "trees" and "dead" in class_names
     norm = manifest.norm
     if params.base:
-        model, base_info = load_base(params.base, manifest, task)
+        model, base_info, from_onnx = load_base(params.base, manifest, task)
+        if from_onnx:
+            reporter.log(f"fine-tuning {params.base}: weights taken from its ONNX file")
         rate = params.learning_rate or FINE_TUNE_LEARNING_RATE
         # Keep the base's input normalisation: its weights expect it.
         norm = {"input_scale": base_info.input_scale, "mean": base_info.mean, "std": base_info.std}
@@ -170,6 +173,10 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     scaled = replace(manifest, **norm)  # the base model's normalisation when fine-tuning
     x_train, y_train = load_chips(params.dataset, scaled, "train")
     x_val, y_val = load_chips(params.dataset, scaled, "val")
+    if params.base and from_onnx:
+        from ..learn.onnx_weights import calibrate_batchnorm
+
+        calibrate_batchnorm(model, x_train[:16])
     if task == "classification":  # one label per chip instead of the mask
         y_train, y_val = chip_labels(manifest, "train"), chip_labels(manifest, "val")
     check_labels(task, class_names, y_train, centres_only)
@@ -216,6 +223,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
         export_onnx(model, tmp / ONNX_NAME, tile, bands)
         write_metadata(tmp / ONNX_NAME, info)
         summary["onnx_max_diff"] = check_onnx(tmp / ONNX_NAME, model, x_val[:1])
+        write_peer_model(tmp / ONNX_NAME, info, tmp)  # model-peers.onnx: for Deepness and GeoDeep
         plot_curves(state.history, tmp / CURVES_NAME)
         (tmp / "train_config.json").write_text(json.dumps(config, indent=1))
         (tmp / "MODEL_CARD.md").write_text(model_card(info, manifest, summary, params))

@@ -26,7 +26,7 @@ from ..imagery.aoi import AOI
 from ..imagery.raster import open_raster
 from ..learn.detect import detect_trees
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
-                              model_tiles, open_session, output_channels, plan_tiles, predict_to_raster)
+                              model_tiles, open_session, output_channels, predict_to_raster)
 from ..learn.model_package import ModelInfo, onnx_path, read_info
 from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_from_points
@@ -195,7 +195,7 @@ def predict_area(params: PredictParams, info: ModelInfo, src, aoi: AOI | None, o
         layers, tiles = classify_chips(session, src, info, window, aoi_px, reporter, params.batch_size)
         summary = {"chips": len(layers[0].rows), "hectares": {r["class"]: r["hectares"] for _, r in layers[1].rows}}
     elif info.detector:  # a peer's detector: its boxes are the crowns, no prediction raster
-        plan = plan_tiles(int(window.height), int(window.width), info.tile_size, info.tile_overlap, aoi_px)
+        plan = model_tiles(info, window, aoi_px)
         tiles = len(plan)
         summary = write_trees(detect_trees(session, src, info, window, aoi_px, plan, params.batch_size,
                                            params.health, reporter), params, out, reporter)

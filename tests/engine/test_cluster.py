@@ -174,6 +174,16 @@ def test_cancel_takes_the_clusters_tasks_with_it(cluster, orchard_scene, tmp_pat
         assert client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks)) == 0
 
 
+def test_inputs_a_worker_cannot_read_are_named_before_any_work(cluster, osbs_tif, tmp_path):
+    from landcover_plugin.engine.cluster import check_workers
+
+    with connect(cluster.address) as client:
+        assert check_workers(client, [osbs_tif]) == 2
+        with pytest.raises(EngineError) as err:
+            check_workers(client, [osbs_tif, tmp_path / "only-here.onnx"])
+    assert err.value.code == "WORKER_CANNOT_READ" and "only-here.onnx" in err.value.message and err.value.hint
+
+
 @pytest.mark.parametrize("address, code", [("tcp://127.0.0.1:9", "SCHEDULER_UNREACHABLE"),
                                            ("127.0.0.1:8786", "BAD_SCHEDULER"),
                                            ("tls://127.0.0.1:9", "TLS_NOT_CONFIGURED")])

@@ -13,9 +13,9 @@ sudo_if_needed() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 stamp_ok() { local n=$1; shift; [ -f "$STAMPS/$n" ] && [ "$(cat "$@" | sha256sum)" = "$(cat "$STAMPS/$n")" ]; }
 mark() { local n=$1; shift; cat "$@" | sha256sum > "$STAMPS/$n"; }
 
-APT_PACKAGES="qgis python3-qgis qgis-providers python3-venv python3-gdal gdal-bin xvfb xauth x11-utils imagemagick python-osmnx-doc openssh-server"
+APT_PACKAGES="qgis python3-qgis qgis-providers python3-venv python3-gdal gdal-bin xvfb xauth x11-utils imagemagick python-osmnx-doc openssh-server openssl"
 
-# 1. System packages (QGIS 3.22+ from Debian, Xvfb for the desktop test).
+# 1. System packages (QGIS 3.22+ from Debian, Xvfb for the desktop test, openssl for the TLS cluster test).
 missing=""
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing="$missing $p"

@@ -13,6 +13,7 @@ one), `problems` for what the job asks.
     labels: FILE or {path, class_field} or {preset, osm_file} or {preset, overpass, date}
     model: MODEL                      (instead of labels: predict only)
     train: {epochs, batch_size, chip_size, seed, remote: HOST, ssh_config, ssh_identity}  (remote: over ssh)
+    predict: {scheduler: tcp://HOST:PORT}  (predict on a Dask cluster; tls:// with Dask's TLS configuration)
     workdir: DIR                      (default OUT-work beside out)
     out: RESULT.gpkg
 """
@@ -28,11 +29,13 @@ from typing import Any
 from .names import MODELS_DIR, OSM_SUFFIXES, OVERPASS_DEFAULT
 from .tasks import TASK_IDS
 
-KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "workdir", "out")
+KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "predict", "workdir", "out")
 IMAGERY_KEYS = ("source", "gsd", "zoom", "headers")
 LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
 TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed", "remote", "ssh_config", "ssh_identity")
 TRAIN_NUMBERS = TRAIN_KEYS[:4]
+PREDICT_KEYS = ("scheduler",)
+SCHEDULER_SCHEMES = ("tcp://", "tls://")
 HINT = "See the pipeline file example in the README."
 LABELS_HINT = ("E.g. labels: {path: crowns.gpkg}, or labels: {preset: landcover, overpass: "
                f"{OVERPASS_DEFAULT}, date: 2020-06-01}}, or {{preset: trees, osm_file: area.osm.pbf}}.")
@@ -71,6 +74,7 @@ class PipelineFile:
     remote: str | None = None  # train on this ssh host (`landcover remote setup HOST`)
     ssh_config: Path | None = None  # ... with this ssh config instead of ~/.ssh/config
     ssh_identity: Path | None = None  # ... and this private key file (its path only)
+    scheduler: str | None = None  # a Dask scheduler's address: predict on its workers
 
     @property
     def osm(self) -> bool:
@@ -109,6 +113,9 @@ class PipelineFile:
             found.append(f"{self.osm_file.name} is not an OpenStreetMap file ({', '.join(OSM_SUFFIXES)}).")
         if self.date:
             found += _date_problems(self.date, sources)
+        if self.scheduler is not None and not self.scheduler.startswith(SCHEDULER_SCHEMES):
+            found.append(f"The scheduler '{self.scheduler}' is not a Dask address: give tcp://HOST:PORT "
+                         "(or tls://HOST:PORT).")
         return found
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +140,8 @@ class PipelineFile:
                               **({"date": self.date} if self.date else {})}
         if self.model is not None:
             spec["model"] = str(self.model)
+        if self.scheduler:
+            spec["predict"] = {"scheduler": self.scheduler}
         return spec
 
     def write(self, path: Path) -> Path:
@@ -154,8 +163,9 @@ class PipelineFile:
         labels = spec.get("labels") or {}
         labels = {"path": labels} if isinstance(labels, str) else labels
         train = spec.get("train") or {}
+        predict = spec.get("predict") or {}
         for name, section, keys in (("imagery", imagery, IMAGERY_KEYS), ("labels", labels, LABEL_KEYS),
-                                    ("train", train, TRAIN_KEYS)):
+                                    ("train", train, TRAIN_KEYS), ("predict", predict, PREDICT_KEYS)):
             if not isinstance(section, dict):
                 raise PipelineFileError(f"{name} is neither a value nor a mapping.",
                                         LABELS_HINT if name == "labels" else HINT)
@@ -181,6 +191,7 @@ class PipelineFile:
             remote=str(train["remote"]) if train.get("remote") else None,
             ssh_config=_path(base, train.get("ssh_config")),
             ssh_identity=_path(base, train.get("ssh_identity")),
+            scheduler=str(predict["scheduler"]) if predict.get("scheduler") else None,
             **{k: _number(train, k, int, default=getattr(cls, k)) for k in TRAIN_NUMBERS},
         )
 

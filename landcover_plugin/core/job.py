@@ -7,13 +7,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCoordinateTransformContext, QgsRectangle
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsCoordinateTransformContext,
+                       QgsRectangle, QgsSettings)
 
 from ..contract.pipeline_file import PipelineFile
 from ..contract.runner import EngineRun, OverallProgress
 from .engine_env import EngineLocation
 
 QUICK_EPOCHS = 10  # the dock's and Processing's default: a first result in minutes on a laptop
+SCHEDULER_SETTING = "landcover/scheduler"  # optional Dask scheduler address: predict runs on its workers
 
 # Where training labels come from; Processing's enum takes this order (its index 0 stays "layer").
 LABEL_SOURCES = {"layer": "Vector layer or file (with class field)",
@@ -44,6 +46,17 @@ def problems(job: PipelineFile) -> list[str]:
     if job.osm_file is not None and not job.osm_file.is_file():
         found.append(f"The OpenStreetMap file {job.osm_file} does not exist.")
     return found
+
+
+def scheduler_setting() -> str | None:
+    """The Dask scheduler the dock and Processing predict on (set in the dock), or None: here."""
+    return str(QgsSettings().value(SCHEDULER_SETTING, "") or "").strip() or None
+
+
+def workers_note(summary: dict) -> str:
+    """What the result message adds when the prediction ran on a Dask cluster."""
+    workers = (summary.get("predict") or {}).get("workers")
+    return f"; predicted on {workers} Dask worker{'s' if workers != 1 else ''}" if workers else ""
 
 
 def pipeline_path(job: PipelineFile) -> Path:

@@ -217,6 +217,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dead-prob", type=number, default=h.dead_prob,
                    help=f"trees, models with a dead channel: mean dead probability of a dead crown (default {h.dead_prob})")
     p.add_argument("--no-orchard", action="store_true", help="trees: skip the planting grid and missing trees")
+    p.add_argument("--per-feature", action="store_true",
+                   help="--aoi is a vector file of areas: predict each on its own, its id (field area_id) on every row")
+    p.add_argument("--id-field", help="with --per-feature: the field holding each area's id (default: feature ids)")
+    p.add_argument("--scheduler", metavar="ADDRESS",
+                   help="predict on a Dask cluster: its scheduler, tcp://HOST:PORT or tls://HOST:PORT (TLS "
+                        "certificates from Dask's configuration); workers read --model and --imagery at the same paths")
 
     p = sub.add_parser("quantize", help="write an int8 copy of a model (faster on CPUs)")
     _add_common(p)
@@ -342,13 +348,17 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
 
         return evaluate(EvalParams(model=args.model, dataset=args.dataset, out=args.out, split=args.split), reporter)
     if args.command == "predict":
+        from .imagery.aoi import parse_aoi_areas
         from .stages.predict import PredictParams, predict
 
         health = HealthThresholds(vari_stressed=args.vari_stressed, vari_dead=args.vari_dead,
                                   ndvi_stressed=args.ndvi_stressed, ndvi_dead=args.ndvi_dead, dead_prob=args.dead_prob)
-        return predict(PredictParams(model=args.model, imagery=args.imagery, out=args.out, aoi=_aoi(args),
+        areas = parse_aoi_areas(args.aoi, args.aoi_crs, args.id_field) if args.per_feature else ()
+        return predict(PredictParams(model=args.model, imagery=args.imagery, out=args.out,
+                                     aoi=None if areas else _aoi(args), areas=areas,
                                      batch_size=args.batch_size, threads=args.threads, block_size=args.block_size,
-                                     nir_band=args.nir_band, health=health, orchard=not args.no_orchard), reporter)
+                                     nir_band=args.nir_band, health=health, orchard=not args.no_orchard,
+                                     scheduler=args.scheduler), reporter)
     if args.command == "quantize":
         from .stages.quantize import QuantizeParams, quantize
 

@@ -52,6 +52,8 @@ resources/presets/; trees fits the trees task, buildings the buildings task, all
 <p><b>Output</b>: a GeoPackage with the result layers and their styles, loaded into the project.
 The job's pipeline file goes beside it (<i>NAME-pipeline.yaml</i>: <code>landcover run</code> reruns it),
 intermediate files to a folder beside it (<i>NAME-work</i>); running again reuses finished stages.</p>
+<p>With a <b>Dask scheduler</b> set in the Landcover dock, the prediction runs on that cluster's workers
+(they read the imagery and the model at the same paths); the log says how many took part.</p>
 <p>If the engine environment is missing, run <code>make install</code> in the plugin's source folder
 or use 'Create environment' in the Landcover dock.</p>"""
 
@@ -189,7 +191,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
             imagery=imagery.source, headers=imagery.headers, gsd=gsd if imagery.is_xyz else None,
             labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
             model=Path(model) if model and labels is None else None,
-            epochs=self.parameterAsInt(parameters, self.EPOCHS, context),
+            epochs=self.parameterAsInt(parameters, self.EPOCHS, context), scheduler=job.scheduler_setting(),
             **self._remote(parameters, context),
             out=out, workdir=out.with_name(out.stem + "-work"), **osm), imagery.engine_env()
 
@@ -239,6 +241,8 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self._attribution = result.get("summary", {}).get("attribution", "")  # labels from OSM
         for key, value in result.get("summary", {}).items():
             feedback.pushInfo(f"{key}: {value}")
+        if job.workers_note(result.get("summary", {})):
+            feedback.pushInfo(f"Done{job.workers_note(result.get('summary', {}))}.")
         self._results = {self.OUTPUT: self._gpkg,
                          self.LAYERS: [f"{self._gpkg}|layername={n}" for n in gpkg_layer_names(self._gpkg)]}
         return self._results

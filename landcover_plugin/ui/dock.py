@@ -194,7 +194,8 @@ class LandcoverDock(QgsDockWidget):
         self.train_on_combo = QComboBox(objectName="trainOnCombo")
         self.train_on_combo.setToolTip("Where training runs: this computer, or a GPU host you reach with ssh "
                                        "(the dataset goes there, the model comes back; the training goes on "
-                                       "there if the connection drops). Prediction always runs here.")
+                                       "there if the connection drops). Prediction runs here, or on the Dask "
+                                       "scheduler's workers (below).")
         self.add_host_button = QPushButton("Add host…", objectName="addHostButton")
         self.add_host_button.setToolTip("Add a GPU host reached with ssh: a name, the ssh destination, a key file.")
         self.add_host_button.clicked.connect(self.ask_new_host)
@@ -213,6 +214,16 @@ class LandcoverDock(QgsDockWidget):
             lambda *_: self.test_host_button.setEnabled(self.remote_host() is not None))
         self._fill_hosts()
         self._label_source_changed()
+
+        self.scheduler_edit = QLineEdit(objectName="schedulerEdit")
+        self.scheduler_edit.setText(job.scheduler_setting() or "")
+        self.scheduler_edit.setPlaceholderText("optional: tcp://HOST:8786")
+        self.scheduler_edit.setToolTip("Optional: a Dask scheduler (tcp://HOST:PORT, or tls:// with Dask's TLS "
+                                       "configuration) whose workers predict, for areas one machine is too slow "
+                                       "for; they must read the imagery and model at the same paths. Empty: "
+                                       "this machine. Remembered, and used by Processing too.")
+        self.scheduler_edit.editingFinished.connect(self._remember_scheduler)
+        form.addRow("Dask scheduler", self.scheduler_edit)
 
         self.out_dir = QgsFileWidget(objectName="outputDir")
         self.out_dir.setStorageMode(QgsFileWidget.GetDirectory)
@@ -287,6 +298,9 @@ class LandcoverDock(QgsDockWidget):
     def _remember_overpass(self) -> None:
         QgsSettings().setValue(OVERPASS_SETTING, self.overpass_edit.text().strip() or OVERPASS_DEFAULT)
 
+    def _remember_scheduler(self) -> None:
+        QgsSettings().setValue(job.SCHEDULER_SETTING, self.scheduler_edit.text().strip())
+
     def start_drawing(self) -> None:
         if self.canvas.mapTool() is not self.map_tool:
             self._previous_tool = self.canvas.mapTool()
@@ -354,6 +368,7 @@ class LandcoverDock(QgsDockWidget):
             overpass=overpass,
             date=(self.date_edit.text().strip() or None) if overpass else None,
             epochs=self.epochs_spin.value(),
+            scheduler=self.scheduler_edit.text().strip() or None,
             remote=host.destination if host and training else None,
             ssh_identity=host.identity_path if host and training else None,
             out=out_dir / f"{task}-{stamp}.gpkg",
@@ -513,7 +528,8 @@ class LandcoverDock(QgsDockWidget):
                                     attribution=attribution)
         credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
         trained = training_text(event.get("summary", {}).get("train", {}))
-        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{trained}{credit}")
+        workers = job.workers_note(event.get("summary", {}))
+        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{workers}{trained}{credit}")
         model = event.get("outputs", {}).get("model")
         card = Path(model) / "MODEL_CARD.md" if model else None
         self.report_path = card if card and card.is_file() else None

@@ -68,6 +68,7 @@ def test_every_engine_task_can_be_asked_for_from_the_plugin(tmp_path, task):
     ({"trian": {"epochs": 1}}, "trian", "train"),
     ({"train": {"epoch": 1}}, "epoch", "epochs"),
     ({"imagery": {"source": "a.tif", "gds": 0.1}}, "gds", "gsd"),
+    ({"predict": {"schedueler": "tcp://h:8786"}}, "schedueler", "scheduler"),
 ])
 def test_a_typo_is_an_error_naming_the_nearest_key(tmp_path, spec, key, nearest):
     """An ignored `trian:` would train 20 epochs with defaults: refuse, and say what was meant."""
@@ -93,6 +94,17 @@ def test_what_the_plugin_writes_the_engine_reads_back_whole(tmp_path):
     """Every field survives the round trip, batch size and seed included."""
     spec = PipelineFile(task="trees", aoi=(1.0, 2.0, 3.0, 4.0), aoi_crs="EPSG:32617", imagery="https://t/{z}/{x}/{y}.png",
                         out=tmp_path / "t.gpkg", workdir=tmp_path / "w", labels=tmp_path / "c.gpkg", epochs=3,
-                        batch_size=4, chip_size=64, seed=7, gsd=0.1, headers={"Referer": "https://x"})
+                        batch_size=4, chip_size=64, seed=7, gsd=0.1, headers={"Referer": "https://x"},
+                        scheduler="tls://10.0.0.5:8786")
     back = load_pipeline(spec.write(tmp_path / "p.yaml"))
     assert back.to_dict() == spec.to_dict()
+
+
+def test_a_scheduler_that_is_no_dask_address_is_refused(tmp_path):
+    from landcover_plugin.engine.errors import EngineError
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("task: trees\nimagery: a.tif\nout: t.gpkg\nmodel: trees-base\npredict: {scheduler: 'h:8786'}\n")
+    with pytest.raises(EngineError) as err:
+        load_pipeline(path)
+    assert err.value.code == "BAD_PIPELINE" and "tcp://HOST:PORT" in err.value.message

@@ -307,3 +307,28 @@ def test_results_from_osm_labels_are_credited(dock, qgis_new_project, tmp_path):
     assert credit in dock.status_label.text()
     (layer,) = QgsProject.instance().layerTreeRoot().children()[0].findLayers()
     assert layer.layer().metadata().rights() == [credit] and layer.layer().attribution() == credit
+
+
+def test_the_dask_scheduler_is_remembered_used_and_reported(qgis_iface, engine_python, osbs_layers, tmp_path):
+    """Set once in the dock: its pipelines and Processing's predict on the cluster, and the
+    result message says how many workers took part."""
+    from landcover_plugin.core import job
+
+    docks = [LandcoverDock(qgis_iface, qgis_iface.mainWindow())]
+    try:
+        docks[0].scheduler_edit.setText(" tcp://10.0.0.5:8786 ")
+        docks[0].scheduler_edit.editingFinished.emit()
+        docks.append(LandcoverDock(qgis_iface, qgis_iface.mainWindow()))
+        assert docks[1].scheduler_edit.text() == "tcp://10.0.0.5:8786" == job.scheduler_setting()
+        docks[1].imagery_combo.setLayer(osbs_layers[0])
+        assert docks[1].build_spec(tmp_path).to_dict()["predict"] == {"scheduler": "tcp://10.0.0.5:8786"}
+        docks[1].scheduler_edit.setText("")
+        assert "predict" not in docks[1].build_spec(tmp_path).to_dict()  # empty: this machine
+    finally:
+        QgsSettings().remove(job.SCHEDULER_SETTING)
+        for dock in docks:
+            dock.cleanup()
+            dock.deleteLater()
+    assert job.scheduler_setting() is None
+    assert job.workers_note({"predict": {"workers": 3}}) == "; predicted on 3 Dask workers"
+    assert job.workers_note({"predict": {"crowns": 3}}) == ""

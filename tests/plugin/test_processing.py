@@ -90,6 +90,20 @@ def test_parameters_become_the_pipeline(alg, osbs_tif, osbs_csv, tmp_path):
     assert job.problems(spec) == []
 
 
+def test_the_scheduler_set_in_the_dock_is_used(alg, osbs_tif, tmp_path):
+    from qgis.core import QgsSettings
+
+    params = {"IMAGERY": str(osbs_tif), "MODEL": str(tmp_path / "m.onnx"), "LABEL_SOURCE": 3,
+              "EXTENT": _extent(osbs_tif), "TASK": 0, "OUTPUT": str(tmp_path / "out.gpkg")}
+    context = _context()
+    QgsSettings().setValue(job.SCHEDULER_SETTING, "tls://cluster.example.org:8786")
+    try:
+        assert alg.create().build_spec(params, context).scheduler == "tls://cluster.example.org:8786"
+    finally:
+        QgsSettings().remove(job.SCHEDULER_SETTING)
+    assert alg.create().build_spec(params, context).scheduler is None
+
+
 def test_labels_from_the_same_choices_as_the_dock(alg, osbs_tif, osbs_csv, tmp_path):
     """Processing offers the dock's label sources, in an order that keeps older command lines
     (0 is the layer or file); "model" predicts with the model even when labels are given."""

@@ -133,21 +133,49 @@ def parse_aoi(text: str, crs: str = "EPSG:4326") -> AOI:
             raise EngineError("BAD_AOI", f"AOI '{text}' is not in longitude/latitude degrees.",
                               "Give WGS84 degrees, or name the AOI's CRS with --aoi-crs.")
         return AOI(box(minx, miny, maxx, maxy), check_crs(crs))
-    path = Path(text)
+    from shapely.ops import unary_union
+
+    features, file_crs = read_aoi_features(Path(text), crs)
+    return AOI(unary_union([g for _, g in features]), check_crs(file_crs))
+
+
+def read_aoi_features(path: Path, crs: str = "EPSG:4326",
+                      id_field: str | None = None) -> tuple[list[tuple[str, BaseGeometry]], str]:
+    """A vector file's features with a geometry, each with its id (the value of `id_field`,
+    else the feature's id), and the file's CRS (`crs` when it has none)."""
     if not path.exists():
-        raise EngineError("BAD_AOI", f"AOI '{text}' is neither minx,miny,maxx,maxy nor an existing file.",
+        raise EngineError("BAD_AOI", f"AOI '{path}' is neither minx,miny,maxx,maxy nor an existing file.",
                           "Give four comma-separated numbers or the path of a vector file.")
     import fiona
     from fiona.errors import FionaError
-    from shapely.ops import unary_union
 
     try:
         with fiona.open(path) as src:
-            geoms = [shape(f["geometry"]) for f in src if f["geometry"]]
+            if id_field is not None and id_field not in src.schema["properties"]:
+                raise EngineError("BAD_AOI", f"AOI file {path} has no field '{id_field}'.",
+                                  f"Give --id-field one of {', '.join(src.schema['properties']) or '(none)'}, "
+                                  "or leave it out to use the features' ids.")
+            features = [(str(f["properties"][id_field] if id_field else f.id), shape(f["geometry"]))
+                        for f in src if f["geometry"]]
             file_crs = src.crs.to_string() if src.crs else crs
     except FionaError as exc:
         raise EngineError("BAD_AOI", f"Cannot read AOI file {path}: {exc}",
                           "Give a vector file GDAL can open (GeoPackage, Shapefile, GeoJSON) with a polygon.") from None
-    if not geoms:
+    if not features:
         raise EngineError("BAD_AOI", f"AOI file {path} has no geometry.", "Draw at least one polygon in it.")
-    return AOI(unary_union(geoms), check_crs(file_crs))
+    return features, file_crs
+
+
+def parse_aoi_areas(text: str | None, crs: str = "EPSG:4326",
+                    id_field: str | None = None) -> tuple[tuple[str, AOI], ...]:
+    """Each feature of a vector file as an area of its own, with its id (predict --per-feature)."""
+    if not text or not Path(text).exists():
+        raise EngineError("BAD_AOI", "--per-feature needs --aoi to be a vector file of areas.",
+                          "Give --aoi areas.gpkg (one polygon per area, e.g. per orchard block).")
+    features, file_crs = read_aoi_features(Path(text), crs, id_field)
+    ids = [i for i, _ in features]
+    doubles = sorted({i for i in ids if ids.count(i) > 1})
+    if doubles:
+        raise EngineError("BAD_AOI", f"Areas of {text} share the id {', '.join(doubles[:5])}: their rows could not "
+                          "be told apart.", "Give --id-field a field whose values are unique, or leave it out.")
+    return tuple((i, AOI(g, check_crs(file_crs))) for i, g in features)

@@ -413,18 +413,23 @@ def classify_chips(session, src, info: ModelInfo, window: Window, aoi: AoiPixels
     return [chips, stats], len(tiles)
 
 
+def model_tiles(info: ModelInfo, window: Window, aoi: AoiPixels) -> list[Tile]:
+    """The model's tiles over the window (see plan_tiles), or BAD_MODEL when its overlap leaves no core."""
+    if info.tile_size - 2 * info.tile_overlap <= 0:
+        raise EngineError("BAD_MODEL", f"Tile overlap {info.tile_overlap} leaves nothing of a {info.tile_size} px tile.",
+                          "Fix tile_overlap in the model's metadata (less than a quarter of the tile).")
+    return plan_tiles(int(window.height), int(window.width), info.tile_size, info.tile_overlap, aoi)
+
+
 def predict_to_raster(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, path: Path,
                       reporter: Reporter, batch_size: int = BATCH_SIZE) -> int:
     """Run the model over the window tile by tile and write the uint8 prediction raster
     at `path` (see `encode`); returns the number of tiles run. The next batch is read
     in a thread while the model runs on the current one."""
-    if info.tile_size - 2 * info.tile_overlap <= 0:
-        raise EngineError("BAD_MODEL", f"Tile overlap {info.tile_overlap} leaves nothing of a {info.tile_size} px tile.",
-                          "Fix tile_overlap in the model's metadata (less than a quarter of the tile).")
     height, width = int(window.height), int(window.width)
     stride = info.tile_size - 2 * info.tile_overlap
     channels = output_channels(info) if info.task == "trees" else 1
-    tiles = plan_tiles(height, width, info.tile_size, info.tile_overlap, aoi)
+    tiles = model_tiles(info, window, aoi)
     profile = prediction_profile(height, width, channels, stride, src.crs, src.window_transform(window))
     with rasterio.open(path, "w", **profile) as dst:
         writer = StripWriter(dst, channels, stride, info.tile_overlap)

@@ -189,7 +189,7 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
     outputs["model"] = str(model)
 
     begin("predict")
-    pp = PredictParams(model=model, imagery=imagery, out=p.out, aoi=aoi)
+    pp = PredictParams(model=model, imagery=imagery, out=p.out, aoi=aoi, scheduler=p.scheduler)
     res = predict(pp, reporter)  # always rerun: it is the user's final output
     summary["predict"] = res.summary
     outputs.update(res.outputs)

@@ -193,27 +193,41 @@ def landcover_blocks(read, shape_hw: tuple[int, int], transform: Affine, crs: CR
     block borders share their edges exactly and are merged by a union (no seams).
     """
     height, width = shape_hw
-    done: list[tuple[BaseGeometry, int]] = []
-    pending: dict[int, list[BaseGeometry]] = {}  # pieces touching an inner block border, by class
-    m2 = np.zeros(len(class_names))
     plan = blocks(height, width, block_size)
 
     def jobs():
         for r0, c0, r1, c1 in plan:
-            e0, f0 = max(r0 - SIEVE_MARGIN, 0), max(c0 - SIEVE_MARGIN, 0)
-            raw = read(e0, f0, min(r1 + SIEVE_MARGIN, height), min(c1 + SIEVE_MARGIN, width))
-            yield BlockJob(raw, (r0, c0, r1, c1), (e0, f0), shape_hw, transform, crs, len(class_names), min_pixels)
+            e0, f0, e1, f1 = sieve_window((r0, c0, r1, c1), shape_hw)
+            yield BlockJob(read(e0, f0, e1, f1), (r0, c0, r1, c1), (e0, f0), shape_hw, transform, crs,
+                           len(class_names), min_pixels)
 
     with block_runner(len(plan)) as run:
-        for n, (geoms, values, border, block_m2) in enumerate(run(block_polygons, jobs()), start=1):
-            m2 += block_m2
-            for geom, v, b in zip(geoms, values, border):
-                if b:
-                    pending.setdefault(int(v), []).append(geom)
-                else:
-                    done.append((geom, int(v)))
-            if on_block:
-                on_block(n, len(plan))
+        return landcover_from_blocks(run(block_polygons, jobs()), transform, crs, class_names, on_block, len(plan))
+
+
+def sieve_window(block: tuple[int, int, int, int], shape_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(row0, col0, row1, col1) read for a block: the block and SIEVE_MARGIN around it, within the raster."""
+    (r0, c0, r1, c1), (height, width) = block, shape_hw
+    return max(r0 - SIEVE_MARGIN, 0), max(c0 - SIEVE_MARGIN, 0), min(r1 + SIEVE_MARGIN, height), \
+        min(c1 + SIEVE_MARGIN, width)
+
+
+def landcover_from_blocks(results, transform: Affine, crs: CRS, class_names: list[str], on_block=None,
+                          n_blocks: int = 0) -> list[Layer]:
+    """The land-cover layers from `block_polygons`' results in plan order (made here or on
+    a cluster): pieces touching an inner block border are merged by a union."""
+    done: list[tuple[BaseGeometry, int]] = []
+    pending: dict[int, list[BaseGeometry]] = {}  # pieces touching an inner block border, by class
+    m2 = np.zeros(len(class_names))
+    for n, (geoms, values, border, block_m2) in enumerate(results, start=1):
+        m2 += block_m2
+        for geom, v, b in zip(geoms, values, border):
+            if b:
+                pending.setdefault(int(v), []).append(geom)
+            else:
+                done.append((geom, int(v)))
+        if on_block:
+            on_block(n, n_blocks)
     for v, pieces in pending.items():
         merged = shapely.union_all(pieces)
         done.extend((g, v) for g in getattr(merged, "geoms", [merged]))
@@ -330,6 +344,22 @@ class GpkgWriter:
               dataset_options=None if self.names else {"VERSION": "1.3"})
         if layer.name not in self.names:
             self.names.append(layer.name)
+
+
+AREA_FIELD = "area_id"  # predict --per-feature: the area (AOI feature) a row belongs to
+
+
+class TaggedWriter:
+    """A GpkgWriter's view that puts `field` = `value` first in every row of every layer:
+    one area of many written into one GeoPackage (predict --per-feature)."""
+
+    def __init__(self, out: GpkgWriter, field: str, value: str):
+        self.out, self.field, self.value = out, field, value
+        self.path, self.crs, self.names = out.path, out.crs, out.names
+
+    def write(self, layer: Layer) -> None:
+        self.out.write(Layer(layer.name, layer.geometry, {self.field: "str", **layer.fields},
+                             [(g, {self.field: self.value, **props}) for g, props in layer.rows]))
 
 
 def write_gpkg(path: Path, layers: list[Layer], crs: CRS) -> None:

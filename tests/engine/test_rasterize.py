@@ -72,13 +72,19 @@ def expected(complete: bool = False) -> np.ndarray:
 
 
 def mosaic(dataset: Path) -> np.ndarray:
-    """The chips' masks put back together (IGNORE where there is no chip)."""
+    """The chips' masks put back together (IGNORE where no chip labels a pixel). Land cover
+    is validated on whole polygons: a window can give a train and a val chip, each labelled
+    with its own split's polygons only, so a pixel is labelled in one chip at most."""
     manifest = json.loads((dataset / "dataset.json").read_text())
-    out = np.full((64, 128), 254, np.uint8)
+    out = np.full((64, 128), IGNORE, np.uint8)
     for chip in manifest["chips"]:
         with rasterio.open(dataset / chip["mask"]) as src:
             col, row = ~from_origin(X0, Y0, 1, 1) * (src.bounds.left, src.bounds.top)
-            out[int(row):int(row) + 64, int(col):int(col) + 64] = src.read(1)
+            window = np.s_[int(row):int(row) + 64, int(col):int(col) + 64]
+            mask = src.read(1)
+        labelled = mask != IGNORE
+        assert not (labelled & (out[window] != IGNORE) & (out[window] != mask)).any(), "two labels for one pixel"
+        out[window] = np.where(labelled, mask, out[window])
     return out
 
 

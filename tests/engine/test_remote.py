@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import onnxruntime as ort
@@ -144,15 +143,14 @@ def test_a_new_host_is_refused_with_its_fingerprint_until_the_user_accepts_it(se
 def test_setup_installs_the_engine_and_says_what_the_host_has(server, host):
     assert fingerprint(server) in subprocess.run(["ssh-keygen", "-lf", str(server.known_hosts)],
                                                  capture_output=True, text=True).stdout
-    started = time.monotonic()
+    installed = server.remote_home / "engine" / "requirements.installed"
+    stamp = installed.stat().st_mtime_ns
     code, events = landcover("remote", "setup", *host)  # again: nothing to install
-    again_s = time.monotonic() - started
-    assert code == 0
+    assert code == 0 and installed.stat().st_mtime_ns == stamp  # pip did not run again
     summary = events[-1]["summary"]
     assert summary["python"].startswith("3.") and summary["engine"]
     assert summary["found"] == "no GPU: training will use the CPU"
     assert any("already runs" in e["message"] for e in events if e["event"] == "log")
-    assert again_s < 60  # no reinstall (a loose bound: only that it skipped pip)
     assert (server.remote_home / "engine" / "bin" / "python").exists()
 
 
@@ -247,10 +245,8 @@ def test_cancel_stops_the_host_training_within_seconds_and_leaves_no_model(serve
         wait_for_epoch(proc)
         job = next(j for j in host_jobs(server) if not (server.remote_home / "jobs" / j / "exit").exists())
         train_pid = int((server.remote_home / "jobs" / job / "pid").read_text())
-        cancelled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - cancelled
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -260,7 +256,6 @@ def test_cancel_stops_the_host_training_within_seconds_and_leaves_no_model(serve
     assert job not in host_jobs(server)
     with pytest.raises(ProcessLookupError):  # the host's training process is gone
         os.kill(train_pid, 0)
-    print(f"cancel took {took:.1f} s")
 
     # `remote cancel` of a detached job: the same, from another command.
     proc = start("train", "--remote", *host, "--dataset", str(dataset), "--out", str(out),

@@ -32,8 +32,8 @@ from .tasks import TASK_IDS
 KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "predict", "workdir", "out")
 IMAGERY_KEYS = ("source", "gsd", "zoom", "headers")
 LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
-TRAIN_KEYS = ("epochs", "batch_size", "chip_size", "seed", "remote", "ssh_config", "ssh_identity")
-TRAIN_NUMBERS = TRAIN_KEYS[:4]
+TRAIN_NUMBERS = ("epochs", "batch_size", "chip_size", "seed")
+TRAIN_KEYS = (*TRAIN_NUMBERS, "remote", "ssh_config", "ssh_identity")
 PREDICT_KEYS = ("scheduler",)
 SCHEDULER_SCHEMES = ("tcp://", "tls://")
 HINT = "See the pipeline file example in the README."

@@ -97,9 +97,25 @@ def host_jobs(server: SshServer) -> list[str]:
     return sorted(p.name for p in jobs.iterdir()) if jobs.is_dir() else []
 
 
+def running_job(server: SshServer) -> str:
+    return next(j for j in host_jobs(server) if not (server.remote_home / "jobs" / j / "exit").exists())
+
+
+def start_training(host: list[str], dataset: Path, out: Path, epochs: int) -> subprocess.Popen:
+    return start("train", "--remote", *host, "--dataset", str(dataset), "--out", str(out),
+                 "--epochs", str(epochs), "--batch-size", "4")
+
+
+def close_the_laptop(proc: subprocess.Popen) -> None:
+    """Once the host trains, kill the local command outright (no cleanup runs)."""
+    wait_for_epoch(proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 # --- without a server -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("host", ["-oProxyCommand=touch /tmp/x", "gpu lab", "a;rm -rf ~", "$(id)", ""])
+@pytest.mark.parametrize("host", ["-oProxyCommand=touch x", "gpu lab", "a;rm -rf ~", "$(id)", ""])
 def test_a_destination_that_could_run_a_command_is_refused(host):
     with pytest.raises(EngineError) as err:
         ssh.SshTarget(host)
@@ -200,8 +216,7 @@ def test_an_interrupted_upload_resumes_with_the_files_not_yet_stored(server, hos
 def test_a_dropped_connection_is_retried_and_a_closed_laptop_attaches_later(server, host, dataset, tmp_path):
     # The ssh transport killed mid-training: the run reconnects and finishes.
     out = tmp_path / "model"
-    proc = start("train", "--remote", *host, "--dataset", str(dataset), "--out", str(out),
-                 "--epochs", "4", "--batch-size", "4")
+    proc = start_training(host, dataset, out, 4)
     try:
         wait_for_epoch(proc)
         ssh_children = subprocess.run(["pgrep", "-P", str(proc.pid), "ssh"], capture_output=True, text=True)
@@ -219,11 +234,7 @@ def test_a_dropped_connection_is_retried_and_a_closed_laptop_attaches_later(serv
 
     # The laptop closed (the local command killed outright): the job goes on; attach fetches it.
     out = tmp_path / "model-attach"
-    proc = start("train", "--remote", *host, "--dataset", str(dataset), "--out", str(out),
-                 "--epochs", "3", "--batch-size", "4")
-    wait_for_epoch(proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    close_the_laptop(start_training(host, dataset, out, 3))
     assert not out.exists()
     code, events = landcover("remote", "jobs", *host)
     running = [job for job, state in events[-1]["summary"].items() if state.startswith("running")]
@@ -239,11 +250,10 @@ def test_a_dropped_connection_is_retried_and_a_closed_laptop_attaches_later(serv
 
 def test_cancel_stops_the_host_training_within_seconds_and_leaves_no_model(server, host, dataset, tmp_path):
     out = tmp_path / "model"
-    proc = start("train", "--remote", *host, "--dataset", str(dataset), "--out", str(out),
-                 "--epochs", "50", "--batch-size", "4")
+    proc = start_training(host, dataset, out, 50)
     try:
         wait_for_epoch(proc)
-        job = next(j for j in host_jobs(server) if not (server.remote_home / "jobs" / j / "exit").exists())
+        job = running_job(server)
         train_pid = int((server.remote_home / "jobs" / job / "pid").read_text())
         proc.send_signal(signal.SIGTERM)
         rest, _ = proc.communicate(timeout=60)
@@ -258,12 +268,8 @@ def test_cancel_stops_the_host_training_within_seconds_and_leaves_no_model(serve
         os.kill(train_pid, 0)
 
     # `remote cancel` of a detached job: the same, from another command.
-    proc = start("train", "--remote", *host, "--dataset", str(dataset), "--out", str(out),
-                 "--epochs", "50", "--batch-size", "4")
-    wait_for_epoch(proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    job = next(j for j in host_jobs(server) if not (server.remote_home / "jobs" / j / "exit").exists())
+    close_the_laptop(start_training(host, dataset, out, 50))
+    job = running_job(server)
     code, events = landcover("remote", "cancel", *host, job)
     assert code == 0 and events[-1]["summary"]["state"] == "cancelled"
     code, events = landcover("remote", "attach", *host, job)

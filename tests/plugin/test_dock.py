@@ -149,18 +149,24 @@ def test_area_in_a_crs_without_epsg_code_goes_to_wgs84(dock):
     assert -82.6 < minx < maxx < -82.5 and 29.6 < miny < maxy < 29.8  # 100 km west of -81.5
 
 
-@pytest.mark.slow
-def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp_path, wait_until, monkeypatch):
-    from qgis.PyQt.QtGui import QDesktopServices
-
+def start_trees_run(dock, osbs_layers, out_dir):
+    """Trees on the OSBS orthophoto with its crowns, one epoch, over a drawn area: Run."""
     raster, labels = osbs_layers
     _draw_over(dock, raster)
     dock.imagery_combo.setLayer(raster)
     dock.labels_combo.setLayer(labels)
     dock.epochs_spin.setValue(1)
-    dock.out_dir.setFilePath(str(tmp_path))
+    dock.out_dir.setFilePath(str(out_dir))
     task = dock.run()
     assert task is not None, dock.status_label.text()
+    return task
+
+
+@pytest.mark.slow
+def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp_path, wait_until, monkeypatch):
+    from qgis.PyQt.QtGui import QDesktopServices
+
+    start_trees_run(dock, osbs_layers, tmp_path)
     assert not dock.run_button.isEnabled() and dock.cancel_button.isEnabled()
     pipeline = json.loads(next(tmp_path.glob("trees-*-pipeline.yaml")).read_text())
     assert pipeline["task"] == "trees" and pipeline["train"]["epochs"] == 1

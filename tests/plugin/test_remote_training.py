@@ -18,7 +18,7 @@ from landcover_plugin.ui.dock import LandcoverDock
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ssh_server import SHARED_REMOTE_HOME, start_ssh_server  # noqa: E402
-from test_dock import _draw_over, dock, osbs_layers  # noqa: E402,F401  (fixtures)
+from test_dock import dock, osbs_layers, start_trees_run  # noqa: E402,F401  (fixtures)
 from test_processing import ALG_ID, RecordingFeedback, _context, _extent, alg  # noqa: E402,F401
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ def test_hosts_are_kept_in_the_settings(dock, qgis_iface):
     QgsSettings().remove(HOSTS_SETTING)
     assert [dock.train_on_combo.itemText(i) for i in range(dock.train_on_combo.count())] == ["this computer"]
     assert not dock.test_host_button.isEnabled()
-    dock.add_host(RemoteHost("gpu-lab", "me@gpu.example.org", "/home/me/.ssh/id_lab"))
+    dock.add_host(RemoteHost("gpu-lab", "me@gpu.example.org", "keys/id_lab"))
     dock.add_host(RemoteHost("gpu-lab", "me@gpu2.example.org"))  # the same name: replaced
     assert dock.remote_host() == RemoteHost("gpu-lab", "me@gpu2.example.org")
     again = LandcoverDock(qgis_iface, qgis_iface.mainWindow())  # after a restart
@@ -77,14 +77,7 @@ def test_connect_trust_and_train_on_the_host_from_the_dock(dock, ssh_config, osb
     assert len(asked) == 1 and fingerprint_in(asked[0]) == expected  # the user saw the key before trusting it
     assert "no GPU: training will use the CPU" in dock.status_label.text()
 
-    raster, labels = osbs_layers
-    _draw_over(dock, raster)
-    dock.imagery_combo.setLayer(raster)
-    dock.labels_combo.setLayer(labels)
-    dock.epochs_spin.setValue(1)
-    dock.out_dir.setFilePath(str(tmp_path))
-    task = dock.run()
-    assert task is not None, dock.status_label.text()
+    task = start_trees_run(dock, osbs_layers, tmp_path)
     stages = []
     task.stage_changed.connect(stages.append)
     assert wait_until(lambda: dock.task is None, 600), dock.status_label.text()

@@ -11,7 +11,7 @@ that `landcover remote setup` installed under $LANDCOVER_REMOTE_HOME (~/.landcov
 
 A job runs detached (its own session), so it outlives the ssh connection that started
 it; `follow` replays its events from any line, which is how a client re-attaches.
-Standard library only: no TensorFlow in the processes that manage jobs.
+The standard library and engine/atomic.py only: no TensorFlow in the processes that manage jobs.
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ import tarfile
 import time
 import uuid
 from pathlib import Path
+
+from ..atomic import pid_alive, write_text_atomic
 
 JOB_ID = re.compile(r"^[0-9]{8}-[0-9]{6}-[0-9a-f]{6}$")
 HASH = re.compile(r"^[0-9a-f]{64}$")
@@ -51,12 +53,6 @@ def job_dir(job: str) -> Path:
 def _print_json(value) -> None:
     sys.stdout.write(json.dumps(value) + "\n")
     sys.stdout.flush()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def gpus() -> list[dict]:
@@ -153,24 +149,14 @@ def op_run_job(job: str) -> None:
     """The detached runner: `landcover train --json --config train.json`, events to a file."""
     folder = job_dir(job)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    _write_atomic(folder / "runner.pid", str(os.getpid()))  # alive until `exit` is written
+    write_text_atomic(folder / "runner.pid", str(os.getpid()))  # alive until `exit` is written
     with (folder / "events.jsonl").open("ab") as events, (folder / "stderr.log").open("ab") as err:
         child = subprocess.Popen([sys.executable, "-m", "landcover_plugin.engine.cli", "--json", "train",
                                   "--config", str(folder / "train.json")],
                                  stdin=subprocess.DEVNULL, stdout=events, stderr=err, env=env, cwd=folder)
-        _write_atomic(folder / "pid", str(child.pid))
+        write_text_atomic(folder / "pid", str(child.pid))
         code = child.wait()
-    _write_atomic(folder / "exit", str(code))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    write_text_atomic(folder / "exit", str(code))
 
 
 def job_state(folder: Path) -> str:
@@ -179,7 +165,7 @@ def job_state(folder: Path) -> str:
     if exit_file.is_file():
         return "cancelled" if cancelled else "done" if exit_file.read_text().strip() == "0" else "failed"
     pid_file = folder / "runner.pid"
-    if pid_file.is_file() and not _alive(int(pid_file.read_text())):
+    if pid_file.is_file() and not pid_alive(int(pid_file.read_text())):
         return "cancelled" if cancelled else "lost"
     return "running"
 

@@ -113,9 +113,10 @@ def setup(target: ssh.SshTarget, log=lambda message: None) -> HostInfo:
     """Install or update the engine on the host; return what the host has."""
     version = engine_version()
     try:
-        if host_info(target).engine_version == version:
+        info = host_info(target)
+        if info.engine_version == version:
             log(f"{target.host} already runs engine {version}")
-            return host_info(target)
+            return info
     except EngineError as exc:
         if exc.code != "REMOTE_NO_ENGINE" and exc.code != "REMOTE_FAILED":
             raise

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from .protocol import Event, parse_event
+from .protocol import STAGE_WEIGHTS, STAGES_OSM, STAGES_PREDICT, STAGES_TRAIN, Event, parse_event
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding landcover_plugin/
 
@@ -58,10 +58,12 @@ def _pump(stream, sink: Callable[[Any], None], end: object = None) -> None:
 
 @dataclass
 class OverallProgress:
-    """Maps stage progress to one 0-100 value across a pipeline's stages.
+    """Maps stage progress to one 0-100 value across a pipeline's stages, each stage
+    weighted by its usual share of the time (protocol.STAGE_WEIGHTS).
 
-    The pipeline emits stage "pipeline" with done = stages finished so far and
-    total = stage count; other stages' progress fills the current stage's share.
+    The pipeline emits stage "pipeline" with done = stages finished so far, total =
+    stage count and message = the starting stage's name; other stages' progress fills
+    the current stage's share.
     """
 
     base: float = 0.0
@@ -71,11 +73,21 @@ class OverallProgress:
         total = event.get("total") or 0
         done = min(event.get("done") or 0, total) if total else 0
         if event.get("stage") == "pipeline" and total:
-            self.base, self.span = done / total, (1.0 / total if done < total else 0.0)
+            weights = _stage_weights(total, done, event.get("message", ""))
+            self.base = sum(weights[:done]) / sum(weights)
+            self.span = weights[done] / sum(weights) if done < total else 0.0
             return 100.0 * self.base
         if not total:
             return None
         return 100.0 * min(1.0, self.base + self.span * done / total)
+
+
+def _stage_weights(total: int, done: int, name: str) -> list[float]:
+    """The weights of a pipeline of `total` stages whose stage `done` is `name`; equal when unknown."""
+    for stages in (STAGES_TRAIN, STAGES_OSM, STAGES_PREDICT):
+        if len(stages) == total and (done >= total or stages[done] == name):
+            return [STAGE_WEIGHTS[s] for s in stages]
+    return [1.0] * total
 
 
 @dataclass
@@ -96,6 +108,7 @@ class EngineRun:
     stderr_tail: deque = field(default_factory=lambda: deque(maxlen=40), init=False)  # for crash reports
     _lines: queue.Queue = field(default_factory=queue.Queue, init=False)
     _cancel_requested: bool = field(default=False, init=False)
+    _readers: list = field(default_factory=list, init=False)
 
     @property
     def command(self) -> list[str]:
@@ -112,8 +125,10 @@ class EngineRun:
                                f"cannot be started ({exc.strerror}). {MISSING_HINT}", "") from None
         # Reader threads: the caller's loop never blocks on a silent engine, so
         # it can notice a cancel at any time (select() does not work on Windows pipes).
-        threading.Thread(target=_pump, args=(self.proc.stdout, self._lines.put, _EOF), daemon=True).start()
-        threading.Thread(target=_pump, args=(self.proc.stderr, self.stderr_tail.append), daemon=True).start()
+        self._readers = [threading.Thread(target=_pump, args=(self.proc.stdout, self._lines.put, _EOF), daemon=True),
+                         threading.Thread(target=_pump, args=(self.proc.stderr, self.stderr_tail.append), daemon=True)]
+        for reader in self._readers:
+            reader.start()
 
     def events(self, poll_s: float = 0.2) -> Iterator[Event | None]:
         """Parsed events as they come; None after each `poll_s` of silence."""
@@ -175,7 +190,16 @@ class EngineRun:
             self.cancel()  # the caller itself failed (e.g. on_event raised): leave no engine behind
             raise
         self.proc.wait(timeout=10 if cancel_deadline is not None else None)
+        self._close_pipes()
         return self.outcome()
+
+    def _close_pipes(self) -> None:
+        """Close our ends once the readers are done (else each run leaves a ResourceWarning).
+        A reader still blocked (a killed engine's grandchild holds the pipe) keeps its pipe."""
+        for reader, stream in zip(self._readers, (self.proc.stdout, self.proc.stderr)):
+            reader.join(timeout=1.0)
+            if not reader.is_alive():
+                stream.close()
 
     def outcome(self) -> Event:
         if self._cancel_requested:

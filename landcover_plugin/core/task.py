@@ -72,7 +72,9 @@ class EngineTask(QgsTask):
     def __init__(self, description: str, engine: EngineRun, message_bar=None,
                  on_success: Callable[[dict], None] | None = None,
                  on_failure: Callable[[EngineFailed], None] | None = None) -> None:
-        super().__init__(description, QgsTask.CanCancel)
+        # Silent (QGIS >= 3.26): the plugin reports the outcome itself, no second "Task complete/failed".
+        flags = QgsTask.CanCancel | QgsTask.Silent if hasattr(QgsTask, "Silent") else QgsTask.CanCancel
+        super().__init__(description, flags)
         self.engine = engine
         self.message_bar = message_bar
         self.on_success, self.on_failure = on_success, on_failure
@@ -86,13 +88,16 @@ class EngineTask(QgsTask):
             return True
         except EngineFailed as exc:
             self.failure = exc
+            if exc.code == "CANCELLED":  # ending "complete": QGIS 3.22 would add its own "Task failed"
+                self.setDescription(f"{self.description()} (cancelled)")
+                return True
         except Exception as exc:  # a bug in the plugin: report it rather than lose it in the thread
             self.failure = EngineFailed("PLUGIN_ERROR", f"{type(exc).__name__}: {exc}",
                                         "This is a bug in the Landcover plugin; please report it.")
         return False
 
     def finished(self, ok: bool) -> None:  # main thread
-        if ok and self.result_event is not None:
+        if ok and self.failure is None and self.result_event is not None:
             summary = self.result_event.get("summary", {})
             text = summary_text(summary)
             self._push(f"{self.description()} done" + (f": {text}" if text else "."), result_level(summary))

@@ -25,6 +25,7 @@ def test_bad_input_reports_code_message_and_hint(engine_python, osbs_csv, tmp_pa
     assert run.proc.returncode == 2
     assert seen and seen[-1]["event"] == "error" and seen[-1]["code"] == info.value.code
     assert not (tmp_path / "out.gpkg").exists()
+    assert run.proc.stdout.closed and run.proc.stderr.closed  # no "ResourceWarning: unclosed file" per run
 
 
 def test_missing_model_error_from_predict(engine_python, osbs_tif, tmp_path):
@@ -50,16 +51,20 @@ def test_engine_env_isolates_qgis_variables(tmp_path):
     assert env["PYTHONPATH"] == str(tmp_path) and "PROJ_LIB" not in env and env["HOME"] == "/h"
 
 
-def test_overall_progress_spans_pipeline_stages():
+def test_overall_progress_weighs_stages_by_their_time():
     p = OverallProgress()
     assert p.update({"stage": "fetch", "done": 5, "total": 10}) == 50.0  # a single command
-    p = OverallProgress()
-    assert p.update({"stage": "pipeline", "done": 0, "total": 4}) == 0.0
-    assert p.update({"stage": "fetch", "done": 1, "total": 2}) == 12.5
-    assert p.update({"stage": "pipeline", "done": 2, "total": 4}) == 50.0
-    assert p.update({"stage": "train", "done": 3, "total": 3}) == 75.0
-    assert p.update({"stage": "pipeline", "done": 4, "total": 4}) == 100.0
+    p = OverallProgress()  # fetch 8, dataset 4, train 76, predict 8 (of 96)
+    assert p.update({"stage": "pipeline", "done": 0, "total": 4, "message": "fetch"}) == 0.0
+    assert p.update({"stage": "fetch", "done": 1, "total": 2}) == pytest.approx(100 * 4 / 96)
+    assert p.update({"stage": "pipeline", "done": 2, "total": 4, "message": "train"}) == pytest.approx(100 * 12 / 96)
+    epoch_3_of_300 = p.update({"stage": "train", "done": 3, "total": 300})
+    assert epoch_3_of_300 < 15  # not "50 %" at epoch 3 of 300
+    assert p.update({"stage": "train", "done": 300, "total": 300}) == pytest.approx(100 * 88 / 96)
+    assert p.update({"stage": "pipeline", "done": 4, "total": 4, "message": "done"}) == 100.0
     assert p.update({"stage": "predict", "done": 0, "total": 0}) is None
+    p = OverallProgress()  # a pipeline this plugin does not know: equal shares
+    assert p.update({"stage": "pipeline", "done": 1, "total": 3, "message": "other"}) == pytest.approx(100 / 3)
 
 
 def test_find_engine_python_order(tmp_path):

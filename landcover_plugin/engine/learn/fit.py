@@ -43,8 +43,8 @@ def eta_text(seconds: float) -> str:
 
 
 def progress_callback(reporter: Reporter, epochs: int, steps: int):
-    """A Keras callback reporting each batch as progress (loss, metric, ETA from this
-    run's pace) and each epoch as a log line."""
+    """A Keras callback reporting each batch as progress ("epoch 3/300, 2m05s left (loss ...)":
+    the time left from this run's pace) and each epoch as a log line."""
     import time
 
     import keras
@@ -62,7 +62,7 @@ def progress_callback(reporter: Reporter, epochs: int, steps: int):
             left = (epochs * steps - done) * (time.monotonic() - self.started) / self.batches
             metric = "".join(f" {k} {v:.3f}" for k, v in logs.items() if k not in ("loss", "learning_rate"))
             reporter.progress("train", done, epochs * steps,
-                              f"epoch {self.epoch + 1} loss {logs['loss']:.3f}{metric} ETA {eta_text(left)}")
+                              f"epoch {self.epoch + 1}/{epochs}, {eta_text(left)} left (loss {logs['loss']:.3f}{metric})")
 
         def on_epoch_end(self, epoch, logs=None):
             numbers = " ".join(f"{k} {v:.4f}" for k, v in sorted(logs.items()) if k != "learning_rate")

@@ -22,15 +22,13 @@ from typing import Any, Callable
 import yaml
 
 from ...contract.pipeline_file import LABELS_HINT, PipelineFile, PipelineFileError
+from ...contract.protocol import STAGES_OSM, STAGES_PREDICT, STAGES_TRAIN
 from ...contract.runner import EngineFailed, EngineRun
 from ..atomic import run_lock, write_text_atomic
 from ..errors import EngineError
 from ..events import Reporter, StageResult
 from ..imagery.aoi import AOI, parse_aoi
 
-STAGES_TRAIN = ("fetch", "dataset", "train", "predict")
-STAGES_OSM = ("fetch", "labels", "dataset", "train", "predict")
-STAGES_PREDICT = ("fetch", "predict")
 
 
 def load_pipeline(path: Path) -> PipelineFile:

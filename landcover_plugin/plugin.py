@@ -2,13 +2,14 @@
 and the Processing provider (also registered without a GUI, for qgis_process)."""
 from __future__ import annotations
 
-from qgis.core import QgsApplication
+from qgis.core import QgsApplication, QgsSettings
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import QAction
 
 from .processing.provider import LandcoverProvider, plugin_icon
 
 MENU = "&Landcover"
+DOCK_VISIBLE = "landcover/dock/visible"  # the dock reopens as the user left it
 
 
 class LandcoverPlugin:
@@ -32,6 +33,8 @@ class LandcoverPlugin:
         self.action.toggled.connect(self.toggle_dock)
         self.iface.addToolBarIcon(self.action)
         self.iface.addPluginToMenu(MENU, self.action)
+        if QgsSettings().value(DOCK_VISIBLE, False, type=bool):
+            self.action.setChecked(True)
 
     def toggle_dock(self, visible: bool) -> None:
         if self.dock is None:
@@ -41,13 +44,15 @@ class LandcoverPlugin:
 
             self.dock = LandcoverDock(self.iface, self.iface.mainWindow())
             self.dock.visibilityChanged.connect(self._dock_visibility)
-            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         if visible:
             self.dock.refresh_sources()
             self.dock.check_engine()
         self.dock.setVisible(visible)
 
     def _dock_visibility(self, visible: bool) -> None:
+        if self.iface.mainWindow().isVisible():  # the user's choice, not QGIS closing its window
+            QgsSettings().setValue(DOCK_VISIBLE, visible)
         if self.action is not None and self.action.isChecked() != visible:
             self.action.blockSignals(True)  # the user closed the dock: keep the button in step
             self.action.setChecked(visible)

@@ -9,7 +9,7 @@ one), `problems` for what the job asks.
 
     task: trees | landcover | buildings | classification
     aoi: minx,miny,maxx,maxy          (in aoi_crs, default WGS84) or a vector file
-    imagery: SOURCE or {source: SOURCE, gsd: M, zoom: Z, headers: {NAME: VALUE}}
+    imagery: SOURCE or {source: SOURCE, gsd: M, zoom: Z, max_zoom: Z, headers: {NAME: VALUE}}
     labels: FILE or {path, class_field} or {preset, osm_file} or {preset, overpass, date}
     model: MODEL                      (instead of labels: predict only)
     train: {epochs, batch_size, chip_size, seed, remote: HOST, ssh_config, ssh_identity}  (remote: over ssh)
@@ -30,7 +30,7 @@ from .names import MODELS_DIR, OSM_SUFFIXES, OVERPASS_DEFAULT
 from .tasks import TASK_IDS
 
 KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "predict", "workdir", "out")
-IMAGERY_KEYS = ("source", "gsd", "zoom", "headers")
+IMAGERY_KEYS = ("source", "gsd", "zoom", "max_zoom", "headers")
 LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
 TRAIN_NUMBERS = ("epochs", "batch_size", "chip_size", "seed")
 TRAIN_KEYS = (*TRAIN_NUMBERS, "remote", "ssh_config", "ssh_identity")
@@ -59,6 +59,7 @@ class PipelineFile:
     aoi_crs: str = "EPSG:4326"
     gsd: float | None = None  # metres per pixel for tiles (None: the engine picks)
     zoom: int | None = None
+    max_zoom: int | None = None  # the XYZ source's last zoom level (its QGIS connection's)
     headers: dict[str, str] = field(default_factory=dict)  # extra HTTP headers (no secrets: see HEADERS_ENV)
     labels: Path | None = None  # vector file, DeepForest CSV, VOC XML or points: train on them
     class_field: str | None = None
@@ -121,7 +122,8 @@ class PipelineFile:
     def to_dict(self) -> dict[str, Any]:
         spec: dict[str, Any] = {
             "task": self.task,
-            "imagery": {"source": self.imagery, "gsd": self.gsd, "zoom": self.zoom, "headers": self.headers},
+            "imagery": {"source": self.imagery, "gsd": self.gsd, "zoom": self.zoom, "max_zoom": self.max_zoom,
+                        "headers": self.headers},
             "train": {"epochs": self.epochs, "batch_size": self.batch_size, "chip_size": self.chip_size,
                       "seed": self.seed, **{k: str(v) for k, v in (("remote", self.remote), ("ssh_config", self.ssh_config),
                                                                    ("ssh_identity", self.ssh_identity)) if v}},
@@ -180,6 +182,7 @@ class PipelineFile:
             aoi=str(spec["aoi"]) if spec.get("aoi") not in (None, "") else None,
             aoi_crs=str(spec.get("aoi_crs") or "EPSG:4326"),
             gsd=_number(imagery, "gsd", float), zoom=_number(imagery, "zoom", int),
+            max_zoom=_number(imagery, "max_zoom", int),
             headers={str(k): str(v) for k, v in (imagery.get("headers") or {}).items()},
             labels=_path(base, labels.get("path")),
             class_field=labels.get("class_field") or None,

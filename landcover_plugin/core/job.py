@@ -18,10 +18,19 @@ QUICK_EPOCHS = 10  # the dock's and Processing's default: a first result in minu
 SCHEDULER_SETTING = "landcover/scheduler"  # optional Dask scheduler address: predict runs on its workers
 
 # Where training labels come from; Processing's enum takes this order (its index 0 stays "layer").
-LABEL_SOURCES = {"layer": "Vector layer or file (with class field)",
-                 "overpass": "OpenStreetMap (Overpass)",
+LABEL_SOURCES = {"layer": "My vector layer",
+                 "overpass": "OpenStreetMap (downloaded for the area)",
                  "osm_file": "OpenStreetMap file (.osm, .osm.pbf, .osm.bz2)",
-                 "model": "None: predict with a model file"}
+                 "model": "No labels: map with an existing model"}
+
+# The engine's command-line words, as the dock and Processing name the same things.
+_DOCK_WORDS = (("--class-field", "Class field"), ("--osm-file", "OSM file"), ("--labels", "Labels layer"),
+               ("--model", "Model"), ("--epochs", "Epochs"), ("--aoi", "Area"), ("--imagery", "Imagery"),
+               ("--gsd", "Resolution"), ("--zoom", "Resolution"), ("--preset", "OSM features"),
+               ("--overpass", "Overpass server"), ("--date", "OSM date"), ("--out", "Output folder"),
+               ("made by `landcover train`", "trained by Landcover"), ("`landcover train`", "a Landcover training"))
+_STAGES = {"fetch": "Fetching the imagery", "labels": "Downloading the OpenStreetMap labels",
+           "dataset": "Cutting training chips", "train": "Training", "predict": "Mapping", "done": "Finishing"}
 
 Bbox = tuple[float, float, float, float]
 
@@ -69,6 +78,21 @@ def engine_run(job: PipelineFile, location: EngineLocation, secrets: dict[str, s
     in `secrets`, to the engine's environment only, never into the file, argv or a log."""
     path = job.write(pipeline_path(job))
     return EngineRun(location.python, ["run", str(path)], cwd=job.out.parent, extra_env=secrets)
+
+
+def dock_words(text: str) -> str:
+    """An engine message in the words of the dock (the full text goes to the log panel)."""
+    for engine_word, dock_word in _DOCK_WORDS:
+        text = text.replace(engine_word, f"'{dock_word}'" if engine_word.startswith("--") else dock_word)
+    return text
+
+
+def stage_text(stage: str) -> str:
+    """What the status line says while a stage runs: 'Training: epoch 3/300, 2m05s left (loss 0.21)'."""
+    name, _, rest = stage.partition(": ")
+    if name in _STAGES:
+        return f"{_STAGES[name]}: {rest}" if rest else f"{_STAGES[name]}…"
+    return stage
 
 
 @dataclass

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlencode
 
-from qgis.core import QgsMapLayer, QgsProviderRegistry, QgsSettings
+from qgis.core import QgsMapLayer, QgsProject, QgsProviderRegistry, QgsSettings, QgsVectorFileWriter, QgsVectorLayer
 from qgis.PyQt.QtCore import QUrl
 
 from ..contract.names import HEADERS_ENV  # read by the engine (engine/fetch.py)
@@ -22,10 +24,19 @@ class SourceError(ValueError):
 
 
 
+# Tile servers of street maps: cartography, not imagery (a model learns nothing from them), and
+# OpenStreetMap's tile usage policy forbids bulk downloads.
+STREET_MAP_HOSTS = ("openstreetmap.org", "openstreetmap.fr", "opentopomap.org", "cartocdn.com",
+                    "thunderforest.com", "stamen", "wmflabs.org", "wikimedia.org")
+# Words in a connection's name or URL that say it is aerial or satellite imagery: offered first.
+IMAGERY_WORDS = ("satellite", "aerial", "ortho", "imagery", "luchtfoto", "photo", "sentinel", "naip", "lyrs=s")
+
+
 @dataclass(frozen=True)
 class ImagerySource:
     source: str  # XYZ URL template, WMS URL or raster path
     headers: dict[str, str] = field(default_factory=dict)
+    max_zoom: int | None = None  # an XYZ connection's last zoom level
     # From QGIS's authentication database: they reach the engine through its
     # environment only (engine_env()), never the pipeline file, a command line or a log.
     secret_headers: dict[str, str] = field(default_factory=dict, repr=False)
@@ -36,6 +47,25 @@ class ImagerySource:
     @property
     def is_xyz(self) -> bool:
         return self.source.startswith(("http://", "https://"))
+
+    @property
+    def is_street_map(self) -> bool:
+        return self.is_xyz and any(host in self.source.lower() for host in STREET_MAP_HOSTS)
+
+
+def imagery_rank(name: str, source: ImagerySource) -> int:
+    """Order of XYZ connections in the dock: aerial or satellite imagery first, street maps last."""
+    if source.is_street_map:
+        return 2
+    text = f"{name} {source.source}".lower()
+    return 0 if any(word in text for word in IMAGERY_WORDS) else 1
+
+
+def _zoom(value) -> int | None:
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _headers(referer: str | None) -> dict[str, str]:
@@ -72,7 +102,8 @@ def xyz_connections(settings: QgsSettings | None = None) -> dict[str, ImagerySou
             url = settings.value(f"{name}/url", "")
             if url and name not in found:
                 found[name] = ImagerySource(url, _headers(settings.value(f"{name}/referer", "")),
-                                            auth_headers(settings.value(f"{name}/authcfg", "")))
+                                            secret_headers=auth_headers(settings.value(f"{name}/authcfg", "")),
+                                            max_zoom=_zoom(settings.value(f"{name}/zmax", "")))
         settings.endGroup()
     return found
 
@@ -89,9 +120,10 @@ def raster_layer_source(layer: QgsMapLayer) -> ImagerySource:
         parts = QgsProviderRegistry.instance().decodeUri("wms", layer.source())
         secret = auth_headers(parts.get("authcfg"))
         if parts.get("type") == "xyz" and parts.get("url"):
-            return ImagerySource(parts["url"], _headers(parts.get("referer")), secret)
+            return ImagerySource(parts["url"], _headers(parts.get("referer")), secret_headers=secret,
+                                 max_zoom=_zoom(parts.get("zmax")))
         if parts.get("url") and parts.get("layers") and not parts.get("tileMatrixSet"):
-            return ImagerySource(wms_getmap_source(parts), _headers(parts.get("referer")), secret)
+            return ImagerySource(wms_getmap_source(parts), _headers(parts.get("referer")), secret_headers=secret)
         raise SourceError(f"Layer '{layer.name()}' is a WMTS service; only XYZ tiles, WMS and raster files "
                           "are supported yet: add it as an XYZ connection or save it as a GeoTIFF.")
     raise SourceError(f"Layer '{layer.name()}' ({provider}) cannot be read by the engine: "
@@ -114,7 +146,7 @@ def wms_getmap_source(parts: dict) -> str:
 
 
 def vector_layer_path(layer: QgsMapLayer) -> Path:
-    """The file behind a vector layer (a file of several layers: its first layer)."""
+    """The file behind a vector layer, for inputs the engine reads whole (an AOI file)."""
     provider = layer.providerType()
     if provider == "ogr":
         return Path(layer.source().split("|")[0])
@@ -122,3 +154,39 @@ def vector_layer_path(layer: QgsMapLayer) -> Path:
         return Path(QUrl(layer.source()).toLocalFile())
     raise SourceError(f"Layer '{layer.name()}' is not saved in a file ({provider}): "
                       "save it (e.g. as a GeoPackage) and choose the saved layer.")
+
+
+def is_whole_file(layer: QgsVectorLayer) -> bool:
+    """The layer is all of its file: the file's only layer, no filter, nothing selected."""
+    if layer.providerType() == "delimitedtext":  # a DeepForest CSV: the engine reads its pixel boxes itself
+        return True
+    return (layer.providerType() == "ogr" and not layer.subsetString() and layer.selectedFeatureCount() == 0
+            and len(layer.dataProvider().subLayers()) <= 1)
+
+
+def labels_for_engine(layer: QgsVectorLayer, folder: Path) -> Path:
+    """The file the engine trains on: exactly the chosen layer. A layer that is its whole file
+    goes as it is; otherwise (a GeoPackage's second layer, a filter, selected features, a layer
+    not saved in a file) its features are written to a GeoPackage in `folder`, named by what
+    it holds, so an unchanged choice reuses the file and the finished stages built on it."""
+    if is_whole_file(layer):
+        return vector_layer_path(layer)
+    selected = sorted(layer.selectedFeatureIds())
+    source = Path(layer.source().split("|")[0])
+    stamp = source.stat().st_mtime_ns if source.is_file() else time.time_ns()  # a memory layer: always anew
+    key = json.dumps([layer.source(), layer.subsetString(), selected, stamp])
+    path = Path(folder) / f"labels-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gpkg"
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName, options.layerName = "GPKG", "labels"
+    options.onlySelectedFeatures = bool(selected)
+    partial = path.with_name(f".{path.name}.partial.gpkg")
+    result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(partial), QgsProject.instance().transformContext(),
+                                                       options)
+    if result[0] != QgsVectorFileWriter.NoError:
+        partial.unlink(missing_ok=True)
+        raise SourceError(f"Layer '{layer.name()}' could not be written for the engine: {result[1]}")
+    partial.replace(path)
+    return path

@@ -11,7 +11,7 @@ from qgis.core import Qgis, QgsMessageLog, QgsTask
 from qgis.PyQt.QtCore import pyqtSignal
 
 from ..contract.runner import EngineFailed, EngineRun
-from .job import EventRelay
+from .job import EventRelay, dock_words
 
 LOG_TAG = "Landcover"
 _QUIET = {"seconds", "tiles", "provider"}  # bookkeeping, not results
@@ -107,7 +107,7 @@ class EngineTask(QgsTask):
         failure = self.failure or EngineFailed("CANCELLED", "Cancelled.", "")
         QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG,
                                  Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
-        self._push(str(failure), Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
+        self._push(dock_words(str(failure)), Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
         if self.on_failure:
             self.on_failure(failure)
 

@@ -73,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     res = p.add_mutually_exclusive_group()
     res.add_argument("--zoom", type=int, help="tile zoom level")
     res.add_argument("--gsd", type=number, help="ground resolution in metres per pixel (picks the nearest zoom)")
+    p.add_argument("--max-zoom", type=int, help="the source's last zoom level: never ask it for more")
     p.add_argument("--cache", type=Path, help="tile cache folder (default: the user's cache folder)")
     p.add_argument("--workers", type=int, default=4, help="concurrent downloads (default 4)")
     p.add_argument("--header", action="append", default=[], metavar="NAME:VALUE",
@@ -302,7 +303,7 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         from .stages.fetch import FetchParams, fetch
 
         return fetch(FetchParams(aoi=_aoi(args), source=args.source, out=args.out, zoom=args.zoom,
-                                 gsd=args.gsd, cache_dir=args.cache, workers=args.workers,
+                                 gsd=args.gsd, max_zoom=args.max_zoom, cache_dir=args.cache, workers=args.workers,
                                  headers=_headers(args.header),
                                  max_tiles=args.max_tiles, max_bytes=int(args.max_bytes), rate=args.rate,
                                  cache_days=args.cache_days, subdomains=args.subdomains, mbtiles=args.mbtiles,

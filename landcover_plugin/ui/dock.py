@@ -5,41 +5,60 @@ EngineTask; the work happens in the engine's own process.
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
-from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsGeometry, QgsMapLayerProxyModel, QgsProject,
-                       QgsRectangle, QgsSettings, QgsWkbTypes)
-from qgis.gui import (QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget, QgsMapLayerComboBox,
-                      QgsMapToolExtent, QgsRubberBand)
-from qgis.PyQt.QtCore import Qt, QUrl
+from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsMapLayerProxyModel, QgsProject, QgsRectangle,
+                       QgsSettings, QgsVectorLayer, QgsWkbTypes)
+from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget,
+                      QgsMapLayerComboBox, QgsMapToolExtent, QgsRubberBand)
+from qgis.PyQt.QtCore import QStandardPaths, Qt, QUrl
 from qgis.PyQt.QtGui import QColor, QDesktopServices
-from qgis.PyQt.QtWidgets import (QComboBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QMessageBox,
-                                 QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qgis.PyQt.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
+                                 QMenu, QMessageBox, QProgressBar, QPushButton, QSpinBox, QToolButton, QVBoxLayout,
+                                 QWidget)
 
+from ..contract.model_file import ModelSummary, NotAModel, read_summary
 from ..contract.names import OSM_ATTRIBUTION, OVERPASS_DEFAULT
 from ..contract.pipeline_file import PipelineFile
 from ..contract.runner import EngineFailed
 from ..contract.tasks import TASKS, presets_for_task
 from ..contract.tasks import task as task_info
 from ..core import job
-from ..core.engine_env import EngineLocation, check_engine, create_env_commands, requirement_files, user_venv
+from ..core.engine_env import (EngineLocation, check_engine, create_env_commands, find_resource, requirement_files,
+                               user_venv)
 from ..core.layers import load_result_layers
 from ..core.locate import engine_location, user_data_dir
+from ..core.models import MODELS_FOLDER, describe, keep_model, list_models, model_problems
 from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
 from ..core.setup_task import CreateEnvTask
-from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
+from ..core.sources import (ImagerySource, SourceError, imagery_rank, labels_for_engine, raster_layer_source,
+                            xyz_connections)
 from ..core.task import EngineTask, training_text
+from .area import (Area, PolygonTool, area_text, layer_extent_area, rectangle_area, selected_areas,
+                   union_area)
 from .host_dialog import HostDialog
 
 XYZ_PREFIX = "XYZ: "
 OVERPASS_SETTING = "landcover/overpass_url"
+STATE_GROUP = "landcover/dock"  # the dock's choices, per profile (QgsSettings) and per project (its entries)
+BROWSE = "browse"  # the model list's last item
+HELP_ANCHOR = "#use-it-in-qgis"  # the README's section on the dock
 
 
 def default_output_dir() -> Path:
+    """Next to the project; before it is saved, a Landcover folder in the user's documents."""
     home = QgsProject.instance().homePath()
-    return Path(home) / "landcover" if home else Path(tempfile.gettempdir()) / "landcover"
+    if home:
+        return Path(home) / "landcover"
+    documents = QStandardPaths.writableLocation(QStandardPaths.StandardLocation.DocumentsLocation)
+    return Path(documents or Path.home()) / "Landcover"
+
+
+def models_dir() -> Path:
+    """Where each trained model is kept in its own dated folder: beside the project, else the profile's."""
+    home = QgsProject.instance().homePath()
+    return (Path(home) / "landcover" if home else user_data_dir() / "landcover") / MODELS_FOLDER
 
 
 class LandcoverDock(QgsDockWidget):
@@ -51,29 +70,40 @@ class LandcoverDock(QgsDockWidget):
         self.task: EngineTask | None = None
         self.env_task: CreateEnvTask | None = None
         self.connection_task: EngineTask | None = None
-        self.area: QgsRectangle | None = None  # in area_crs (the canvas CRS when drawn)
-        self.area_crs = QgsCoordinateReferenceSystem()
+        self.area: Area | None = None
+        self.batch: list[Area] = []  # selected features, one run each
+        self.queue: list[tuple[PipelineFile, Area]] = []  # the batch's runs still to start
         self._xyz: dict[str, ImagerySource] = {}
         self._previous_tool = None
         self.map_tool = QgsMapToolExtent(self.canvas)
         self.map_tool.extentChanged.connect(self.set_area)
-        self.rubber_band = QgsRubberBand(self.canvas, QgsWkbTypes.PolygonGeometry)
+        self.polygon_tool = PolygonTool(self.canvas)
+        self.polygon_tool.polygon_drawn.connect(self._polygon_drawn)
+        self.rubber_band = QgsRubberBand(self.canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
         self.rubber_band.setColor(QColor(255, 140, 0, 200))
         self.rubber_band.setFillColor(QColor(255, 140, 0, 30))
         self.rubber_band.setWidth(2)
         self.canvas.destinationCrsChanged.connect(self._show_area)  # the band is drawn in map coordinates
         self._build()
         self.refresh_sources()
+        self.refresh_models()
+        self.restore_state()
         self.check_engine()
 
     # ---- widgets -------------------------------------------------------
     def _build(self) -> None:
         body = QWidget(self)
         outer = QVBoxLayout(body)
-        intro = QLabel("Draw an area, choose the imagery and what to map, then press Run. Training and "
-                       "prediction run in the Landcover engine, outside QGIS; results arrive as styled layers.")
+        intro_row = QHBoxLayout()
+        intro = QLabel("Choose an area, the imagery and what to map, then press Run. Training and prediction "
+                       "run in the Landcover engine, outside QGIS; results arrive as styled layers.")
         intro.setWordWrap(True)
-        outer.addWidget(intro)
+        self.help_button = QToolButton(objectName="helpButton", text="?")
+        self.help_button.setToolTip("Open the Landcover help: how to use this dock.")
+        self.help_button.clicked.connect(self.open_help)
+        intro_row.addWidget(intro, 1)
+        intro_row.addWidget(self.help_button, 0, Qt.AlignmentFlag.AlignTop)
+        outer.addLayout(intro_row)
 
         self.engine_label = QLabel(objectName="engineMessage", wordWrap=True)
         self.engine_label.setStyleSheet("color: #a40000")
@@ -87,20 +117,42 @@ class LandcoverDock(QgsDockWidget):
         form = QFormLayout()
         outer.addLayout(form)
 
-        self.draw_button = QPushButton("Draw rectangle", objectName="drawButton")
-        self.draw_button.setToolTip("Drag a rectangle on the map: the area to map (and to train on).")
+        self.draw_button = QToolButton(objectName="drawButton", text="Draw rectangle")
+        self.draw_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
+        self.draw_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+        self.draw_button.setToolTip("The area to map (and to train on): drag a rectangle on the map, or use the "
+                                    "arrow for a polygon, a layer's extent or the selected features.")
         self.draw_button.clicked.connect(self.start_drawing)
-        self.area_label = QLabel("No area drawn", objectName="areaLabel", wordWrap=True)
-        self.area_label.setToolTip("The drawn area, in the map's CRS.")
+        menu = QMenu(self.draw_button)
+        for text, slot, name in (("Draw rectangle", self.start_drawing, "rectangle"),
+                                 ("Draw polygon (right-click to close)", self.start_polygon, "polygon"),
+                                 ("Extent of the current layer", self.use_layer_extent, "extent"),
+                                 ("Selected features of the current layer", self.use_selected_features,
+                                  "selected")):
+            action = menu.addAction(text)
+            action.setObjectName(f"area_{name}")
+            action.triggered.connect(lambda _checked=False, f=slot: f())
+        self.draw_button.setMenu(menu)
+        self.area_label = QLabel("No area yet", objectName="areaLabel", wordWrap=True)
+        self.area_label.setToolTip("The area, its size and CRS.")
+        self.per_feature_check = QCheckBox("One run per feature", objectName="perFeatureCheck")
+        self.per_feature_check.setToolTip("Selected features: map each one on its own (a result group each), "
+                                          "instead of all of them as one area.")
+        self.per_feature_check.setVisible(False)
+        area_box = QVBoxLayout()
         row = QHBoxLayout()
         row.addWidget(self.draw_button)
         row.addWidget(self.area_label, 1)
-        form.addRow("Area", row)
+        area_box.addLayout(row)
+        area_box.addWidget(self.per_feature_check)
+        form.addRow("Area", area_box)
 
         self.imagery_combo = QgsMapLayerComboBox(objectName="imageryCombo")
-        self.imagery_combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
+        self.imagery_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
+        self.imagery_combo.setAllowEmptyLayer(True)
         self.imagery_combo.setToolTip("Imagery to map: a raster layer of the project (a file) or an XYZ tile "
-                                      "connection saved in QGIS (Browser > XYZ Tiles), fetched for the area.")
+                                      "connection saved in QGIS (Browser > XYZ Tiles), fetched for the area; "
+                                      "aerial and satellite sources first, street maps last (they are not imagery).")
         self.imagery_combo.currentIndexChanged.connect(self._imagery_changed)
         form.addRow("Imagery", self.imagery_combo)
 
@@ -110,8 +162,9 @@ class LandcoverDock(QgsDockWidget):
         self.gsd_spin.setSuffix(" m/px")
         self.gsd_spin.setSpecialValueText("automatic")
         self.gsd_spin.setClearValue(0.0)
-        self.gsd_spin.setToolTip("For XYZ tiles: the ground resolution to fetch (the nearest zoom level is used). "
-                                 "'automatic' lets the engine pick one (the model's resolution when predicting).")
+        self.gsd_spin.setToolTip("For XYZ tiles: the ground resolution to fetch (the nearest zoom level, at most "
+                                 "the connection's maximum zoom). 'automatic': the model's resolution when "
+                                 "predicting.")
         form.addRow("Resolution", self.gsd_spin)
 
         self.task_combo = QComboBox(objectName="taskCombo")
@@ -125,46 +178,40 @@ class LandcoverDock(QgsDockWidget):
             self.label_source_combo.addItem(label, key)
         self.set_label_source("overpass")  # a first map needs nothing but the area
         self.label_source_combo.setToolTip(
-            "Where the training labels come from: OpenStreetMap features of a preset, downloaded for the area "
-            "from an Overpass server or read from a local OSM file; your own vector layer or file (with a class "
-            f"field for land cover); or no labels, to predict with an existing model. OSM data is {OSM_ATTRIBUTION}"
-            ", ODbL: the results say so.")
+            "Where the training labels come from: OpenStreetMap features, downloaded for the area or read from "
+            "a local OSM file; your own vector layer; or no labels, to map with a model you already have. "
+            f"OSM data is {OSM_ATTRIBUTION}, ODbL: the results say so.")
         form.addRow("Labels from", self.label_source_combo)
 
         self.preset_combo = QComboBox(objectName="presetCombo")
         self.preset_combo.setToolTip("Which OpenStreetMap features become which classes: an editable file in the "
                                      "plugin's resources/presets/ (tag filters, buffers for lines, priorities, "
                                      "colours). Only presets that fit the task are listed.")
-        form.addRow("OSM preset", self.preset_combo)
-
-        self.overpass_edit = QLineEdit(objectName="overpassEdit")
-        self.overpass_edit.setText(str(QgsSettings().value(OVERPASS_SETTING, OVERPASS_DEFAULT)))
-        self.overpass_edit.setPlaceholderText(OVERPASS_DEFAULT)
-        self.overpass_edit.setToolTip("The Overpass API interpreter URL the OSM features are queried from (the "
-                                      "public one by default; use your own or a mirror for large or frequent "
-                                      "jobs). Remembered for next time.")
-        self.overpass_edit.editingFinished.connect(self._remember_overpass)
-        form.addRow("Overpass server", self.overpass_edit)
-
-        self.date_edit = QLineEdit(objectName="dateEdit")
-        self.date_edit.setPlaceholderText("YYYY-MM-DD (optional: today's OSM)")
-        self.date_edit.setToolTip("Optional: take OSM as it was on this day, ideally the imagery's date, so that "
-                                  "labels show what the image shows (Overpass [date:]). Empty: the current map.")
-        form.addRow("OSM date", self.date_edit)
+        form.addRow("OSM features", self.preset_combo)
 
         self.osm_file = QgsFileWidget(objectName="osmFile")
         self.osm_file.setFilter("OpenStreetMap files (*.osm *.pbf *.bz2)")
         self.osm_file.setToolTip("A local OpenStreetMap extract (.osm, .osm.pbf, .osm.bz2), e.g. from Geofabrik: "
-                                 "no server needed; its features of the preset inside the area become the labels.")
+                                 "no server needed; its features inside the area become the labels.")
         form.addRow("OSM file", self.osm_file)
 
         self.labels_combo = QgsMapLayerComboBox(objectName="labelsCombo")
-        self.labels_combo.setFilters(QgsMapLayerProxyModel.VectorLayer)
+        self.labels_combo.setFilters(QgsMapLayerProxyModel.Filter.VectorLayer)
         self.labels_combo.setAllowEmptyLayer(True)
         self.labels_combo.setLayer(None)
         self.labels_combo.setToolTip("Training labels: crown polygons or boxes (trees), or polygons with a class "
-                                     "attribute (land cover). Leave empty to predict with a model file instead.")
-        form.addRow("Labels", self.labels_combo)
+                                     "attribute (land cover). Exactly this layer is used: its filter, and only "
+                                     "its selected features when some are selected.")
+        self.labels_file_button = QToolButton(objectName="labelsFileButton", text="…")
+        self.labels_file_button.setToolTip("Add a vector file (GeoPackage, Shapefile, GeoJSON, CSV) to the project "
+                                           "and use it as the labels.")
+        self.labels_file_button.clicked.connect(self.browse_labels)
+        self.labels_row = QWidget(objectName="labelsRow")
+        row = QHBoxLayout(self.labels_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.labels_combo, 1)
+        row.addWidget(self.labels_file_button)
+        form.addRow("Labels layer", self.labels_row)
 
         self.class_field_combo = QgsFieldComboBox(objectName="classFieldCombo")
         self.class_field_combo.setAllowEmptyFieldName(True)
@@ -172,24 +219,52 @@ class LandcoverDock(QgsDockWidget):
         self.labels_combo.layerChanged.connect(self.class_field_combo.setLayer)
         form.addRow("Class field", self.class_field_combo)
 
-        self.model_file = QgsFileWidget(objectName="modelFile")
-        self.model_file.setFilter("ONNX models (*.onnx)")
-        self.model_file.setToolTip("Or an existing model (.onnx, e.g. from an earlier run's work folder): "
-                                   "predict without training.")
-        form.addRow("Or model", self.model_file)
+        self.model_combo = QComboBox(objectName="modelCombo")
+        self.model_combo.setToolTip("The model to map with: the shipped ones and the models your earlier runs "
+                                    "trained (task, resolution, bands, validation score), or Browse for a .onnx "
+                                    "file. A model of another task or band count is refused with the reason.")
+        self.model_combo.activated.connect(self._model_activated)
+        form.addRow("Model", self.model_combo)
         self._form = form
-        # Choosing a layer or a model file says where the labels come from.
         self.labels_combo.layerChanged.connect(lambda layer: layer is not None and self.set_label_source("layer"))
-        self.model_file.fileChanged.connect(lambda path: bool(path.strip()) and self.set_label_source("model"))
-        self.label_source_combo.currentIndexChanged.connect(self._label_source_changed)
-        self.task_combo.currentIndexChanged.connect(self._fill_presets)
+        self.label_source_combo.currentIndexChanged.connect(self._rows_changed)
+        self.task_combo.currentIndexChanged.connect(self._task_changed)
         self._fill_presets()
 
         self.epochs_spin = QSpinBox(objectName="epochsSpin")
         self.epochs_spin.setRange(1, 1000)
         self.epochs_spin.setValue(job.QUICK_EPOCHS)
-        self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better.")
+        self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better "
+                                    "(training stops early when it no longer improves).")
         form.addRow("Epochs", self.epochs_spin)
+
+        self.out_dir = QgsFileWidget(objectName="outputDir")
+        self.out_dir.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.out_dir.setFilePath(str(default_output_dir()))
+        self.out_dir.setToolTip("Folder for the results (a GeoPackage per run), the job file and intermediate "
+                                "files (a rerun reuses finished steps). Next to the project by default.")
+        form.addRow("Output folder", self.out_dir)
+
+        self.advanced = QgsCollapsibleGroupBox("Advanced", objectName="advancedGroup")
+        self.advanced.setCollapsed(True)
+        advanced = QFormLayout(self.advanced)
+        outer.addWidget(self.advanced)
+        self._advanced_form = advanced
+
+        self.overpass_edit = QLineEdit(objectName="overpassEdit")
+        self.overpass_edit.setText(str(QgsSettings().value(OVERPASS_SETTING, OVERPASS_DEFAULT)))
+        self.overpass_edit.setPlaceholderText(OVERPASS_DEFAULT)
+        self.overpass_edit.setToolTip("The Overpass API address OpenStreetMap features are downloaded from (the "
+                                      "public one by default; use your own or a mirror for large or frequent "
+                                      "jobs). Remembered for next time.")
+        self.overpass_edit.editingFinished.connect(self._remember_overpass)
+        advanced.addRow("Overpass server", self.overpass_edit)
+
+        self.date_edit = QLineEdit(objectName="dateEdit")
+        self.date_edit.setPlaceholderText("YYYY-MM-DD (optional: today's OSM)")
+        self.date_edit.setToolTip("Optional: take OSM as it was on this day, ideally the imagery's date, so that "
+                                  "labels show what the image shows. Empty: the current map.")
+        advanced.addRow("OSM date", self.date_edit)
 
         self.train_on_combo = QComboBox(objectName="trainOnCombo")
         self.train_on_combo.setToolTip("Where training runs: this computer, or a GPU host you reach with ssh "
@@ -209,11 +284,10 @@ class LandcoverDock(QgsDockWidget):
         row.addWidget(self.train_on_combo, 1)
         row.addWidget(self.add_host_button)
         row.addWidget(self.test_host_button)
-        form.addRow("Train on", self.train_on_row)
+        advanced.addRow("Train on", self.train_on_row)
         self.train_on_combo.currentIndexChanged.connect(
             lambda *_: self.test_host_button.setEnabled(self.remote_host() is not None))
         self._fill_hosts()
-        self._label_source_changed()
 
         self.scheduler_edit = QLineEdit(objectName="schedulerEdit")
         self.scheduler_edit.setText(job.scheduler_setting() or "")
@@ -223,26 +297,19 @@ class LandcoverDock(QgsDockWidget):
                                        "for; they must read the imagery and model at the same paths. Empty: "
                                        "this machine. Remembered, and used by Processing too.")
         self.scheduler_edit.editingFinished.connect(self._remember_scheduler)
-        form.addRow("Dask scheduler", self.scheduler_edit)
-
-        self.out_dir = QgsFileWidget(objectName="outputDir")
-        self.out_dir.setStorageMode(QgsFileWidget.GetDirectory)
-        self.out_dir.setFilePath(str(default_output_dir()))
-        self.out_dir.setToolTip("Folder for the result GeoPackage, the pipeline file and intermediate files "
-                                "(a rerun reuses finished stages).")
-        form.addRow("Output folder", self.out_dir)
+        advanced.addRow("Dask scheduler", self.scheduler_edit)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run", objectName="runButton")
-        self.run_button.setToolTip("Fetch the imagery, train on the labels (or load the model), predict, "
+        self.run_button.setToolTip("Fetch the imagery, train on the labels (or use the model), predict, "
                                    "and load the results as styled layers.")
         self.run_button.clicked.connect(self.run)
         self.cancel_button = QPushButton("Cancel", objectName="cancelButton", enabled=False)
-        self.cancel_button.setToolTip("Stop the engine; nothing half-written is kept.")
+        self.cancel_button.setToolTip("Stop the engine; nothing half-written is kept, finished steps are reused.")
         self.cancel_button.clicked.connect(self.cancel)
         self.report_button = QPushButton("Open report", objectName="reportButton", enabled=False)
-        self.report_button.setToolTip("The trained model's card: validation scores (per class and the confusion "
-                                      "matrix for land cover), the training curves' file, what it was trained on.")
+        self.report_button.setToolTip("The model's card: validation scores (per class and the confusion matrix "
+                                      "for land cover), the training curves, what it was trained on.")
         self.report_button.clicked.connect(self.open_report)
         self.report_path: Path | None = None
         buttons.addWidget(self.run_button)
@@ -255,20 +322,89 @@ class LandcoverDock(QgsDockWidget):
         self.progress.setValue(0)
         outer.addWidget(self.progress)
         self.status_label = QLabel("", objectName="statusLabel", wordWrap=True)
-        self.status_label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         outer.addWidget(self.status_label)
         outer.addStretch(1)
         self.setWidget(body)
         self._imagery_changed()
+        self._rows_changed()
 
     # ---- inputs --------------------------------------------------------
     def refresh_sources(self) -> None:
-        """Re-read the XYZ connections saved in QGIS into the imagery combo."""
+        """Re-read the XYZ connections saved in QGIS: aerial and satellite imagery first, street maps last.
+        With no raster layer, an imagery connection is chosen, never a street map."""
         self._xyz = xyz_connections()
-        self.imagery_combo.setAdditionalItems([XYZ_PREFIX + name for name in sorted(self._xyz)])
+        names = sorted(self._xyz, key=lambda n: (imagery_rank(n, self._xyz[n]), n.lower()))
+        self.imagery_combo.setAdditionalItems([XYZ_PREFIX + name + (" (street map)" if self._xyz[name].is_street_map
+                                                                   else "") for name in names])
+        if self.imagery_combo.currentLayer() is None and not self.imagery_combo.currentText():
+            first = next((n for n in names if imagery_rank(n, self._xyz[n]) == 0), None)
+            if first is not None:
+                self.imagery_combo.setCurrentIndex(self.imagery_combo.findText(XYZ_PREFIX + first))
+
+    def refresh_models(self, select: Path | None = None) -> None:
+        """The model list: earlier runs' models (newest first) and the shipped ones, then Browse."""
+        current = select or self.model_path()
+        self.model_combo.clear()
+        for model in list_models([models_dir()]):
+            self.model_combo.addItem(describe(model), model)
+            self.model_combo.setItemData(self.model_combo.count() - 1, str(model.folder), Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.addItem("Browse for a model file…", BROWSE)
+        if current is not None:
+            self.set_model(current)
+
+    def model(self) -> ModelSummary | None:
+        data = self.model_combo.currentData()
+        return data if isinstance(data, ModelSummary) else None
+
+    def model_path(self) -> Path | None:
+        model = self.model()
+        return model.path if model else None
+
+    def set_model(self, path: Path | str) -> None:
+        """Choose a model by its folder or .onnx file, adding it to the list when it is not there."""
+        path = Path(path)
+        onnx = path / "model.onnx" if path.is_dir() else path
+        for i in range(self.model_combo.count()):
+            data = self.model_combo.itemData(i)
+            if isinstance(data, ModelSummary) and data.path.resolve() == onnx.resolve():
+                self.model_combo.setCurrentIndex(i)
+                return
+        try:
+            model = read_summary(onnx)
+        except (NotAModel, OSError) as exc:
+            self.status_label.setText(f"Not a model Landcover can use: {exc}")
+            return
+        self.model_combo.insertItem(0, describe(model), model)
+        self.model_combo.setCurrentIndex(0)
+
+    def _model_activated(self, index: int) -> None:
+        if self.model_combo.itemData(index) == BROWSE:
+            path, _ = QFileDialog.getOpenFileName(self, "Choose a model", str(models_dir()), "ONNX models (*.onnx)")
+            self.model_combo.setCurrentIndex(0)
+            if path:
+                self.set_model(path)
+        self._show_report_of(self.model())
+
+    def browse_labels(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Choose a labels file", str(default_output_dir()),
+                                              "Vector files (*.gpkg *.shp *.geojson *.json *.csv *.kml *.fgb);;"
+                                              "All files (*)")
+        if path:
+            self.add_labels_file(path)
+
+    def add_labels_file(self, path: str) -> None:
+        """Open a vector file as a layer of the project (each layer of a GeoPackage) and choose it."""
+        layer = QgsVectorLayer(path, Path(path).stem, "ogr")
+        if not layer.isValid():
+            self.status_label.setText(f"QGIS cannot open {path} as a vector layer.")
+            return
+        QgsProject.instance().addMapLayer(layer)
+        self.labels_combo.setLayer(layer)
 
     def _imagery_changed(self, *_args) -> None:
         self.gsd_spin.setEnabled(self.imagery_combo.currentLayer() is None)
+        self._set_row_visible(self.gsd_spin, self.imagery_combo.currentLayer() is None)
 
     def label_source(self) -> str:
         return self.label_source_combo.currentData()
@@ -276,24 +412,37 @@ class LandcoverDock(QgsDockWidget):
     def set_label_source(self, key: str) -> None:
         self.label_source_combo.setCurrentIndex(self.label_source_combo.findData(key))
 
-    def _label_source_changed(self, *_args) -> None:
-        """Show only the rows the chosen label source needs."""
-        source = self.label_source()
+    def _task_changed(self, *_args) -> None:
+        self._fill_presets()
+        self._rows_changed()
+
+    def _rows_changed(self, *_args) -> None:
+        """Show only the rows that apply to the chosen task and label source."""
+        source, task = self.label_source(), self.task_key()
+        training = source != "model"
         rows = {self.preset_combo: source in ("overpass", "osm_file"), self.overpass_edit: source == "overpass",
                 self.date_edit: source == "overpass", self.osm_file: source == "osm_file",
-                self.labels_combo: source == "layer", self.class_field_combo: source == "layer",
-                self.model_file: source in ("layer", "model"), self.epochs_spin: source != "model",
-                self.train_on_row: source != "model"}
+                self.labels_row: source == "layer",
+                self.class_field_combo: source == "layer" and task in ("landcover", "classification"),
+                self.model_combo: not training, self.epochs_spin: training, self.train_on_row: training}
         for widget, shown in rows.items():
-            widget.setVisible(shown)
-            self._form.labelForField(widget).setVisible(shown)
+            self._set_row_visible(widget, shown)
+
+    def _set_row_visible(self, widget: QWidget, shown: bool) -> None:
+        """Hide a row whole (its label too) in whichever form holds it, leaving no gap."""
+        for form in (self._form, self._advanced_form):
+            label = form.labelForField(widget)
+            if label is not None:
+                label.setVisible(shown)
+        widget.setVisible(shown)
 
     def _fill_presets(self, *_args) -> None:
         """The presets that fit the task; the task's namesake (first) is chosen."""
         self.preset_combo.clear()
         for preset in presets_for_task(self.task_key()):
             self.preset_combo.addItem(preset.name, preset.name)
-            self.preset_combo.setItemData(self.preset_combo.count() - 1, preset.description, Qt.ToolTipRole)
+            self.preset_combo.setItemData(self.preset_combo.count() - 1, preset.description,
+                                          Qt.ItemDataRole.ToolTipRole)
 
     def _remember_overpass(self) -> None:
         QgsSettings().setValue(OVERPASS_SETTING, self.overpass_edit.text().strip() or OVERPASS_DEFAULT)
@@ -301,68 +450,159 @@ class LandcoverDock(QgsDockWidget):
     def _remember_scheduler(self) -> None:
         QgsSettings().setValue(job.SCHEDULER_SETTING, self.scheduler_edit.text().strip())
 
-    def start_drawing(self) -> None:
-        if self.canvas.mapTool() is not self.map_tool:
-            self._previous_tool = self.canvas.mapTool()
-        self.canvas.setMapTool(self.map_tool)
-        self.status_label.setText("Drag a rectangle on the map.")
+    # ---- remembered choices --------------------------------------------
+    def state(self) -> dict[str, str]:
+        """The choices a user expects to find again: per profile and in the project."""
+        return {"task": self.task_key(), "label_source": self.label_source(),
+                "preset": str(self.preset_combo.currentData() or ""), "epochs": str(self.epochs_spin.value()),
+                "gsd": str(self.gsd_spin.value()), "model": str(self.model_path() or ""),
+                "out_dir": self.out_dir.filePath().strip()}
 
-    def set_area(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem | None = None) -> None:
-        """Store the drawn area (in the canvas CRS unless `crs` is given) and show it."""
-        if extent.isEmpty():
-            return
-        self.area = QgsRectangle(extent)
-        self.area_crs = crs or self.canvas.mapSettings().destinationCrs()
-        self._show_area()
-        self.area_label.setText(_area_text(self.area, self.area_crs))
-        self.area_label.setToolTip(f"The drawn area: {self.area.toString(6)} ({self.area_crs.authid() or 'map CRS'})")
-        self.status_label.setText("")
-        if self.canvas.mapTool() is self.map_tool:  # one rectangle, then back to what the user had
+    def remember_state(self) -> None:
+        settings, project = QgsSettings(), QgsProject.instance()
+        for key, value in self.state().items():
+            if key != "out_dir":  # a folder belongs to its project
+                settings.setValue(f"{STATE_GROUP}/{key}", value)
+            project.writeEntry("landcover", f"dock/{key}", value)
+
+    def restore_state(self) -> None:
+        """The project's choices, else the profile's last ones."""
+        settings, project = QgsSettings(), QgsProject.instance()
+        saved = {}
+        for key in self.state():
+            value, found = project.readEntry("landcover", f"dock/{key}", "")
+            saved[key] = value if found and value else str(settings.value(f"{STATE_GROUP}/{key}", "") or "")
+        if saved["task"] and self.task_combo.findData(saved["task"]) >= 0:
+            self.task_combo.setCurrentIndex(self.task_combo.findData(saved["task"]))
+        if saved["label_source"] and self.label_source_combo.findData(saved["label_source"]) >= 0:
+            self.set_label_source(saved["label_source"])
+        if saved["preset"] and self.preset_combo.findData(saved["preset"]) >= 0:
+            self.preset_combo.setCurrentIndex(self.preset_combo.findData(saved["preset"]))
+        if saved["epochs"].isdigit():
+            self.epochs_spin.setValue(int(saved["epochs"]))
+        try:
+            self.gsd_spin.setValue(float(saved["gsd"] or 0))
+        except ValueError:
+            pass
+        if saved["model"] and Path(saved["model"]).exists():
+            self.set_model(saved["model"])
+        if saved["out_dir"]:
+            self.out_dir.setFilePath(saved["out_dir"])
+        self._rows_changed()
+
+    # ---- the area ------------------------------------------------------
+    def _start_tool(self, tool, message: str) -> None:
+        if self.canvas.mapTool() not in (self.map_tool, self.polygon_tool):
+            self._previous_tool = self.canvas.mapTool()
+        self.canvas.setMapTool(tool)
+        self.status_label.setText(message)
+
+    def _restore_tool(self) -> None:
+        """One area, then back to the tool the user had."""
+        if self.canvas.mapTool() in (self.map_tool, self.polygon_tool):
             if self._previous_tool is not None:
                 self.canvas.setMapTool(self._previous_tool)
             else:
-                self.canvas.unsetMapTool(self.map_tool)
+                self.canvas.unsetMapTool(self.canvas.mapTool())
+
+    def start_drawing(self) -> None:
+        self._start_tool(self.map_tool, "Drag a rectangle on the map.")
+
+    def start_polygon(self) -> None:
+        self._start_tool(self.polygon_tool, "Click the polygon's corners on the map; right-click to close it.")
+
+    def set_area(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem | None = None) -> None:
+        """A rectangle (in the canvas CRS unless `crs` is given) as the area."""
+        if not extent.isEmpty():
+            self.set_areas([rectangle_area(QgsRectangle(extent), crs or self.canvas.mapSettings().destinationCrs())])
+
+    def _polygon_drawn(self, geometry) -> None:
+        self.set_areas([Area(geometry, self.canvas.mapSettings().destinationCrs(), "", "polygon")])
+
+    def use_layer_extent(self, layer=None) -> None:
+        layer = layer or self.iface.activeLayer()
+        if layer is None:
+            self.status_label.setText("Choose a layer in the Layers panel first: its extent becomes the area.")
+            return
+        self.set_areas([layer_extent_area(layer)])
+
+    def use_selected_features(self, layer=None) -> None:
+        layer = layer or self.iface.activeLayer()
+        areas = selected_areas(layer) if isinstance(layer, QgsVectorLayer) else []
+        if not areas:
+            self.status_label.setText("Select one or more polygons of a layer (and make it the current layer): "
+                                      "they become the area, or one run each.")
+            return
+        self.set_areas(areas)
+
+    def set_areas(self, areas: list[Area]) -> None:
+        """One area, or several (selected features): one run for all, or one run each when asked."""
+        self.batch = areas if len(areas) > 1 else []
+        self.area = union_area(areas) if len(areas) > 1 else areas[0]
+        self.per_feature_check.setVisible(len(areas) > 1)
+        self.per_feature_check.setText(f"One run per feature ({len(areas)} runs)")
+        self._show_area()
+        self.area_label.setText(area_text(self.area))
+        self.status_label.setText("")
+        self._restore_tool()
 
     def _show_area(self) -> None:
         if self.area is not None:
-            self.rubber_band.setToGeometry(QgsGeometry.fromRect(self.area), self.area_crs)
+            self.rubber_band.setToGeometry(self.area.geometry, self.area.crs)
 
-    def aoi(self) -> tuple[job.Bbox, str]:
-        if self.area is None:
+    def aoi(self, folder: Path | None = None, area: Area | None = None) -> tuple[job.Bbox | str, str]:
+        """The area as the pipeline file takes it (a polygon's GeoPackage goes into `folder`)."""
+        area = area or self.area
+        if area is None:
             return (0.0, 0.0, 0.0, 0.0), "EPSG:4326"
-        return job.aoi_for_engine(self.area, self.area_crs, QgsProject.instance().transformContext())
+        return area.for_engine(folder or Path(self.out_dir.filePath().strip() or default_output_dir()) / "areas")
 
     def imagery(self) -> ImagerySource | None:
         layer = self.imagery_combo.currentLayer()
         if layer is not None:
             return raster_layer_source(layer)
-        text = self.imagery_combo.currentText()
+        text = self.imagery_combo.currentText().removesuffix(" (street map)")
         return self._xyz.get(text[len(XYZ_PREFIX):]) if text.startswith(XYZ_PREFIX) else None
 
     def task_key(self) -> str:
         return self.task_combo.currentData()
 
-    def build_spec(self, out_dir: Path) -> PipelineFile:
-        """The pipeline for the current inputs; raises SourceError for a layer the
-        engine cannot read. Check job.problems(spec) before running it."""
+    def problems(self, spec: PipelineFile) -> list[str]:
+        """The job's problems (job.problems) and the dock's own: a street map as imagery, a model
+        that does not fit the task or the imagery's bands."""
+        found = job.problems(spec)
+        imagery = self.imagery()
+        if imagery is not None and imagery.is_street_map:
+            found.append(f"{self.imagery_combo.currentText()[len(XYZ_PREFIX):]} is a street map, not imagery: "
+                         "a model learns nothing from it and its tile server forbids bulk downloads. Choose "
+                         "aerial or satellite imagery.")
+        model = self.model() if self.label_source() == "model" else None
+        if model is not None:
+            layer = self.imagery_combo.currentLayer()
+            found += model_problems(model, spec.task, layer.bandCount() if layer is not None else 3)
+        return found
+
+    def build_spec(self, out_dir: Path, area: Area | None = None, name: str = "") -> PipelineFile:
+        """The pipeline for the current inputs (over `area`, the dock's by default); raises
+        SourceError for a layer the engine cannot read. Check self.problems(spec) before running it."""
         imagery = self.imagery()
         source = self.label_source()
         labels_layer = self.labels_combo.currentLayer() if source == "layer" else None
-        model = self.model_file.filePath().strip() if source in ("layer", "model") else ""
         osm_file = self.osm_file.filePath().strip() if source == "osm_file" else ""
         overpass = (self.overpass_edit.text().strip() or OVERPASS_DEFAULT) if source == "overpass" else None
-        aoi, aoi_crs = self.aoi()
         task = self.task_key()
-        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aoi, aoi_crs = self.aoi(out_dir / "areas", area)
+        stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{_safe(name)}" if name else "")
         host, training = self.remote_host(), source != "model"
         return PipelineFile(
             task=task, aoi=aoi, aoi_crs=aoi_crs,
             imagery=imagery.source if imagery else "",
             headers=imagery.headers if imagery else {},
             gsd=(self.gsd_spin.value() or None) if imagery and imagery.is_xyz else None,
-            labels=vector_layer_path(labels_layer) if labels_layer is not None else None,
+            max_zoom=imagery.max_zoom if imagery else None,
+            labels=labels_for_engine(labels_layer, out_dir / f"{task}-work") if labels_layer is not None else None,
             class_field=(self.class_field_combo.currentField() or None) if labels_layer is not None else None,
-            model=Path(model) if model and labels_layer is None else None,
+            model=self.model_path() if not training else None,
             preset=self.preset_combo.currentData() if source in ("overpass", "osm_file") else None,
             osm_file=Path(osm_file) if osm_file else None,
             overpass=overpass,
@@ -396,7 +636,7 @@ class LandcoverDock(QgsDockWidget):
 
     def ask_new_host(self) -> None:
         dialog = HostDialog(self)
-        if dialog.exec_() and dialog.host() is not None:
+        if dialog.exec() and dialog.host() is not None:
             self.add_host(dialog.host())
             self.status_label.setText("Host added: press 'Test connection' to set it up.")
 
@@ -433,7 +673,7 @@ class LandcoverDock(QgsDockWidget):
             self, "Trust this host?",
             f"{host.name} ({host.destination}) is a host you have not connected to before. Its key fingerprint "
             f"is:\n\n{fingerprint}\n\nTrust it only if the host's administrator confirms this fingerprint.")
-        if answer == QMessageBox.Yes:
+        if answer == QMessageBox.StandardButton.Yes:
             self.test_connection(accept_fingerprint=fingerprint)
         else:
             self.status_label.setText(f"{host.name} was not trusted: nothing was sent to it.")
@@ -458,7 +698,7 @@ class LandcoverDock(QgsDockWidget):
         answer = QMessageBox.question(self, "Create the engine environment",
                                       f"Create a Python environment at {venv} and install the engine's packages "
                                       "(TensorFlow, onnxruntime, rasterio, ...; about 1 GB download)?")
-        if answer != QMessageBox.Yes:
+        if answer != QMessageBox.StandardButton.Yes:
             return
         self.env_task = CreateEnvTask(create_env_commands(venv, requirements), self._env_done)
         self.env_task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
@@ -472,7 +712,8 @@ class LandcoverDock(QgsDockWidget):
         self.check_engine()
 
     def run(self) -> EngineTask | None:
-        """Validate, write the pipeline file and start the engine; the task or None."""
+        """Validate, write the pipeline file(s) and start the engine; the (first) task or None.
+        Selected features with 'one run per feature' queue one run each."""
         if self.task is not None:
             return None
         location = self.check_engine()
@@ -480,33 +721,44 @@ class LandcoverDock(QgsDockWidget):
             self.status_label.setText(self.engine_label.text())
             return None
         out_dir = Path(self.out_dir.filePath().strip() or default_output_dir())
+        areas = self.batch if self.batch and self.per_feature_check.isChecked() else [self.area]
         try:
-            spec = self.build_spec(out_dir)
-        except SourceError as exc:
+            jobs = [(self.build_spec(out_dir, area, area.name if len(areas) > 1 else ""), area) for area in areas]
+        except (SourceError, OSError) as exc:
             self.status_label.setText(str(exc))
             return None
-        problems = job.problems(spec)
+        problems = self.problems(jobs[0][0])
         if problems:
             self.status_label.setText("\n".join(problems))
             return None
-        if spec.overpass:
+        if jobs[0][0].overpass:
             self._remember_overpass()
+        self.remember_state()
+        self.queue = jobs
+        return self._start_next(location)
+
+    def _start_next(self, location: EngineLocation) -> EngineTask | None:
+        spec, area = self.queue.pop(0)
         label = task_info(spec.task).label.lower()
         imagery = self.imagery()
         run = job.engine_run(spec, location, imagery.engine_env() if imagery else {})
-        task = EngineTask(f"Landcover: {label}", run, message_bar=self.iface.messageBar(),
-                          on_success=lambda event: self._succeeded(event, label), on_failure=self._failed)
+        title = f"Landcover: {label}" + (f" ({area.name})" if area is not None and area.name and self.batch else "")
+        task = EngineTask(title, run, message_bar=self.iface.messageBar(),
+                          on_success=lambda event: self._succeeded(event, label, spec, area, location),
+                          on_failure=self._failed)
         task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
-        task.stage_changed.connect(self.status_label.setText)
+        task.stage_changed.connect(lambda text: self.status_label.setText(job.stage_text(text)))
         self.task = task
         self._set_running(True)
-        self.status_label.setText(f"Running; pipeline: {job.pipeline_path(spec)}")
+        left = f" ({len(self.queue)} more after this one)" if self.queue else ""
+        self.status_label.setText(f"Starting{left}…")
         QgsApplication.taskManager().addTask(task)
         return task
 
     def cancel(self) -> None:
         if self.task is not None:
-            self.status_label.setText("Cancelling...")
+            self.queue = []
+            self.status_label.setText("Cancelling…")
             self.task.cancel()
 
     def _set_running(self, running: bool) -> None:
@@ -515,7 +767,8 @@ class LandcoverDock(QgsDockWidget):
         self.report_button.setEnabled(self.report_path is not None and not running)
         self.progress.setValue(0)
 
-    def _succeeded(self, event: dict, label: str) -> None:
+    def _succeeded(self, event: dict, label: str, spec: PipelineFile | None = None, area: Area | None = None,
+                   location: EngineLocation | None = None) -> None:
         self.task = None
         self._set_running(False)
         self.progress.setValue(100)
@@ -523,40 +776,64 @@ class LandcoverDock(QgsDockWidget):
         if not gpkg:
             self.status_label.setText("The engine finished but reported no GeoPackage.")
             return
-        attribution = event.get("summary", {}).get("attribution", "")  # labels from OSM
-        layers = load_result_layers(gpkg, f"Landcover — {label} ({time.strftime('%H:%M')})",
-                                    attribution=attribution)
-        credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
-        trained = training_text(event.get("summary", {}).get("train", {}))
-        workers = job.workers_note(event.get("summary", {}))
-        self.status_label.setText(f"Done: {len(layers)} layers from {gpkg}{workers}{trained}{credit}")
+        summary = event.get("summary", {})
+        attribution = summary.get("attribution", "")  # labels from OSM
         model = event.get("outputs", {}).get("model")
-        card = Path(model) / "MODEL_CARD.md" if model else None
+        kept = None
+        if model and spec is not None and spec.model is None and Path(model).is_dir():  # trained in this run
+            kept = keep_model(Path(model), models_dir(), spec.task)
+            self.refresh_models(select=kept)
+        where = f"{area.name}, " if area is not None and area.name and self.batch else ""
+        size = f"{area.hectares():,.1f} ha, " if area is not None else ""
+        model_name = kept.name if kept else Path(model).parent.name if model and Path(model).is_file() else \
+            Path(model).name if model else ""
+        group = f"Landcover — {label} ({where}{size}{model_name + ', ' if model_name else ''}{time.strftime('%H:%M')})"
+        layers = load_result_layers(gpkg, group, attribution=attribution)
+        credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
+        trained = training_text(summary.get("train", {}))
+        workers = job.workers_note(summary)
+        saved = f"; model saved as {kept.name}" if kept else ""
+        self.status_label.setText(f"Done: {len(layers)} layers in {Path(gpkg).name}{saved}{workers}{trained}{credit}")
+        card = (kept or (Path(model) if model else None))
+        card = card / "MODEL_CARD.md" if card is not None and card.is_dir() else None
         self.report_path = card if card and card.is_file() else None
         self.report_button.setEnabled(self.report_path is not None)
+        if self.queue and location is not None:
+            self._start_next(location)
+
+    def _show_report_of(self, model: ModelSummary | None) -> None:
+        self.report_path = model.report if model else None
+        self.report_button.setEnabled(self.report_path is not None and self.task is None)
 
     def open_report(self) -> None:
         if self.report_path is not None:
             QDesktopServices.openUrl(QUrl.fromLocalFile(str(self.report_path)))
 
+    def open_help(self) -> None:
+        readme = find_resource("README.md")
+        url = QUrl.fromLocalFile(str(readme)) if readme else QUrl("https://example.invalid/landcover_plugin")
+        url.setFragment(HELP_ANCHOR.lstrip("#"))
+        QDesktopServices.openUrl(url)
+
     def _failed(self, failure: EngineFailed) -> None:
         self.task = None
+        self.queue = []
         self._set_running(False)
-        self.status_label.setText(str(failure))
+        self.status_label.setText(job.dock_words(str(failure)))
 
     def cleanup(self) -> None:
         """Undo what the dock did to the canvas and stop its engine (plugin unload)."""
         if self.task is not None:
             self.task.on_success = self.task.on_failure = None  # the dock is going away
             self.task.cancel()
-        if self.canvas.mapTool() is self.map_tool:
-            self.canvas.unsetMapTool(self.map_tool)
+        if self.canvas.mapTool() in (self.map_tool, self.polygon_tool):
+            self.canvas.unsetMapTool(self.canvas.mapTool())
         self.canvas.destinationCrsChanged.disconnect(self._show_area)
-        self.rubber_band.reset(QgsWkbTypes.PolygonGeometry)
+        self.rubber_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         self.canvas.scene().removeItem(self.rubber_band)
+        self.canvas.scene().removeItem(self.polygon_tool.band)
 
 
-def _area_text(rect: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> str:
-    """The area's size, short enough for the dock: '32 × 32 m (EPSG:32617)'."""
-    unit, digits = ("°", 4) if crs.isGeographic() else (" m", 0)
-    return f"{rect.width():.{digits}f} × {rect.height():.{digits}f}{unit} ({crs.authid() or 'map CRS'})"
+def _safe(name: str) -> str:
+    """A feature's name as part of a file name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]

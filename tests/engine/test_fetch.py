@@ -239,6 +239,13 @@ def test_second_fetch_uses_cache(tiles_dir, aoi, tmp_path):
         assert np.array_equal(a.read(), b.read()) and a.transform == b.transform
 
 
+def test_max_zoom_of_the_source_is_respected(tiles_dir, aoi, tmp_path):
+    """A source that stops at zoom 19 (a QGIS connection's zmax) is never asked for zoom 21."""
+    with serve(tiles_dir) as url:
+        result = run(url, tmp_path, aoi, gsd=0.1, max_zoom=19)  # 0.1 m would be zoom 21
+    assert result.summary["zoom"] == 19
+
+
 @pytest.mark.parametrize("fail", [Fail(first=2), Fail(first=2, status=429), Fail(first=1, truncate=True),
                                   Fail(first=1, cut=True)], ids=["500", "429", "truncated", "cut"])
 def test_transient_errors_are_retried(tiles_dir, aoi, tmp_path, fail):

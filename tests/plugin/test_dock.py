@@ -9,20 +9,24 @@ from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, 
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
-from landcover_plugin.contract.names import OVERPASS_DEFAULT
+from landcover_plugin.contract.names import MODELS_DIR, OVERPASS_DEFAULT
 from landcover_plugin.core import job
 from landcover_plugin.core.sources import ImagerySource
-from landcover_plugin.ui.dock import OVERPASS_SETTING, LandcoverDock
+from landcover_plugin.ui.dock import OVERPASS_SETTING, STATE_GROUP, LandcoverDock
 
 XYZ_KEY = "qgis/connections-xyz/Test orthophoto"
 
 
 @pytest.fixture
 def dock(qgis_iface, engine_python):
+    """A dock as a new user first sees it: no choices remembered from earlier tests."""
+    QgsSettings().remove(STATE_GROUP)
+    QgsProject.instance().removeEntry("landcover", "dock")
     dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
     yield dock
     dock.cleanup()
     dock.deleteLater()
+    QgsSettings().remove(STATE_GROUP)
 
 
 @pytest.fixture
@@ -86,9 +90,10 @@ def test_engine_present_hides_the_offer(dock):
 
 def test_every_input_has_help(dock):
     for widget in (dock.draw_button, dock.imagery_combo, dock.gsd_spin, dock.task_combo, dock.labels_combo,
-                   dock.class_field_combo, dock.model_file, dock.epochs_spin, dock.out_dir, dock.run_button,
+                   dock.class_field_combo, dock.model_combo, dock.epochs_spin, dock.out_dir, dock.run_button,
                    dock.cancel_button, dock.create_env_button, dock.label_source_combo, dock.preset_combo,
-                   dock.overpass_edit, dock.date_edit, dock.osm_file):
+                   dock.overpass_edit, dock.date_edit, dock.osm_file, dock.help_button, dock.labels_file_button,
+                   dock.per_feature_check, dock.train_on_combo, dock.scheduler_edit):
         assert len(widget.toolTip()) > 20, widget.objectName()
 
 
@@ -118,8 +123,9 @@ def test_drawn_area_and_the_pipeline_file(dock, osbs_layers, tmp_path):
     raster, labels = osbs_layers
     _draw_over(dock, raster)
     assert dock.area is not None and dock.canvas.mapTool() is not dock.map_tool  # the previous tool is back
-    assert raster.extent().contains(dock.area) and dock.area.width() > 0.7 * raster.extent().width()
-    assert "EPSG:32617" in dock.area_label.text() and " m (" in dock.area_label.text()
+    rect = dock.area.geometry.boundingBox()
+    assert raster.extent().contains(rect) and rect.width() > 0.7 * raster.extent().width()
+    assert re.fullmatch(r"\d+ m²: rectangle \(EPSG:32617\)", dock.area_label.text()), dock.area_label.text()
 
     dock.imagery_combo.setLayer(raster)
     dock.labels_combo.setLayer(labels)
@@ -129,8 +135,7 @@ def test_drawn_area_and_the_pipeline_file(dock, osbs_layers, tmp_path):
     assert job.problems(spec) == []
     data = spec.to_dict()
     aoi = [float(v) for v in data["aoi"].split(",")]
-    area = dock.area
-    assert aoi == pytest.approx([area.xMinimum(), area.yMinimum(), area.xMaximum(), area.yMaximum()])
+    assert aoi == pytest.approx([rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()])
     assert data["aoi_crs"] == "EPSG:32617"
     assert data["imagery"]["source"] == raster.source() and data["imagery"]["gsd"] is None
     assert data["labels"] == {"path": str(labels.source()).split("?")[0].removeprefix("file://"), "class_field": None}
@@ -173,7 +178,10 @@ def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp
     assert wait_until(lambda: dock.task is None, 300), dock.status_label.text()
     assert dock.status_label.text().startswith("Done"), dock.status_label.text()
     group = QgsProject.instance().layerTreeRoot().children()[0]
-    assert re.fullmatch(r"Landcover — trees \(\d\d:\d\d\)", group.name()), group.name()
+    model = dock.model_combo.itemData(0)  # the trained model, kept in its own dated folder and listed first
+    assert re.fullmatch(r"trees-\d{8}-\d{6}", model.folder.name) and model.folder.parent.name == "models"
+    assert group.name() == f"Landcover — trees ({dock.area.hectares():,.1f} ha, {model.folder.name}, " \
+                           f"{group.name()[-6:-1]})", group.name()
     names = {node.layer().name() for node in group.findLayers()}
     assert {"crowns", "trees"} <= names
     assert dock.progress.value() == 100 and dock.run_button.isEnabled()
@@ -181,7 +189,8 @@ def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp
     monkeypatch.setattr(QDesktopServices, "openUrl", lambda url: opened.append(url.toLocalFile()) or True)
     assert dock.report_button.isEnabled()
     dock.report_button.click()  # the trained model's card: scores, curves, provenance
-    assert opened == [str(tmp_path / "trees-work" / "model" / "MODEL_CARD.md")]
+    assert opened == [str(model.folder / "MODEL_CARD.md")]
+    assert f"model saved as {model.folder.name}" in dock.status_label.text()
 
 
 def test_cancel_button_stops_the_run(dock, osbs_layers, slow_tiles, tmp_path, wait_until):
@@ -239,8 +248,8 @@ def test_credentials_from_the_qgis_auth_database(basic_authcfg):
 
 
 def _rows_shown(dock) -> set[str]:
-    widgets = (dock.preset_combo, dock.overpass_edit, dock.date_edit, dock.osm_file, dock.labels_combo,
-               dock.class_field_combo, dock.model_file)
+    widgets = (dock.preset_combo, dock.overpass_edit, dock.date_edit, dock.osm_file, dock.labels_row,
+               dock.class_field_combo, dock.model_combo, dock.epochs_spin)
     return {w.objectName() for w in widgets if not w.isHidden()}
 
 
@@ -253,7 +262,7 @@ def test_label_sources_become_the_pipelines_labels(dock, osbs_layers, tmp_path):
     assert dock.label_source() == "overpass"
     assert [dock.preset_combo.itemData(i) for i in range(dock.preset_combo.count())] == [
         "landcover", "buildings", "trees"]
-    assert _rows_shown(dock) == {"presetCombo", "overpassEdit", "dateEdit"}
+    assert _rows_shown(dock) == {"presetCombo", "overpassEdit", "dateEdit", "epochsSpin"}
     assert dock.overpass_edit.text() == OVERPASS_DEFAULT
     dock.date_edit.setText("2021-06-01")
     spec = dock.build_spec(tmp_path)
@@ -271,22 +280,26 @@ def test_label_sources_become_the_pipelines_labels(dock, osbs_layers, tmp_path):
     osm = tmp_path / "area.osm.pbf"
     osm.write_bytes(b"")
     dock.set_label_source("osm_file")
-    assert _rows_shown(dock) == {"presetCombo", "osmFile"}
+    assert _rows_shown(dock) == {"presetCombo", "osmFile", "epochsSpin"}
     dock.osm_file.setFilePath(str(osm))
     spec = dock.build_spec(tmp_path)
     assert job.problems(spec) == [] and spec.to_dict()["labels"] == {"preset": "trees", "osm_file": str(osm)}
     dock.osm_file.setFilePath(str(tmp_path / "missing.osm"))
     assert any("does not exist" in p for p in job.problems(dock.build_spec(tmp_path)))
 
-    # picking a labels layer switches to it; picking a model file, to predicting
+    # picking a labels layer switches to it; the class field is asked for land cover only
     dock.labels_combo.setLayer(labels)
-    assert dock.label_source() == "layer" and _rows_shown(dock) == {"labelsCombo", "classFieldCombo", "modelFile"}
+    assert dock.label_source() == "layer" and _rows_shown(dock) == {"labelsRow", "epochsSpin"}
+    dock.task_combo.setCurrentIndex(dock.task_combo.findData("landcover"))
+    assert _rows_shown(dock) == {"labelsRow", "classFieldCombo", "epochsSpin"}
     data = dock.build_spec(tmp_path).to_dict()
     assert set(data["labels"]) == {"path", "class_field"} and "model" not in data
-    dock.model_file.setFilePath(str(tmp_path / "model.onnx"))
-    assert dock.label_source() == "model" and _rows_shown(dock) == {"modelFile"}
+    # no labels: a model from the list, no epochs
+    dock.set_label_source("model")
+    assert _rows_shown(dock) == {"modelCombo"}
+    dock.set_model(MODELS_DIR / "trees-base")
     data = dock.build_spec(tmp_path).to_dict()
-    assert "labels" not in data and data["model"] == str(tmp_path / "model.onnx")
+    assert "labels" not in data and data["model"] == str(MODELS_DIR / "trees-base" / "model.onnx")
 
 
 def test_overpass_endpoint_is_remembered(qgis_iface, engine_python):

@@ -66,6 +66,7 @@ class FetchParams:
     out: Path
     zoom: int | None = None
     gsd: float | None = None  # metres/pixel: picks the nearest zoom (XYZ) and the output resolution
+    max_zoom: int | None = None  # the XYZ source's last zoom level (a street map server stops at 19)
     cache_dir: Path | None = None  # default: $XDG_CACHE_HOME/landcover/tiles
     workers: int = 4
     headers: dict[str, str] = field(default_factory=dict)
@@ -185,6 +186,11 @@ def fetch_xyz(params: FetchParams, reporter: Reporter) -> StageResult:
     lon, lat = (bounds[0] + bounds[2]) / 2, (bounds[1] + bounds[3]) / 2
     size = template_tile_size(template)
     zoom = pick_zoom(params.zoom, params.gsd, lat, size)
+    if params.max_zoom is not None and zoom > params.max_zoom:  # the server has no tiles there
+        reporter.log(f"fetch: the source stops at zoom {params.max_zoom} "
+                     f"({ground_resolution(lat, params.max_zoom, size):.3g} m/px here): fetching that instead of "
+                     f"zoom {zoom}", level="warning")
+        zoom = params.max_zoom
     total = count_tiles(bounds, zoom)
     if total == 0:
         raise EngineError("NO_TILES", f"The AOI yields no tiles at zoom {zoom}: Web Mercator tiles stop at "

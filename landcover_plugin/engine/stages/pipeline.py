@@ -134,7 +134,7 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         from ..learn.model_package import read_info
 
         fp = FetchParams(aoi=aoi, source=p.imagery, out=workdir / "imagery.tif",
-                         zoom=p.zoom, gsd=p.gsd, headers=p.headers,
+                         zoom=p.zoom, gsd=p.gsd, max_zoom=p.max_zoom, headers=p.headers,
                          model_gsd=read_info(p.model).resolution_m if p.model else None)
         res = _run_stage("fetch", fp, fp.out, lambda: fetch(fp, reporter), workdir, reporter)
         imagery = Path(res.outputs["mosaic"])

@@ -160,8 +160,14 @@ def is_whole_file(layer: QgsVectorLayer) -> bool:
     """The layer is all of its file: the file's only layer, no filter, nothing selected."""
     if layer.providerType() == "delimitedtext":  # a DeepForest CSV: the engine reads its pixel boxes itself
         return True
-    return (layer.providerType() == "ogr" and not layer.subsetString() and layer.selectedFeatureCount() == 0
-            and len(layer.dataProvider().subLayers()) <= 1)
+    if layer.providerType() != "ogr" or layer.subsetString() or layer.selectedFeatureCount():
+        return False
+    from .layers import gpkg_layer_names  # the engine reads a file's first layer
+
+    try:
+        return len(gpkg_layer_names(vector_layer_path(layer))) <= 1
+    except OSError:
+        return False
 
 
 def labels_for_engine(layer: QgsVectorLayer, folder: Path) -> Path:

@@ -224,6 +224,7 @@ class LandcoverDock(QgsDockWidget):
                                     "trained (task, resolution, bands, validation score), or Browse for a .onnx "
                                     "file. A model of another task or band count is refused with the reason.")
         self.model_combo.activated.connect(self._model_activated)
+        self.model_combo.currentIndexChanged.connect(lambda *_: self._show_report_of(self.model()))
         form.addRow("Model", self.model_combo)
         self._form = form
         self.labels_combo.layerChanged.connect(lambda layer: layer is not None and self.set_label_source("layer"))
@@ -384,7 +385,6 @@ class LandcoverDock(QgsDockWidget):
             self.model_combo.setCurrentIndex(0)
             if path:
                 self.set_model(path)
-        self._show_report_of(self.model())
 
     def browse_labels(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a labels file", str(default_output_dir()),
@@ -573,7 +573,8 @@ class LandcoverDock(QgsDockWidget):
         found = job.problems(spec)
         imagery = self.imagery()
         if imagery is not None and imagery.is_street_map:
-            found.append(f"{self.imagery_combo.currentText()[len(XYZ_PREFIX):]} is a street map, not imagery: "
+            name = self.imagery_combo.currentText()[len(XYZ_PREFIX):].removesuffix(" (street map)")
+            found.append(f"{name} is a street map, not imagery: "
                          "a model learns nothing from it and its tile server forbids bulk downloads. Choose "
                          "aerial or satellite imagery.")
         model = self.model() if self.label_source() == "model" else None

@@ -139,13 +139,17 @@ class LandcoverDock(QgsDockWidget):
         self.per_feature_check.setToolTip("Selected features: map each one on its own (a result group each), "
                                           "instead of all of them as one area.")
         self.per_feature_check.setVisible(False)
-        area_box = QVBoxLayout()
+        area_row = QWidget(objectName="areaRow")
+        area_box = QVBoxLayout(area_row)
+        area_box.setContentsMargins(0, 0, 0, 0)
         row = QHBoxLayout()
         row.addWidget(self.draw_button)
         row.addWidget(self.area_label, 1)
         area_box.addLayout(row)
         area_box.addWidget(self.per_feature_check)
-        form.addRow("Area", area_box)
+        self._rows: list[tuple[QFormLayout, QLabel, QWidget]] = []  # every row, in order, for _relayout
+        self._hidden: set[QWidget] = set()
+        self._add_row(form, "Area", area_row)
 
         self.imagery_combo = QgsMapLayerComboBox(objectName="imageryCombo")
         self.imagery_combo.setFilters(QgsMapLayerProxyModel.Filter.RasterLayer)
@@ -154,7 +158,7 @@ class LandcoverDock(QgsDockWidget):
                                       "connection saved in QGIS (Browser > XYZ Tiles), fetched for the area; "
                                       "aerial and satellite sources first, street maps last (they are not imagery).")
         self.imagery_combo.currentIndexChanged.connect(self._imagery_changed)
-        form.addRow("Imagery", self.imagery_combo)
+        self._add_row(form, "Imagery", self.imagery_combo)
 
         self.gsd_spin = QgsDoubleSpinBox(objectName="gsdSpin")
         self.gsd_spin.setRange(0.0, 1000.0)
@@ -165,13 +169,13 @@ class LandcoverDock(QgsDockWidget):
         self.gsd_spin.setToolTip("For XYZ tiles: the ground resolution to fetch (the nearest zoom level, at most "
                                  "the connection's maximum zoom). 'automatic': the model's resolution when "
                                  "predicting.")
-        form.addRow("Resolution", self.gsd_spin)
+        self._add_row(form, "Resolution", self.gsd_spin)
 
         self.task_combo = QComboBox(objectName="taskCombo")
         for t in TASKS:
             self.task_combo.addItem(t.label, t.id)
         self.task_combo.setToolTip(" ".join(f"{t.label}: {t.help}." for t in TASKS))
-        form.addRow("Task", self.task_combo)
+        self._add_row(form, "Task", self.task_combo)
 
         self.label_source_combo = QComboBox(objectName="labelSourceCombo")
         for key, label in job.LABEL_SOURCES.items():
@@ -181,19 +185,19 @@ class LandcoverDock(QgsDockWidget):
             "Where the training labels come from: OpenStreetMap features, downloaded for the area or read from "
             "a local OSM file; your own vector layer; or no labels, to map with a model you already have. "
             f"OSM data is {OSM_ATTRIBUTION}, ODbL: the results say so.")
-        form.addRow("Labels from", self.label_source_combo)
+        self._add_row(form, "Labels from", self.label_source_combo)
 
         self.preset_combo = QComboBox(objectName="presetCombo")
         self.preset_combo.setToolTip("Which OpenStreetMap features become which classes: an editable file in the "
                                      "plugin's resources/presets/ (tag filters, buffers for lines, priorities, "
                                      "colours). Only presets that fit the task are listed.")
-        form.addRow("OSM features", self.preset_combo)
+        self._add_row(form, "OSM features", self.preset_combo)
 
         self.osm_file = QgsFileWidget(objectName="osmFile")
         self.osm_file.setFilter("OpenStreetMap files (*.osm *.pbf *.bz2)")
         self.osm_file.setToolTip("A local OpenStreetMap extract (.osm, .osm.pbf, .osm.bz2), e.g. from Geofabrik: "
                                  "no server needed; its features inside the area become the labels.")
-        form.addRow("OSM file", self.osm_file)
+        self._add_row(form, "OSM file", self.osm_file)
 
         self.labels_combo = QgsMapLayerComboBox(objectName="labelsCombo")
         self.labels_combo.setFilters(QgsMapLayerProxyModel.Filter.VectorLayer)
@@ -211,13 +215,13 @@ class LandcoverDock(QgsDockWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.labels_combo, 1)
         row.addWidget(self.labels_file_button)
-        form.addRow("Labels layer", self.labels_row)
+        self._add_row(form, "Labels layer", self.labels_row)
 
         self.class_field_combo = QgsFieldComboBox(objectName="classFieldCombo")
         self.class_field_combo.setAllowEmptyFieldName(True)
         self.class_field_combo.setToolTip("Land cover: the labels' attribute holding the class name.")
         self.labels_combo.layerChanged.connect(self.class_field_combo.setLayer)
-        form.addRow("Class field", self.class_field_combo)
+        self._add_row(form, "Class field", self.class_field_combo)
 
         self.model_combo = QComboBox(objectName="modelCombo")
         self.model_combo.setToolTip("The model to map with: the shipped ones and the models your earlier runs "
@@ -225,8 +229,7 @@ class LandcoverDock(QgsDockWidget):
                                     "file. A model of another task or band count is refused with the reason.")
         self.model_combo.activated.connect(self._model_activated)
         self.model_combo.currentIndexChanged.connect(lambda *_: self._show_report_of(self.model()))
-        form.addRow("Model", self.model_combo)
-        self._form = form
+        self._add_row(form, "Model", self.model_combo)
         self.labels_combo.layerChanged.connect(lambda layer: layer is not None and self.set_label_source("layer"))
         self.label_source_combo.currentIndexChanged.connect(self._rows_changed)
         self.task_combo.currentIndexChanged.connect(self._task_changed)
@@ -237,20 +240,23 @@ class LandcoverDock(QgsDockWidget):
         self.epochs_spin.setValue(job.QUICK_EPOCHS)
         self.epochs_spin.setToolTip("Training passes over the labelled chips: more is slower and usually better "
                                     "(training stops early when it no longer improves).")
-        form.addRow("Epochs", self.epochs_spin)
+        self._add_row(form, "Epochs", self.epochs_spin)
 
         self.out_dir = QgsFileWidget(objectName="outputDir")
         self.out_dir.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
         self.out_dir.setFilePath(str(default_output_dir()))
         self.out_dir.setToolTip("Folder for the results (a GeoPackage per run), the job file and intermediate "
                                 "files (a rerun reuses finished steps). Next to the project by default.")
-        form.addRow("Output folder", self.out_dir)
+        self._add_row(form, "Output folder", self.out_dir)
 
         self.advanced = QgsCollapsibleGroupBox("Advanced", objectName="advancedGroup")
         self.advanced.setCollapsed(True)
-        advanced = QFormLayout(self.advanced)
+        # The rows sit in a body of their own: rows shown again by _relayout stay inside the collapsed box.
+        advanced_body = QWidget(objectName="advancedBody")
+        QVBoxLayout(self.advanced).addWidget(advanced_body)
+        advanced = QFormLayout(advanced_body)
+        advanced.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(self.advanced)
-        self._advanced_form = advanced
 
         self.overpass_edit = QLineEdit(objectName="overpassEdit")
         self.overpass_edit.setText(str(QgsSettings().value(OVERPASS_SETTING, OVERPASS_DEFAULT)))
@@ -259,13 +265,13 @@ class LandcoverDock(QgsDockWidget):
                                       "public one by default; use your own or a mirror for large or frequent "
                                       "jobs). Remembered for next time.")
         self.overpass_edit.editingFinished.connect(self._remember_overpass)
-        advanced.addRow("Overpass server", self.overpass_edit)
+        self._add_row(advanced, "Overpass server", self.overpass_edit)
 
         self.date_edit = QLineEdit(objectName="dateEdit")
         self.date_edit.setPlaceholderText("YYYY-MM-DD (optional: today's OSM)")
         self.date_edit.setToolTip("Optional: take OSM as it was on this day, ideally the imagery's date, so that "
                                   "labels show what the image shows. Empty: the current map.")
-        advanced.addRow("OSM date", self.date_edit)
+        self._add_row(advanced, "OSM date", self.date_edit)
 
         self.train_on_combo = QComboBox(objectName="trainOnCombo")
         self.train_on_combo.setToolTip("Where training runs: this computer, or a GPU host you reach with ssh "
@@ -285,7 +291,7 @@ class LandcoverDock(QgsDockWidget):
         row.addWidget(self.train_on_combo, 1)
         row.addWidget(self.add_host_button)
         row.addWidget(self.test_host_button)
-        advanced.addRow("Train on", self.train_on_row)
+        self._add_row(advanced, "Train on", self.train_on_row)
         self.train_on_combo.currentIndexChanged.connect(
             lambda *_: self.test_host_button.setEnabled(self.remote_host() is not None))
         self._fill_hosts()
@@ -298,7 +304,7 @@ class LandcoverDock(QgsDockWidget):
                                        "for; they must read the imagery and model at the same paths. Empty: "
                                        "this machine. Remembered, and used by Processing too.")
         self.scheduler_edit.editingFinished.connect(self._remember_scheduler)
-        advanced.addRow("Dask scheduler", self.scheduler_edit)
+        self._add_row(advanced, "Dask scheduler", self.scheduler_edit)
 
         buttons = QHBoxLayout()
         self.run_button = QPushButton("Run", objectName="runButton")
@@ -327,8 +333,28 @@ class LandcoverDock(QgsDockWidget):
         outer.addWidget(self.status_label)
         outer.addStretch(1)
         self.setWidget(body)
-        self._imagery_changed()
         self._rows_changed()
+
+    def _add_row(self, form: QFormLayout, text: str, widget: QWidget) -> None:
+        label = QLabel(text)
+        form.addRow(label, widget)
+        self._rows.append((form, label, widget))
+
+    def _relayout(self) -> None:
+        """Lay out only the rows that apply: a hidden row is taken out of its form, since
+        Qt 5's QFormLayout keeps a hidden row's spacing (a gap per row)."""
+        for form in {form for form, _, _ in self._rows}:
+            while form.rowCount():
+                form.takeRow(0)
+        for form, label, widget in self._rows:
+            shown = widget not in self._hidden
+            if shown:
+                form.addRow(label, widget)
+            label.setVisible(shown)
+            widget.setVisible(shown)
+
+    def row_label(self, widget: QWidget) -> QLabel:
+        return next(label for _, label, field in self._rows if field is widget)
 
     # ---- inputs --------------------------------------------------------
     def refresh_sources(self) -> None:
@@ -403,8 +429,7 @@ class LandcoverDock(QgsDockWidget):
         self.labels_combo.setLayer(layer)
 
     def _imagery_changed(self, *_args) -> None:
-        self.gsd_spin.setEnabled(self.imagery_combo.currentLayer() is None)
-        self._set_row_visible(self.gsd_spin, self.imagery_combo.currentLayer() is None)
+        self._rows_changed()
 
     def label_source(self) -> str:
         return self.label_source_combo.currentData()
@@ -417,24 +442,17 @@ class LandcoverDock(QgsDockWidget):
         self._rows_changed()
 
     def _rows_changed(self, *_args) -> None:
-        """Show only the rows that apply to the chosen task and label source."""
+        """Show only the rows that apply to the imagery, the task and the label source."""
         source, task = self.label_source(), self.task_key()
         training = source != "model"
-        rows = {self.preset_combo: source in ("overpass", "osm_file"), self.overpass_edit: source == "overpass",
+        rows = {self.gsd_spin: self.imagery_combo.currentLayer() is None,  # tiles only
+                self.preset_combo: source in ("overpass", "osm_file"), self.overpass_edit: source == "overpass",
                 self.date_edit: source == "overpass", self.osm_file: source == "osm_file",
                 self.labels_row: source == "layer",
                 self.class_field_combo: source == "layer" and task in ("landcover", "classification"),
                 self.model_combo: not training, self.epochs_spin: training, self.train_on_row: training}
-        for widget, shown in rows.items():
-            self._set_row_visible(widget, shown)
-
-    def _set_row_visible(self, widget: QWidget, shown: bool) -> None:
-        """Hide a row whole (its label too) in whichever form holds it, leaving no gap."""
-        for form in (self._form, self._advanced_form):
-            label = form.labelForField(widget)
-            if label is not None:
-                label.setVisible(shown)
-        widget.setVisible(shown)
+        self._hidden = {widget for widget, shown in rows.items() if not shown}
+        self._relayout()
 
     def _fill_presets(self, *_args) -> None:
         """The presets that fit the task; the task's namesake (first) is chosen."""

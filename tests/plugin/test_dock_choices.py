@@ -252,7 +252,9 @@ def test_rows_that_apply_an_advanced_section_and_help(dock):
         assert dock.advanced.isAncestorOf(widget), widget.objectName()
     dock.set_label_source("model")
     assert dock.epochs_spin.isHidden() and dock.train_on_row.isHidden() and not dock.model_combo.isHidden()
-    assert dock._form.labelForField(dock.epochs_spin).isHidden()  # no gap where the row was
+    assert dock.row_label(dock.epochs_spin).isHidden()
+    form = next(form for form, _, field in dock._rows if field is dock.epochs_spin)
+    assert form.getWidgetPosition(dock.epochs_spin)[0] == -1  # out of the form: no gap where the row was
 
 
 def test_progress_and_messages_in_the_docks_words():

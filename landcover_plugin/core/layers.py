@@ -1,4 +1,5 @@
-"""Load the engine's result GeoPackage into the project as styled layers."""
+"""Load the engine's result GeoPackage into the project as styled layers, with what a report
+reads: measures shown rounded, group names with the area, the model and the date."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -6,7 +7,7 @@ from pathlib import Path
 from typing import Mapping
 
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransformContext, QgsDistanceArea,
-                       QgsEditorWidgetSetup, QgsGeometry, QgsMapLayer, QgsProject, QgsUnitTypes, QgsVectorLayer,
+                       QgsEditorWidgetSetup, QgsGeometry, QgsMapLayer, QgsProject, QgsVectorLayer,
                        QgsWkbTypes)
 
 # Tables a GeoPackage may list that are not results (QGIS's style table).
@@ -62,7 +63,7 @@ def area_hectares(area: QgsGeometry, crs: QgsCoordinateReferenceSystem,
     measure = QgsDistanceArea()
     measure.setSourceCrs(crs, context)
     measure.setEllipsoid(crs.ellipsoidAcronym() or "EPSG:7030")
-    return measure.convertAreaMeasurement(measure.measureArea(area), QgsUnitTypes.AreaHectares)
+    return measure.measureArea(area) / 1e4  # m² with an ellipsoid set
 
 
 def model_label(model: Path | str | None) -> str:

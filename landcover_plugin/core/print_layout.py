@@ -4,12 +4,14 @@ PDF and PNG, each written whole (a temporary name, then renamed)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qgis.core import (QgsLayoutExporter, QgsLayoutItemLabel, QgsLayoutItemLegend, QgsLayoutItemMap,
-                       QgsLayoutItemPicture, QgsLayoutItemScaleBar, QgsLayoutPoint, QgsLayoutSize, QgsMapLayer,
-                       QgsPrintLayout, QgsProject, QgsRectangle, QgsSymbolLayerUtils, QgsVectorLayer)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsLayoutExporter, QgsLayoutItemLabel,
+                       QgsLayoutItemLegend, QgsLayoutItemMap, QgsLayoutItemPicture, QgsLayoutItemScaleBar,
+                       QgsLayoutPoint, QgsLayoutSize, QgsMapLayer, QgsPrintLayout, QgsProject, QgsRectangle,
+                       QgsSymbolLayerUtils, QgsVectorLayer)
 from qgis.PyQt.QtGui import QFont
 
 NORTH_ARROW = "arrows/NorthArrow_02.svg"  # one of QGIS's own SVGs (found through its SVG paths)
@@ -33,7 +35,7 @@ def layer_credit(layer: QgsMapLayer) -> str:
 
 
 def credits_text(results: list[QgsMapLayer], backdrop: list[QgsMapLayer]) -> str:
-    """'Results: © OpenStreetMap contributors (labels). Imagery: NEON OSBS_029.' for the layout's foot."""
+    """The layout's foot: 'Training labels: © OpenStreetMap contributors. Imagery: OSBS_029.'"""
     labels = sorted({c for layer in results if (c := layer_credit(layer)) != layer.name()})
     imagery = sorted({layer_credit(layer) for layer in backdrop})
     parts = [f"Training labels: {', '.join(labels)}." if labels else "",
@@ -41,10 +43,9 @@ def credits_text(results: list[QgsMapLayer], backdrop: list[QgsMapLayer]) -> str
     return " ".join(p for p in parts if p)
 
 
-def results_extent(layers: list[QgsMapLayer], project: QgsProject, crs) -> QgsRectangle:
+def results_extent(layers: list[QgsMapLayer], project: QgsProject,
+                   crs: QgsCoordinateReferenceSystem) -> QgsRectangle:
     """The layers' combined extent in `crs`, with a 5 % margin so edge features are not cut."""
-    from qgis.core import QgsCoordinateTransform
-
     extent = QgsRectangle()
     extent.setMinimal()
     for layer in layers:
@@ -54,7 +55,7 @@ def results_extent(layers: list[QgsMapLayer], project: QgsProject, crs) -> QgsRe
 
 
 def build_layout(project: QgsProject, results: list[QgsMapLayer], title: str,
-                 backdrop: list[QgsMapLayer] = ()) -> QgsPrintLayout:
+                 backdrop: Sequence[QgsMapLayer] = ()) -> QgsPrintLayout:
     """A one-page layout of `results` (geometry layers; tables are left out) over `backdrop`
     (the imagery), in the results' CRS so the scale bar measures metres."""
     shown = [layer for layer in results if not (isinstance(layer, QgsVectorLayer) and not layer.isSpatial())]

@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from shapely import wkb
 from shapely.geometry.base import BaseGeometry
@@ -242,8 +243,6 @@ def connection_problem(exc: BaseException) -> str:
 
 
 def _unreachable(url: str, why: str) -> EngineError:
-    from urllib.parse import urlsplit
-
     host = urlsplit(url).hostname or url
     return EngineError("OVERPASS_UNREACHABLE", f"Cannot reach the Overpass server {host}: {why}.",
                        "Check the network connection, or choose another Overpass server or a local OSM file.")

@@ -19,6 +19,8 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransformConte
                        QgsProcessingParameterRasterLayer, QgsProcessingParameterString,
                        QgsProcessingParameterVectorLayer, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings)
 
+from qgis.PyQt.QtCore import QCoreApplication, QThread
+
 from ..contract.names import OVERPASS_DEFAULT
 from ..contract.pipeline_file import PipelineFile
 from ..contract.runner import EngineFailed
@@ -80,7 +82,11 @@ ADVANCED = ("XYZ_URL", "GSD", "LABELS_FILE", "OVERPASS_URL", "DATE", "REMOTE_HOS
 def default_imagery(project: QgsProject) -> QgsRasterLayer | None:
     """The imagery to start with: the topmost raster file of the project. Web layers are never
     chosen for the user: they may be street maps (cartography, whose tile servers forbid bulk
-    downloads), and fetching from a server is a choice to make knowingly."""
+    downloads), and fetching from a server is a choice to make knowingly. None off the main
+    thread (a model creates its child algorithms there): the project's layers live in the main one."""
+    app = QCoreApplication.instance()
+    if app is None or QThread.currentThread() is not app.thread():
+        return None
     for node in project.layerTreeRoot().findLayers():
         layer = node.layer()
         if isinstance(layer, QgsRasterLayer) and layer.providerType() == "gdal" and layer.isValid():

@@ -424,3 +424,19 @@ def test_a_run_exports_the_map_for_a_report(alg, qgis_new_project, engine_python
     assert "crowns: " in done and "{" not in done  # the headline figures, not the engine's raw summary
     assert any(info.startswith("Engine summary: {") for info in feedback.infos)
     assert any(f"Map: {pdf}" in info for info in feedback.infos)
+
+
+def test_no_imagery_default_off_the_main_thread(qgis_processing, plugin, qgis_new_project, osbs_tif):
+    """A model creates its child algorithms in its worker thread: the project's layers are not read there."""
+    import threading
+
+    from landcover_plugin.processing.algorithm import default_imagery
+
+    raster = QgsRasterLayer(str(osbs_tif), "orthophoto")
+    QgsProject.instance().addMapLayer(raster)
+    assert default_imagery(QgsProject.instance()) is raster
+    found = []
+    worker = threading.Thread(target=lambda: found.append(default_imagery(QgsProject.instance())))
+    worker.start()
+    worker.join()
+    assert found == [None]

@@ -68,13 +68,14 @@ def area_hectares(area: QgsGeometry, crs: QgsCoordinateReferenceSystem,
 
 def model_label(model: Path | str | None) -> str:
     """A model's name for people: its folder ('trees-base', 'trees-2026-12-06'), or the .onnx
-    file's name when that says more than 'model'; 'no model' when there is none."""
+    file's name when that says more than 'model'; a folder named just 'model' (a run's work
+    folder) with its parent, 'trees-work/model', so it can be found; 'no model' when there is none."""
     if not model:
         return "no model"
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         path = path.parent if path.stem == "model" else path.with_suffix("")
-    return path.name
+    return f"{path.parent.name}/{path.name}" if path.name == "model" and path.parent.name else path.name
 
 
 def group_name(task_label: str, hectares: float, model: str, when: datetime) -> str:

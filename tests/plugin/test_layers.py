@@ -113,6 +113,8 @@ def test_group_names_say_what_how_large_which_model_and_when():
     assert model_label("/p/resources/models/trees-base/model.onnx") == "trees-base"
     assert model_label("/out/trees-work/models/trees-2026-12-06") == "trees-2026-12-06"
     assert model_label("/downloads/orchard-v2.onnx") == "orchard-v2"
+    assert model_label("/out/trees-work/model") == "trees-work/model"  # trained by a run: where to find it
+    assert model_label("trees-base") == "trees-base"  # a shipped model by name
     assert model_label(None) == "no model"
 
 

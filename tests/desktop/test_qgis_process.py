@@ -48,3 +48,19 @@ def test_runs_the_pipeline(profile, tmp_path, osbs_tif, osbs_csv):
     results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
     assert results["OUTPUT"] == str(out) and out.exists()
     assert {uri.split("layername=")[1] for uri in results["LAYERS"]} >= {"crowns", "trees"}
+
+
+@pytest.mark.slow
+def test_exports_the_map_from_the_command_line(profile, tmp_path, osbs_tif):
+    """MAP works without a desktop too: qgis_process predicts with the shipped model and writes the PDF and PNG."""
+    from landcover_plugin.contract.names import MODELS_DIR
+
+    pdf = tmp_path / "trees-map.pdf"
+    proc = _qgis_process(tmp_path, "run", ALG_ID, "--json", "--", f"IMAGERY={osbs_tif}", "LABEL_SOURCE=3",
+                         f"MODEL={MODELS_DIR / 'trees-base' / 'model.onnx'}", "TASK=0",
+                         "EXTENT=404211.9,404251.9,3285102.9,3285142.9 [EPSG:32617]",
+                         f"OUTPUT={tmp_path / 'trees.gpkg'}", f"MAP={pdf}", timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(proc.stdout[proc.stdout.index("{"):])["results"]
+    assert results["MAP"] == str(pdf) and pdf.read_bytes()[:5] == b"%PDF-"
+    assert pdf.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

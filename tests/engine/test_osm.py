@@ -239,6 +239,47 @@ def test_overpass_runtime_error_remark_and_bad_status(test_pbf, tmp_path):
     assert err.value.code == "OVERPASS_UNREACHABLE"
 
 
+def _free_loopback_port() -> int:
+    """A loopback port nobody listens on (bound, then closed)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("url, host, why", [
+    ("http://127.0.0.1:{port}/api/interpreter", "127.0.0.1", "the connection was refused"),
+    ("https://overpass.landcover.invalid/api/interpreter", "overpass.landcover.invalid", "the name does not resolve"),
+])
+def test_unreachable_overpass_says_why_in_plain_words(tmp_path, url, host, why):
+    """Not requests' `HTTPSConnectionPool(...): Max retries exceeded (NameResolutionError ...)`:
+    the server's name, what went wrong, and what to do (no command-line words: the dock shows it)."""
+    with pytest.raises(EngineError) as err:
+        fetch_overpass(load_preset("buildings"),
+                       overpass_params(url.format(port=_free_loopback_port()), tmp_path), print)
+    e = err.value
+    assert e.code == "OVERPASS_UNREACHABLE"
+    assert e.message == f"Cannot reach the Overpass server {host}: {why}."
+    assert "connection" in e.hint and "another Overpass server" in e.hint and "--" not in e.hint
+    assert "Pool" not in str(e) and "Error" not in str(e)
+
+
+def test_a_connect_timeout_is_named_as_such():
+    import requests
+    import urllib3
+
+    from landcover_plugin.engine.labels.osm import connection_problem
+
+    pool = urllib3.HTTPConnectionPool("192.0.2.1")
+    try:  # requests wraps urllib3's error the way a real connect timeout reaches us
+        raise urllib3.exceptions.MaxRetryError(pool, "/", urllib3.exceptions.ConnectTimeoutError(pool, "timed out"))
+    except urllib3.exceptions.MaxRetryError as inner:
+        wrapped = requests.ConnectTimeout(inner)
+    assert connection_problem(wrapped) == "the connection timed out"
+    assert connection_problem(requests.ConnectionError("something else")) == "the connection failed"
+
+
 EMPTY_ANSWER = '{"version": 0.6, "generator": "Overpass API", "elements": []}'
 
 

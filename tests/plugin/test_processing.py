@@ -1,6 +1,9 @@
 """landcover:mapfromimagery in the Processing framework (real QGIS, real engine)."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 from qgis.core import (QgsApplication, QgsProcessingContext, QgsProcessingException, QgsProcessingFeedback,
                        QgsProject, QgsRasterLayer)
@@ -49,7 +52,7 @@ def test_registered_with_its_parameters_and_help(alg):
     names = {p.name() for p in alg.parameterDefinitions()}
     assert names == {"IMAGERY", "XYZ_URL", "EXTENT", "TASK", "LABELS", "LABELS_FILE", "CLASS_FIELD", "MODEL",
                      "EPOCHS", "GSD", "OUTPUT", "LABEL_SOURCE", "PRESET", "OVERPASS_URL", "OSM_FILE", "DATE",
-                     "REMOTE_HOST"}
+                     "REMOTE_HOST", "MAP"}
     assert alg.parameterDefinition("PRESET").options() == ["buildings", "landcover", "trees"]
     assert alg.parameterDefinition("OVERPASS_URL").defaultValue() == OVERPASS_DEFAULT
     assert "OpenStreetMap" in alg.shortHelpString() and "© OpenStreetMap contributors" in alg.shortHelpString()
@@ -311,3 +314,129 @@ def test_runs_with_osm_labels_and_credits_them(alg, qgis_new_project, engine_pyt
     for layer in layers:  # the ODbL credit travels with every result layer
         assert OSM_ATTRIBUTION in layer.metadata().rights() and layer.attribution() == OSM_ATTRIBUTION
     assert any(OSM_ATTRIBUTION in info for info in feedback.infos)
+
+
+def test_parameters_in_the_order_of_the_job_with_the_expert_ones_advanced(alg):
+    """What to map and from what first, the outputs last; the expert parameters folded under
+    'Advanced parameters' instead of one flat list of 18."""
+    from qgis.core import QgsProcessingParameterDefinition
+
+    instance = alg.create()  # kept: its parameters live as long as it does
+    definitions = instance.parameterDefinitions()
+    advanced = [p.name() for p in definitions if p.flags() & QgsProcessingParameterDefinition.FlagAdvanced]
+    shown = [p.name() for p in definitions if not p.flags() & QgsProcessingParameterDefinition.FlagAdvanced]
+    assert shown == ["IMAGERY", "EXTENT", "TASK", "LABEL_SOURCE", "LABELS", "CLASS_FIELD", "PRESET", "OSM_FILE",
+                     "MODEL", "EPOCHS", "OUTPUT", "MAP"]
+    assert sorted(advanced) == ["DATE", "GSD", "LABELS_FILE", "OVERPASS_URL", "REMOTE_HOST", "XYZ_URL"]
+
+
+def test_the_help_shows_whole_paragraphs_in_the_dialog(alg, qgis_iface):
+    """Processing's dialog makes each line of the help a paragraph: each must be a whole one."""
+    from processing.gui.AlgorithmDialog import AlgorithmDialog
+    from qgis.gui import QgsBrowserGuiModel
+    from qgis.PyQt.QtWidgets import QTextBrowser
+
+    browser = QgsBrowserGuiModel()
+    qgis_iface.browserModel = lambda: browser  # pytest-qgis's interface has none; the dialog asks for it
+    dialog = AlgorithmDialog(alg.create(), parent=qgis_iface.mainWindow())
+    help_view = dialog.findChild(QTextBrowser, "textShortHelp")
+    document = help_view.document()
+    paragraphs = [document.findBlockByNumber(i).text().strip() for i in range(document.blockCount())]
+    paragraphs = [p for p in paragraphs if p]
+    assert paragraphs[0] == alg.displayName()
+    assert len(paragraphs) >= 8
+    for paragraph in paragraphs[1:]:
+        assert paragraph[0].isupper() and paragraph.endswith("."), paragraph
+    assert any(p.startswith("Maps trees") and p.endswith("(never in QGIS's Python).") for p in paragraphs)
+    dialog.deleteLater()
+
+
+@pytest.mark.parametrize("task_index, preset", [(0, "trees"), (1, "landcover"), (2, "buildings"), (3, "landcover")])
+def test_the_osm_preset_follows_the_task(alg, osbs_tif, tmp_path, task_index, preset):
+    """No preset chosen: the task's own (not 'landcover' for the Trees task); one chosen that
+    does not fit the task is still refused with the ones that do."""
+    context = _context()
+    params = {"IMAGERY": str(osbs_tif), "EXTENT": _extent(osbs_tif), "TASK": task_index, "LABEL_SOURCE": 1,
+              "OUTPUT": str(tmp_path / "o.gpkg")}
+    fresh = alg.create()  # kept: its parameters live as long as it does
+    assert fresh.parameterDefinition("PRESET").defaultValue() is None
+    ok, message = alg.checkParameterValues(params, context)
+    assert ok, message
+    assert alg.create().build_spec(params, context).preset == preset
+    if task_index == 0:
+        ok, message = alg.checkParameterValues({**params, "PRESET": "landcover"}, context)
+        assert not ok and "does not fit the trees task: use trees" in message
+
+
+def test_the_imagery_starts_with_the_projects_raster_file(qgis_processing, plugin, qgis_new_project, osbs_tif,
+                                                         tmp_path):
+    """With a raster file in the project the imagery is required and starts with it (never a web
+    layer: it may be a street map); without one it stays optional, for an XYZ URL; a URL typed
+    under Advanced is used instead of the preselected layer."""
+    from qgis.core import QgsProcessingParameterDefinition
+
+    project = QgsProject.instance()
+    street = QgsRasterLayer("type=xyz&url=https://tile.openstreetmap.org/{z}/{x}/{y}.png&zmax=19", "OSM", "wms")
+    project.addMapLayer(street)  # valid or not (no network here), it is never the default
+    before = QgsApplication.processingRegistry().createAlgorithmById(ALG_ID)
+    empty = before.parameterDefinition("IMAGERY")
+    assert empty.defaultValue() is None and empty.flags() & QgsProcessingParameterDefinition.FlagOptional
+
+    raster = QgsRasterLayer(str(osbs_tif), "orthophoto")
+    project.addMapLayer(raster)
+    instance = QgsApplication.processingRegistry().createAlgorithmById(ALG_ID)
+    imagery = instance.parameterDefinition("IMAGERY")
+    assert imagery.defaultValue() == raster.id()
+    assert not imagery.flags() & QgsProcessingParameterDefinition.FlagOptional
+
+    context = _context()
+    params = {"EXTENT": _extent(osbs_tif), "TASK": 0, "LABEL_SOURCE": 3, "MODEL": str(tmp_path / "m.onnx"),
+              "OUTPUT": str(tmp_path / "o.gpkg")}
+    ok, message = instance.checkParameterValues(params, context)
+    assert ok, message
+    assert instance.build_spec(params, context).imagery == str(osbs_tif)
+    url = "https://tiles.example.org/{z}/{x}/{y}.png"
+    assert instance.build_spec({**params, "XYZ_URL": url}, context).imagery == url
+
+
+@pytest.mark.slow
+def test_a_run_exports_the_map_for_a_report(alg, qgis_new_project, engine_python, osbs_tif, tmp_path):
+    """MAP: a PDF and a PNG beside it, titled with the task, the area, the model and the date, over
+    the imagery; the log gives the hectares and figures rounded, every figure in the debug log."""
+    import processing
+    from qgis.PyQt.QtGui import QImage
+
+    from landcover_plugin.contract.names import MODELS_DIR
+
+    feedback, context = RecordingFeedback(), _context()
+    params = {"IMAGERY": str(osbs_tif), "EXTENT": _extent(osbs_tif), "TASK": 0, "LABEL_SOURCE": 3,
+              "MODEL": str(MODELS_DIR / "trees-base" / "model.onnx"), "OUTPUT": str(tmp_path / "trees.gpkg"),
+              "MAP": str(tmp_path / "maps" / "trees.pdf")}
+    results = processing.run(ALG_ID, params, context=context, feedback=feedback)
+    pdf, png = tmp_path / "maps" / "trees.pdf", tmp_path / "maps" / "trees.png"
+    assert results["MAP"] == str(pdf)
+    assert pdf.read_bytes()[:5] == b"%PDF-" and not QImage(str(png)).isNull()
+    assert sorted(p.name for p in pdf.parent.iterdir()) == ["trees.pdf", "trees.png"]
+    artifacts = Path(__file__).resolve().parents[1] / "artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(png, artifacts / "processing_map_trees.png")  # for people to look at
+    done = next(info for info in feedback.infos if info.startswith("Done: "))
+    assert "crowns: " in done and "{" not in done  # the headline figures, not the engine's raw summary
+    assert any(info.startswith("Engine summary: {") for info in feedback.infos)
+    assert any(f"Map: {pdf}" in info for info in feedback.infos)
+
+
+def test_no_imagery_default_off_the_main_thread(qgis_processing, plugin, qgis_new_project, osbs_tif):
+    """A model creates its child algorithms in its worker thread: the project's layers are not read there."""
+    import threading
+
+    from landcover_plugin.processing.algorithm import default_imagery
+
+    raster = QgsRasterLayer(str(osbs_tif), "orthophoto")
+    QgsProject.instance().addMapLayer(raster)
+    assert default_imagery(QgsProject.instance()) is raster
+    found = []
+    worker = threading.Thread(target=lambda: found.append(default_imagery(QgsProject.instance())))
+    worker.start()
+    worker.join()
+    assert found == [None]

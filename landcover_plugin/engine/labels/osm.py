@@ -14,6 +14,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlsplit
 
 from shapely import wkb
 from shapely.geometry.base import BaseGeometry
@@ -167,11 +168,12 @@ def fetch_overpass(preset: Preset, params: OverpassParams, log: Callable[[str], 
         try:
             response = requests.post(params.url, data={"data": query}, timeout=http_timeout,
                                      headers={"User-Agent": "landcover-plugin/0.1"})
+        except requests.ConnectTimeout:  # before Timeout: no connection at all is not a busy server
+            raise _unreachable(params.url, "the connection timed out") from None
         except requests.Timeout:
             problem, timed_out = f"no answer within {http_timeout:g} s", True
         except requests.ConnectionError as exc:
-            raise EngineError("OVERPASS_UNREACHABLE", f"Cannot reach the Overpass API at {params.url}: {exc}",
-                              "Check the URL and the network, or use a local OSM file with --osm-file.") from None
+            raise _unreachable(params.url, connection_problem(exc)) from None
         else:
             if response.status_code == 200:
                 document = _json_answer(response, params.url)
@@ -216,6 +218,34 @@ def has_elements(osm_path: Path) -> bool:
     """Whether an .osm file written by write_osm_xml holds any element (they follow the root tag)."""
     with open(osm_path, "rb") as f:
         return re.search(rb"<(node|way|relation)\b", f.read(4096)) is not None
+
+
+def connection_problem(exc: BaseException) -> str:
+    """Why a connection failed, in a user's words: the cause is buried in requests' and
+    urllib3's wrappers (`HTTPSConnectionPool(...): Max retries exceeded ... NameResolutionError`)."""
+    import socket
+
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, socket.gaierror) or type(e).__name__ == "NameResolutionError":
+            return "the name does not resolve"
+        if isinstance(e, ConnectionRefusedError):
+            return "the connection was refused"
+        if isinstance(e, TimeoutError) or type(e).__name__ == "ConnectTimeoutError":
+            return "the connection timed out"
+        todo += [c for c in (e.__cause__, e.__context__, getattr(e, "reason", None), *getattr(e, "args", ()))
+                 if isinstance(c, BaseException)]
+    return "the connection failed"
+
+
+def _unreachable(url: str, why: str) -> EngineError:
+    host = urlsplit(url).hostname or url
+    return EngineError("OVERPASS_UNREACHABLE", f"Cannot reach the Overpass server {host}: {why}.",
+                       "Check the network connection, or choose another Overpass server or a local OSM file.")
 
 
 def _malformed(url: str, what: str) -> EngineError:

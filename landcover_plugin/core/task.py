@@ -23,9 +23,11 @@ def summary_text(summary: dict[str, Any]) -> str:
     (crowns, canopy m², hectares per class), or a single command's own, and the
     labels' attribution when they came from OpenStreetMap."""
     main = summary.get("predict", summary)
-    text = ", ".join(f"{k}: {_fmt(v)}" for k, v in main.items()
+    text = ", ".join(f"{k.replace('_m2', ' m²').replace('_', ' ')}: {_fmt(v)}" for k, v in main.items()
                      if k not in _QUIET | {"attribution"} and not isinstance(v, (dict, list)))
     text += training_text(summary.get("train", {}))
+    if summary.get("train", {}).get("host"):  # trained over ssh: say where
+        text += f"; trained on {summary['train']['host']} ({summary['train'].get('device') or 'its CPU'})"
     if summary.get("attribution"):  # labels from OSM: its licence asks for the credit where results show
         text += f"{'. ' if text else ''}Labels: {summary['attribution']}"
     if main.get("provider"):  # a GPU user sees whether it was used (onnxruntime falls back to the CPU silently)
@@ -100,7 +102,8 @@ class EngineTask(QgsTask):
         if ok and self.failure is None and self.result_event is not None:
             summary = self.result_event.get("summary", {})
             text = summary_text(summary)
-            self._push(f"{self.description()} done" + (f": {text}" if text else "."), result_level(summary))
+            what = self.description().removeprefix(f"{LOG_TAG}: ")  # the message bar's title says Landcover
+            self._push(f"{what} done" + (f": {text}" if text else "."), result_level(summary))
             if self.on_success:
                 self.on_success(self.result_event)
             return

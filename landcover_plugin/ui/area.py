@@ -14,6 +14,7 @@ from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
 from ..core import job
+from ..core.layers import area_hectares, hectares_text
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,7 @@ class Area:
 
     def hectares(self) -> float:
         """Its area in hectares (ellipsoidal, whatever the CRS)."""
-        from qgis.core import QgsDistanceArea
-
-        measure = QgsDistanceArea()
-        measure.setSourceCrs(self.crs, QgsProject.instance().transformContext())
-        measure.setEllipsoid(self.crs.ellipsoidAcronym() or "EPSG:7030")
-        return measure.measureArea(self.geometry) / 10_000.0
+        return area_hectares(self.geometry, self.crs, QgsProject.instance().transformContext())
 
     def for_engine(self, folder: Path) -> tuple[job.Bbox | str, str]:
         """(aoi, aoi_crs) for the pipeline file: a rectangle's bounds, else a GeoPackage
@@ -93,9 +89,8 @@ def union_area(areas: list[Area]) -> Area:
 
 
 def area_text(area: Area) -> str:
-    """The area's size for the dock: '3.2 ha: rectangle (EPSG:32617)'."""
-    hectares = area.hectares()
-    size = f"{hectares:,.1f} ha" if hectares >= 0.1 else f"{hectares * 10_000:,.0f} m²"
+    """The area's size for the dock: '3.20 ha: rectangle (EPSG:32617)'."""
+    size = hectares_text(area.hectares())
     label = {"rectangle": "rectangle", "polygon": "polygon", "extent": f"extent of {area.name}",
              "feature": area.name}[area.kind]
     return f"{size}: {label} ({area.crs.authid() or 'map CRS'})"

@@ -6,6 +6,7 @@ EngineTask; the work happens in the engine's own process.
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from pathlib import Path
 
 from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsMapLayerProxyModel, QgsProject, QgsRectangle,
@@ -27,7 +28,8 @@ from ..contract.tasks import task as task_info
 from ..core import job
 from ..core.engine_env import (EngineLocation, check_engine, create_env_commands, find_resource, requirement_files,
                                user_venv)
-from ..core.layers import load_result_layers
+from ..core.layers import class_hectares_text, group_name, load_result_layers, model_label
+from ..core.print_layout import MapFiles, build_layout, export_map
 from ..core.locate import engine_location, user_data_dir
 from ..core.models import MODELS_FOLDER, describe, keep_model, list_models, model_problems
 from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
@@ -322,6 +324,12 @@ class LandcoverDock(QgsDockWidget):
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
         buttons.addWidget(self.report_button)
+        self.export_button = QPushButton("Export map…", objectName="exportButton", enabled=False)
+        self.export_button.setToolTip("The last results as a map for a report: a PDF and a PNG (legend, scale bar, "
+                                      "north arrow, the labels' and imagery's credits) beside the result file.")
+        self.export_button.clicked.connect(lambda: self.export_result_map())
+        self.results: tuple[Path, list, str] | None = None  # the last run's GeoPackage, layers and title
+        buttons.addWidget(self.export_button)
         outer.addLayout(buttons)
 
         self.progress = QProgressBar(objectName="progressBar")
@@ -802,19 +810,23 @@ class LandcoverDock(QgsDockWidget):
         if model and spec is not None and spec.model is None and Path(model).is_dir():  # trained in this run
             kept = keep_model(Path(model), models_dir(), spec.task)
             self.refresh_models(select=kept)
-        where = f"{area.name}, " if area is not None and area.name and self.batch else ""
-        size = f"{area.hectares():,.1f} ha, " if area is not None else ""
-        model_name = kept.name if kept else Path(model).parent.name if model and Path(model).is_file() else \
-            Path(model).name if model else ""
-        group = f"Landcover — {label} ({where}{size}{model_name + ', ' if model_name else ''}{time.strftime('%H:%M')})"
+        title = task_info(spec.task).label if spec is not None else label.capitalize()
+        title += f" ({area.name})" if area is not None and area.name and self.batch else ""
+        group = group_name(title, area.hectares() if area is not None else 0.0, model_label(kept or model),
+                           datetime.now())
         layers = load_result_layers(gpkg, group, attribution=attribution)
+        self.results = (Path(gpkg), layers, group)
+        self.export_button.setEnabled(True)
         credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
         trained = training_text(summary.get("train", {}))
         workers = job.workers_note(summary)
         saved = f"; model saved as {kept.name}" if kept else ""
-        self.status_label.setText(f"Done: {len(layers)} layers in {Path(gpkg).name}{saved}{workers}{trained}{credit}")
-        card = (kept or (Path(model) if model else None))
-        card = card / "MODEL_CARD.md" if card is not None and card.is_dir() else None
+        classes = (summary.get("predict") or {}).get("hectares")
+        mapped = f"; {class_hectares_text(classes)}" if isinstance(classes, dict) and classes else ""
+        self.status_label.setText(f"Done: {len(layers)} layers in {Path(gpkg).name}{mapped}{saved}{workers}"
+                                  f"{trained}{credit}")
+        folder = kept or (Path(model) if model and Path(model).is_dir() else Path(model).parent if model else None)
+        card = folder / "MODEL_CARD.md" if folder is not None else None
         self.report_path = card if card and card.is_file() else None
         self.report_button.setEnabled(self.report_path is not None)
         if self.queue and location is not None:
@@ -823,6 +835,22 @@ class LandcoverDock(QgsDockWidget):
     def _show_report_of(self, model: ModelSummary | None) -> None:
         self.report_path = model.report if model else None
         self.report_button.setEnabled(self.report_path is not None and self.task is None)
+
+    def export_result_map(self) -> MapFiles | None:
+        """The last results as a map for a report (legend, scale bar, north arrow, credits) over the
+        imagery: a PDF and a PNG beside the result GeoPackage."""
+        if self.results is None:
+            return None
+        gpkg, layers, title = self.results
+        imagery = self.imagery_combo.currentLayer()
+        try:
+            layout = build_layout(QgsProject.instance(), layers, title, [imagery] if imagery is not None else [])
+            files = export_map(layout, gpkg.with_name(f"{gpkg.stem}-map.pdf"), gpkg.with_name(f"{gpkg.stem}-map.png"))
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: the user removed the layers
+            self.status_label.setText(f"The map could not be exported: {exc}")
+            return None
+        self.status_label.setText(f"Map exported: {files.pdf} and {files.png.name}")
+        return files
 
     def open_report(self) -> None:
         if self.report_path is not None:

@@ -8,12 +8,13 @@ environment variables; what it found goes to the marker file (JSON) for the test
 """
 import json
 import os
+import shutil
 import subprocess
 import time
 import traceback
 
 from qgis.core import QgsProject, QgsRasterLayer, QgsVectorLayer
-from qgis.PyQt.QtCore import QTimer
+from qgis.PyQt.QtCore import Qt, QTimer
 from qgis.PyQt.QtWidgets import QDockWidget
 from qgis.utils import iface, plugins
 
@@ -125,10 +126,35 @@ def start_training(dock):
     def wait_cancelled():
         if dock.task is None or time.monotonic() > deadline + 15:
             report["cancel_status"] = dock.status_label.text()
-            finish()
+            predict_and_export(dock)
         else:
             QTimer.singleShot(200, wait_cancelled)
     poll()
+
+
+def predict_and_export(dock):
+    """Map with the shipped model, then 'Export map…': the report's PNG is kept beside the shots."""
+    dock.set_label_source("model")
+    dock.model_combo.setCurrentIndex(dock.model_combo.findText("trees-base", Qt.MatchFlag.MatchStartsWith))
+    if dock.run() is None:
+        report["errors"].append(f"the prediction did not start: {dock.status_label.text()}")
+        finish()
+        return
+    deadline = time.monotonic() + 60
+
+    def wait_done():
+        if dock.task is not None and time.monotonic() < deadline:
+            QTimer.singleShot(200, wait_done)
+            return
+        report["predict_status"] = dock.status_label.text()
+        dock.export_button.click()
+        report["export_status"] = dock.status_label.text()
+        if dock.results is not None:
+            png = dock.results[0].with_name(dock.results[0].stem + "-map.png")
+            if png.exists():
+                shutil.copy(png, SHOT.replace(".png", "-report.png"))
+        QTimer.singleShot(1000, lambda: report.update(result_shot=shot("result")) or finish())
+    wait_done()
 
 
 def finish():

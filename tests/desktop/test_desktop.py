@@ -51,4 +51,8 @@ def test_desktop_shows_the_dock_and_the_results(tmp_path, osbs_tif, osbs_csv, tr
     assert re.match(r"Training: epoch 2/50, \d+m\d\ds left", report["progress_status"]), report
     assert 5 < report["progress_value"] < 90, report
     assert "Cancelled" in report["cancel_status"], report
+    # the shipped model from the list, then the report's map: legend, scale bar, north arrow, credits
+    assert report["predict_status"].startswith("Done"), report
+    assert report["export_status"].startswith("Map exported"), report
+    assert (ARTIFACTS / "desktop-report.png").stat().st_size > 100_000 and report["result_shot"] == 0
     assert proc.returncode == 0, f"QGIS did not quit cleanly:\n{output[-3000:]}"

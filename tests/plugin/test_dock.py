@@ -125,7 +125,7 @@ def test_drawn_area_and_the_pipeline_file(dock, osbs_layers, tmp_path):
     assert dock.area is not None and dock.canvas.mapTool() is not dock.map_tool  # the previous tool is back
     rect = dock.area.geometry.boundingBox()
     assert raster.extent().contains(rect) and rect.width() > 0.7 * raster.extent().width()
-    assert re.fullmatch(r"\d+ m²: rectangle \(EPSG:32617\)", dock.area_label.text()), dock.area_label.text()
+    assert re.fullmatch(r"0\.\d\d ha: rectangle \(EPSG:32617\)", dock.area_label.text()), dock.area_label.text()
 
     dock.imagery_combo.setLayer(raster)
     dock.labels_combo.setLayer(labels)
@@ -180,8 +180,8 @@ def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp
     group = QgsProject.instance().layerTreeRoot().children()[0]
     model = dock.model_combo.itemData(0)  # the trained model, kept in its own dated folder and listed first
     assert re.fullmatch(r"trees-\d{8}-\d{6}", model.folder.name) and model.folder.parent.name == "models"
-    assert group.name() == f"Landcover — trees ({dock.area.hectares():,.1f} ha, {model.folder.name}, " \
-                           f"{group.name()[-6:-1]})", group.name()
+    assert re.fullmatch(rf"Trees — 0\.\d\d ha, {model.folder.name}, \d{{4}}-\d\d-\d\d \d\d:\d\d", group.name()), \
+        group.name()
     names = {node.layer().name() for node in group.findLayers()}
     assert {"crowns", "trees"} <= names
     assert dock.progress.value() == 100 and dock.run_button.isEnabled()
@@ -191,6 +191,10 @@ def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp
     dock.report_button.click()  # the trained model's card: scores, curves, provenance
     assert opened == [str(model.folder / "MODEL_CARD.md")]
     assert f"model saved as {model.folder.name}" in dock.status_label.text()
+    files = dock.export_result_map()  # the map for a report, beside the results
+    assert files is not None, dock.status_label.text()
+    assert files.pdf.read_bytes()[:5] == b"%PDF-" and files.png.stat().st_size > 10_000
+    assert files.pdf.parent == tmp_path and "Map exported" in dock.status_label.text()
 
 
 def test_cancel_button_stops_the_run(dock, osbs_layers, slow_tiles, tmp_path, wait_until):

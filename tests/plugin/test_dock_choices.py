@@ -79,7 +79,7 @@ def test_a_drawn_polygon_reaches_the_engine_as_its_shape(dock, osbs_tif, tmp_pat
     _click(dock.canvas, dock.polygon_tool, corners[0], Qt.MouseButton.RightButton)  # closes it
     assert dock.area is not None and dock.area.kind == "polygon"
     assert dock.canvas.mapTool() is not dock.polygon_tool
-    assert re.fullmatch(r"\d+ m²: polygon \(EPSG:32617\)", dock.area_label.text()), dock.area_label.text()
+    assert re.fullmatch(r"0\.0\d ha: polygon \(EPSG:32617\)", dock.area_label.text()), dock.area_label.text()
     assert 350 < dock.area.hectares() * 10_000 < 520  # a triangle of about 435 m², as drawn to the pixel
     dock.imagery_combo.setLayer(raster)
     spec = dock.build_spec(tmp_path)
@@ -117,7 +117,8 @@ def test_a_layers_extent_and_selected_features_one_run_each(dock, osbs_tif, tmp_
     assert wait_until(lambda: dock.task is None and not dock.queue, 240), dock.status_label.text()
     assert dock.status_label.text().startswith("Done"), dock.status_label.text()
     groups = [g.name() for g in QgsProject.instance().layerTreeRoot().children() if hasattr(g, "findLayers")]
-    assert any("blocks 1" in g for g in groups) and any("blocks 2" in g for g in groups), groups
+    assert any(g.startswith("Trees (blocks 1) — 0.02 ha, trees-base, ") for g in groups), groups
+    assert any(g.startswith("Trees (blocks 2) — 0.03 ha, trees-base, ") for g in groups), groups
     pipelines = sorted((tmp_path / "out").glob("trees-*-pipeline.yaml"))
     assert len(pipelines) == 2
     aois = {json.loads(p.read_text())["aoi"] for p in pipelines}

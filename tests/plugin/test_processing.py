@@ -61,7 +61,7 @@ def test_registered_with_its_parameters_and_help(alg):
     assert "DeepForest CSV" in alg.shortHelpString() and "make install" in alg.shortHelpString()
 
 
-def test_parameters_validate(alg, osbs_tif, osbs_csv, tmp_path):
+def test_parameters_validate(qgis_new_project, alg, osbs_tif, osbs_csv, tmp_path):  # no raster: no default imagery
     context = _context()
     params = {"EXTENT": _extent(osbs_tif), "TASK": 0, "OUTPUT": str(tmp_path / "o.gpkg")}
     ok, message = alg.checkParameterValues(params, context)

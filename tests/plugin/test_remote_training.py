@@ -107,5 +107,5 @@ def test_processing_trains_on_a_host_saved_in_the_dock(alg, qgis_new_project, en
     feedback = RecordingFeedback()
     results = processing.run(ALG_ID, params, context=_context(), feedback=feedback)
     assert Path(results["OUTPUT"]).is_file()
-    assert any(info.startswith("train: ") and "'host': 'gpu-test'" in info for info in feedback.infos), \
+    assert any(info.startswith("Done: ") and "trained on gpu-test" in info for info in feedback.infos), \
         feedback.infos[-10:]

@@ -9,6 +9,7 @@ from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsTask
 
 from landcover_plugin.contract.pipeline_file import PipelineFile
 from landcover_plugin.contract.runner import EngineRun
+from landcover_plugin.core import job
 from landcover_plugin.core.layers import load_result_layers
 from landcover_plugin.core.task import EngineTask, result_level, summary_text
 
@@ -36,7 +37,8 @@ def test_engine_error_reaches_the_message_bar(qgis_iface, engine_python, osbs_ti
     assert failure.code not in ("INTERNAL", "ENGINE_CRASHED", "CANCELLED") and failure.hint
     assert "missing.onnx" in failure.message
     shown = bar.get_messages(Qgis.Critical)
-    assert any(failure.message in m and failure.hint in m for m in shown), shown
+    # the engine's words become the dock's: "a model folder trained by Landcover", not `landcover train`
+    assert any(job.dock_words(str(failure)) in m and "landcover train" not in m for m in shown), shown
 
 
 def test_missing_engine_environment(qgis_iface, no_engine, wait_until):
@@ -82,7 +84,7 @@ def test_cancel_stops_the_engine_and_leaves_no_output(engine_python, slow_tiles,
 def test_summary_text_shows_the_results():
     summary = {"fetch": {"tiles": 4}, "predict": {"crowns": 61, "canopy_m2": 1234.5, "seconds": 3.2,
                                                   "provider": "CPUExecutionProvider"}}
-    assert summary_text(summary) == "crowns: 61, canopy_m2: 1,234.5 (model ran on CPU)"
+    assert summary_text(summary) == "crowns: 61, canopy m²: 1,234.5 (model ran on CPU)"
     assert summary_text({"tiles": 3, "zoom": 18}) == "zoom: 18"
     osm = {"predict": {"crowns": 2}, "attribution": "© OpenStreetMap contributors"}
     assert summary_text(osm) == "crowns: 2. Labels: © OpenStreetMap contributors"

@@ -150,6 +150,17 @@ def test_pipeline_without_labels_or_model_is_refused(osbs_tif, tmp_path):
     assert last(events, "error")["code"] == "BAD_PIPELINE"
 
 
+def test_a_model_of_another_task_is_refused(osbs_tif, tmp_path):
+    """Land cover asked of the trees model: a clear refusal, not crowns in a land-cover map."""
+    pipeline = write_pipeline(tmp_path, task="landcover", imagery={"source": str(osbs_tif)}, model="trees-base",
+                              out="lc.gpkg")
+    code, events = run_engine("run", str(pipeline))
+    assert code == 2
+    error = last(events, "error")
+    assert error["code"] == "MODEL_TASK_MISMATCH" and "maps trees, not landcover" in error["message"]
+    assert not (tmp_path / "lc.gpkg").exists()
+
+
 @pytest.mark.slow
 def test_landcover_pipeline_with_labels_in_another_crs(landsat_stack, landsat_polygons, tmp_path):
     out = tmp_path / "landcover.gpkg"

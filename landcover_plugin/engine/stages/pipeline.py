@@ -125,17 +125,21 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
     def begin(name: str) -> None:
         reporter.progress("pipeline", stages.index(name), len(stages), name)
 
+    from ..learn.model_package import read_info
+
+    info = read_info(p.model) if p.model else None
+    if info is not None and info.task != p.task:  # e.g. land cover asked of a trees model: crowns would come back
+        raise EngineError("MODEL_TASK_MISMATCH", f"The model {p.model} maps {info.task}, not {p.task}.",
+                          f"Choose a {p.task} model, or set task: {info.task}.")
     begin("fetch")
     imagery = Path(p.imagery)
     if p.is_remote or aoi is not None:
         if aoi is None:
             raise EngineError("BAD_PIPELINE", "Tiles from a server need an area of interest.",
                               "Add aoi: minx,miny,maxx,maxy (WGS84) to the pipeline.")
-        from ..learn.model_package import read_info
-
         fp = FetchParams(aoi=aoi, source=p.imagery, out=workdir / "imagery.tif",
                          zoom=p.zoom, gsd=p.gsd, max_zoom=p.max_zoom, headers=p.headers,
-                         model_gsd=read_info(p.model).resolution_m if p.model else None)
+                         model_gsd=info.resolution_m if info else None)
         res = _run_stage("fetch", fp, fp.out, lambda: fetch(fp, reporter), workdir, reporter)
         imagery = Path(res.outputs["mosaic"])
         summary["fetch"] = res.summary

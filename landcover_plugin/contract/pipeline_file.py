@@ -10,9 +10,12 @@ one), `problems` for what the job asks.
     task: trees | landcover | buildings | classification
     aoi: minx,miny,maxx,maxy          (in aoi_crs, default WGS84) or a vector file
     imagery: SOURCE or {source: SOURCE, gsd: M, zoom: Z, max_zoom: Z, headers: {NAME: VALUE}}
-    labels: FILE or {path, class_field} or {preset, osm_file} or {preset, overpass, date}
+    labels: FILE or {path, class_field, reviewed_area} or {preset, osm_file} or {preset, overpass, date}
+                                      (reviewed_area: minx,miny,maxx,maxy in aoi_crs or a vector file: the
+                                       labels are complete there, e.g. corrected crowns; only it is trained on)
     model: MODEL                      (instead of labels: predict only)
-    train: {epochs, batch_size, chip_size, seed, remote: HOST, ssh_config, ssh_identity}  (remote: over ssh)
+    train: {epochs, batch_size, chip_size, seed, base: MODEL, remote: HOST, ssh_config, ssh_identity}
+                                      (base: fine-tune this model; remote: over ssh)
     predict: {scheduler: tcp://HOST:PORT}  (predict on a Dask cluster; tls:// with Dask's TLS configuration)
     workdir: DIR                      (default OUT-work beside out)
     out: RESULT.gpkg
@@ -31,9 +34,9 @@ from .tasks import TASK_IDS
 
 KEYS = ("task", "aoi", "aoi_crs", "imagery", "labels", "model", "train", "predict", "workdir", "out")
 IMAGERY_KEYS = ("source", "gsd", "zoom", "max_zoom", "headers")
-LABEL_KEYS = ("path", "class_field", "preset", "osm_file", "overpass", "date")
+LABEL_KEYS = ("path", "class_field", "reviewed_area", "preset", "osm_file", "overpass", "date")
 TRAIN_NUMBERS = ("epochs", "batch_size", "chip_size", "seed")
-TRAIN_KEYS = (*TRAIN_NUMBERS, "remote", "ssh_config", "ssh_identity")
+TRAIN_KEYS = (*TRAIN_NUMBERS, "base", "remote", "ssh_config", "ssh_identity")
 PREDICT_KEYS = ("scheduler",)
 SCHEDULER_SCHEMES = ("tcp://", "tls://")
 HINT = "See the pipeline file example in the README."
@@ -63,6 +66,8 @@ class PipelineFile:
     headers: dict[str, str] = field(default_factory=dict)  # extra HTTP headers (no secrets: see HEADERS_ENV)
     labels: Path | None = None  # vector file, DeepForest CSV, VOC XML or points: train on them
     class_field: str | None = None
+    # The labels are complete inside this area (the user reviewed it): training takes only it.
+    reviewed_area: str | tuple[float, float, float, float] | None = None
     preset: str | None = None  # OSM labels: which features and classes (resources/presets)
     osm_file: Path | None = None  # OSM labels from a file (.osm, .osm.pbf, .osm.bz2)
     overpass: str | None = None  # ... or from an Overpass API endpoint
@@ -72,6 +77,7 @@ class PipelineFile:
     batch_size: int = 8
     chip_size: int | None = None  # written under train:, used by the dataset stage (None: from the labels)
     seed: int = 0
+    base: Path | str | None = None  # fine-tune this model (a path, or a shipped model's name)
     remote: str | None = None  # train on this ssh host (`landcover remote setup HOST`)
     ssh_config: Path | None = None  # ... with this ssh config instead of ~/.ssh/config
     ssh_identity: Path | None = None  # ... and this private key file (its path only)
@@ -114,6 +120,10 @@ class PipelineFile:
             found.append(f"{self.osm_file.name} is not an OpenStreetMap file ({', '.join(OSM_SUFFIXES)}).")
         if self.date:
             found += _date_problems(self.date, sources)
+        if (self.reviewed_area or self.base) and self.labels is None:
+            found.append("A reviewed area and a base model go with labels of your own (labels: {path: ...}).")
+        if self.base and self.model:
+            found.append("Give either a model to predict with or a base model to fine-tune, not both.")
         if self.scheduler is not None and not self.scheduler.startswith(SCHEDULER_SCHEMES):
             found.append(f"The scheduler '{self.scheduler}' is not a Dask address: give tcp://HOST:PORT "
                          "(or tls://HOST:PORT).")
@@ -125,16 +135,19 @@ class PipelineFile:
             "imagery": {"source": self.imagery, "gsd": self.gsd, "zoom": self.zoom, "max_zoom": self.max_zoom,
                         "headers": self.headers},
             "train": {"epochs": self.epochs, "batch_size": self.batch_size, "chip_size": self.chip_size,
-                      "seed": self.seed, **{k: str(v) for k, v in (("remote", self.remote), ("ssh_config", self.ssh_config),
+                      "seed": self.seed, **{k: str(v) for k, v in (("base", self.base), ("remote", self.remote),
+                                                                   ("ssh_config", self.ssh_config),
                                                                    ("ssh_identity", self.ssh_identity)) if v}},
             "workdir": str(self.work),
             "out": str(self.out),
         }
         if self.aoi is not None:
-            spec["aoi"] = self.aoi if isinstance(self.aoi, str) else ",".join(repr(float(v)) for v in self.aoi)
+            spec["aoi"] = _area_text(self.aoi)
             spec["aoi_crs"] = self.aoi_crs
         if self.labels is not None:
             spec["labels"] = {"path": str(self.labels), "class_field": self.class_field or None}
+            if self.reviewed_area is not None:
+                spec["labels"]["reviewed_area"] = _area_text(self.reviewed_area)
         elif self.osm_file is not None:
             spec["labels"] = {"preset": self.preset, "osm_file": str(self.osm_file)}
         elif self.overpass:  # the date applies to Overpass only (an OSM file is of its own date)
@@ -186,17 +199,31 @@ class PipelineFile:
             headers={str(k): str(v) for k, v in (imagery.get("headers") or {}).items()},
             labels=_path(base, labels.get("path")),
             class_field=labels.get("class_field") or None,
+            reviewed_area=_area(base, labels.get("reviewed_area")),
             preset=labels.get("preset"),
             osm_file=_path(base, labels.get("osm_file")),
             overpass=labels.get("overpass"),
             date=str(labels["date"]) if labels.get("date") else None,  # YAML reads 2020-06-01 as a date
             model=_model(base, spec.get("model")),
+            base=_model(base, train.get("base")),
             remote=str(train["remote"]) if train.get("remote") else None,
             ssh_config=_path(base, train.get("ssh_config")),
             ssh_identity=_path(base, train.get("ssh_identity")),
             scheduler=str(predict["scheduler"]) if predict.get("scheduler") else None,
             **{k: _number(train, k, int, default=getattr(cls, k)) for k in TRAIN_NUMBERS},
         )
+
+
+def _area_text(area: str | tuple[float, float, float, float]) -> str:
+    return area if isinstance(area, str) else ",".join(repr(float(v)) for v in area)
+
+
+def _area(base: Path, value: Any) -> str | None:
+    """Four numbers as they are, else a vector file beside the pipeline file."""
+    if value in (None, ""):
+        return None
+    text = str(value)
+    return text if len(text.split(",")) == 4 else str(_path(base, text))
 
 
 def _check_keys(section: dict, known: tuple[str, ...], where: str) -> None:

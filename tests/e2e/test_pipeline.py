@@ -179,3 +179,39 @@ def test_landcover_pipeline_with_labels_in_another_crs(landsat_stack, landsat_po
         valid = (src.read_masks() > 0).all(axis=0)  # a pixel needs all six bands
         valid_ha = valid.sum() * src.res[0] * src.res[1] / 1e4
     assert hectares == pytest.approx(valid_ha, rel=0.02)  # every valid pixel gets a class
+
+
+@pytest.mark.slow
+def test_corrections_in_a_reviewed_area_fine_tune_the_model(osbs_tif, osbs_csv, tmp_path):
+    """The user's crowns are complete in the reviewed area (the west half): the model is fine-tuned from
+    the one that mapped them, on that area only, and both are scored on the same validation chips."""
+    west = "404211.9,3285102.9,404231.9,3285142.9"  # OSBS_029 is 404211.9..404251.9 x 3285102.9..3285142.9
+    pipeline = write_pipeline(tmp_path, task="trees", imagery=str(osbs_tif), aoi_crs="EPSG:32617",
+                              aoi="404211.9,3285102.9,404251.9,3285142.9",
+                              labels={"path": str(osbs_csv), "reviewed_area": west},
+                              train={"base": "trees-base", "epochs": 2}, out="v2.gpkg")
+    code, events = run_engine("run", str(pipeline))
+    assert code == 0, last(events, "error") if code == 2 else events[-3:]
+    summary = last(events, "result")["summary"]
+    compared = summary["train"]["compared"]
+    assert set(compared) == {"base", "new"} and 0 <= compared["base"]["crown_f1"] <= 1
+    assert 0 <= compared["new"]["crown_f1"] <= 1
+    assert any("fine-tuning" in e.get("message", "") and "trees-base" in e.get("message", "")
+               for e in events if e["event"] == "log")
+    with rasterio.open(tmp_path / "v2-work" / "reviewed.tif") as src:  # only the reviewed half was trained on
+        assert src.bounds.right <= 404232.0 and src.bounds.left >= 404211.8
+    with fiona.open(tmp_path / "v2.gpkg", layer="crowns") as crowns:  # the whole area is mapped again
+        assert len(crowns) > 0 and crowns.bounds[2] > 404240
+
+
+def test_a_reviewed_area_without_labels_is_refused(osbs_tif, tmp_path):
+    empty = tmp_path / "none.csv"
+    empty.write_text("image_path,xmin,ymin,xmax,ymax,label\n")
+    pipeline = write_pipeline(tmp_path, task="trees", imagery=str(osbs_tif), aoi_crs="EPSG:32617",
+                              labels={"path": str(empty), "reviewed_area": "404211.9,3285102.9,404231.9,3285142.9"},
+                              train={"base": "trees-base", "epochs": 1}, out="v2.gpkg")
+    code, events = run_engine("run", str(pipeline))
+    assert code == 2
+    error = last(events, "error")
+    assert error["hint"] and "label" in (error["message"] + error["hint"]).lower(), error
+    assert not (tmp_path / "v2.gpkg").exists()

@@ -165,8 +165,13 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
 
         attribution = labels_info(labels).get("attribution", "") if labels else ""
         begin("dataset")
-        dp = DatasetParams(imagery=imagery, labels=labels, task=p.task, out=workdir / "dataset",
-                           class_field=p.class_field, chip_size=p.chip_size, preset=p.preset)
+        chip_size = p.chip_size or (read_info(p.base).tile_size if p.base else None)  # fine-tuning keeps its tiles
+        # Corrections: the labels are complete in the reviewed area, so only it is trained on (the rest
+        # of the imagery may hold crowns nobody checked) and its unlabelled pixels are background.
+        reviewed = _reviewed_imagery(p, imagery, workdir, reporter) if p.reviewed_area else None
+        dp = DatasetParams(imagery=reviewed or imagery, labels=labels, task=p.task, out=workdir / "dataset",
+                           class_field=p.class_field, chip_size=chip_size, preset=p.preset,
+                           complete=reviewed is not None)
         res = _run_stage("dataset", dp, dp.out, lambda: build_dataset(dp, reporter), workdir, reporter)
         summary["dataset"] = res.summary
 
@@ -174,7 +179,7 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         from .train import TrainParams, can_resume
 
         tp = TrainParams(dataset=dp.out, out=workdir / "model", task=p.task, epochs=p.epochs,
-                         batch_size=p.batch_size, seed=p.seed)
+                         batch_size=p.batch_size, seed=p.seed, base=p.base)
         config = workdir / "train.json"  # the child reads its parameters whole, not a rebuilt command line
         config.write_text(json.dumps(dataclasses.asdict(tp), default=str))
         args = ["train", "--config", str(config)]
@@ -188,6 +193,9 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         res = _run_stage("train", tp, tp.out, lambda: run_in_child(args, reporter), workdir, reporter)
         model = Path(res.outputs["model"])
         summary["train"] = res.summary
+        if p.base:  # how the score changed: both models on the same validation chips, scored alike
+            summary["train"]["compared"] = {"base": _val_scores(p.base, dp.out, workdir / "eval-base", reporter),
+                                            "new": _val_scores(model, dp.out, workdir / "eval-new", reporter)}
     outputs["model"] = str(model)
 
     begin("predict")
@@ -200,6 +208,26 @@ def _run_pipeline(p: PipelineFile, reporter: Reporter) -> StageResult:
         summary["attribution"] = attribution
     reporter.progress("pipeline", len(stages), len(stages), "done")
     return StageResult(outputs, summary)
+
+
+def _reviewed_imagery(p: PipelineFile, imagery: Path, workdir: Path, reporter: Reporter) -> Path:
+    """The imagery cut to the reviewed area (a box in aoi_crs, or a vector file's features)."""
+    from .fetch import FetchParams, fetch
+
+    area = parse_aoi(p.reviewed_area if isinstance(p.reviewed_area, str) else ",".join(map(str, p.reviewed_area)),
+                     p.aoi_crs)
+    fp = FetchParams(aoi=area, source=str(imagery), out=workdir / "reviewed.tif")
+    return Path(_run_stage("reviewed", fp, fp.out, lambda: fetch(fp, reporter), workdir, reporter).outputs["mosaic"])
+
+
+def _val_scores(model: Path | str, dataset: Path, out: Path, reporter: Reporter) -> dict[str, float]:
+    """A model's headline scores on a dataset's validation chips (crown F1, precision, recall; or accuracy)."""
+    from ..learn.model_package import onnx_path
+    from .evaluate import EvalParams, evaluate
+
+    metrics = evaluate(EvalParams(model=onnx_path(model), dataset=dataset, out=out), reporter).summary
+    return {k: round(v, 4) for k, v in metrics.items()
+            if k in ("crown_f1", "crown_precision", "crown_recall", "accuracy", "miou") and isinstance(v, float)}
 
 
 def run_in_child(args: list[str], reporter: Reporter) -> StageResult:

@@ -54,15 +54,23 @@ def model_problems(model: ModelSummary, task: str, band_count: int | None) -> li
     return found
 
 
-def keep_model(model_folder: Path, models_dir: Path, task: str, when: float | None = None) -> Path:
-    """Copy a run's trained model into its own dated folder under `models_dir` (the next run
-    of the task overwrites the work folder's), whole or not at all; the new folder."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
-    target = models_dir / f"{task}-{stamp}"
-    n = 1
+def next_version(base: Path | str) -> str:
+    """The name of a model fine-tuned from `base` on the user's corrections: trees-base -> trees-base-v2,
+    trees-base-v2 -> trees-base-v3 (the base is version 1)."""
+    name = Path(base).parent.name if Path(base).suffix == ".onnx" else Path(base).name
+    stem, _, number = name.rpartition("-v")
+    return f"{stem}-v{int(number) + 1}" if stem and number.isdigit() else f"{name}-v2"
+
+
+def keep_model(model_folder: Path, models_dir: Path, task: str, when: float | None = None,
+               name: str | None = None) -> Path:
+    """Copy a run's trained model into its own folder under `models_dir` (the next run of the task
+    overwrites the work folder's), named `name` or by task and date, whole or not at all; the new folder."""
+    first = models_dir / (name or f"{task}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}")
+    target, n = first, 1
     while target.exists():
         n += 1
-        target = models_dir / f"{task}-{stamp}-{n}"
+        target = first.with_name(f"{first.name}-{n}")
     partial = target.with_name(f".{target.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)
     shutil.copytree(model_folder, partial, ignore=shutil.ignore_patterns(".landcover-output", "*.partial"))

@@ -5,12 +5,16 @@ EngineTask; the work happens in the engine's own process.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsMapLayerProxyModel, QgsProject, QgsRectangle,
-                       QgsSettings, QgsVectorLayer, QgsWkbTypes)
+from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureRequest,
+                       QgsGeometry, QgsMapLayerProxyModel, QgsProject, QgsRectangle, QgsSettings, QgsVectorLayer,
+                       QgsWkbTypes)
 from qgis.gui import (QgsCollapsibleGroupBox, QgsDockWidget, QgsDoubleSpinBox, QgsFieldComboBox, QgsFileWidget,
                       QgsMapLayerComboBox, QgsMapToolExtent, QgsRubberBand)
 from qgis.PyQt.QtCore import QStandardPaths, Qt, QUrl
@@ -31,7 +35,7 @@ from ..core.engine_env import (EngineLocation, check_engine, create_env_commands
 from ..core.layers import class_hectares_text, group_name, load_result_layers, model_label
 from ..core.print_layout import MapFiles, build_layout, export_map
 from ..core.locate import engine_location, user_data_dir
-from ..core.models import MODELS_FOLDER, describe, keep_model, list_models, model_problems
+from ..core.models import MODELS_FOLDER, describe, keep_model, list_models, model_problems, next_version
 from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
 from ..core.setup_task import CreateEnvTask
 from ..core.sources import (ImagerySource, SourceError, imagery_rank, labels_for_engine, raster_layer_source,
@@ -46,6 +50,33 @@ OVERPASS_SETTING = "landcover/overpass_url"
 STATE_GROUP = "landcover/dock"  # the dock's choices, per profile (QgsSettings) and per project (its entries)
 BROWSE = "browse"  # the model list's last item
 HELP_ANCHOR = "#use-it-in-qgis"  # the README's section on the dock
+
+
+@dataclass
+class Results:
+    """The last run's results: for 'Export map…' and 'Retrain with my corrections'."""
+
+    gpkg: Path
+    layers: list
+    title: str
+    spec: PipelineFile | None = None
+    area: Area | None = None
+    model: Path | None = None  # the model that mapped them
+    crowns_at_load: list = field(default_factory=list)  # (hash, geometry) of each crown as the model drew it
+
+    def crowns(self) -> QgsVectorLayer | None:
+        return next((layer for layer in self.layers if layer.name() == "crowns"), None)
+
+
+def crown_hashes(layer: QgsVectorLayer, area: QgsGeometry | None = None) -> list[tuple[str, QgsGeometry]]:
+    """Each crown (inside `area`, in the layer's CRS, when given) as a hash of its outline and the outline."""
+    request = QgsFeatureRequest(area.boundingBox()) if area is not None else QgsFeatureRequest()
+    found = []
+    for feature in layer.getFeatures(request):
+        geometry = feature.geometry()
+        if area is None or geometry.intersects(area):
+            found.append((hashlib.sha1(bytes(geometry.asWkb())).hexdigest(), QgsGeometry(geometry)))
+    return found
 
 
 def default_output_dir() -> Path:
@@ -77,6 +108,7 @@ class LandcoverDock(QgsDockWidget):
         self.queue: list[tuple[PipelineFile, Area]] = []  # the batch's runs still to start
         self._xyz: dict[str, ImagerySource] = {}
         self._previous_tool = None
+        self._reviewing = False  # the next drawn polygon is a reviewed area
         self.map_tool = QgsMapToolExtent(self.canvas)
         self.map_tool.extentChanged.connect(self.set_area)
         self.polygon_tool = PolygonTool(self.canvas)
@@ -328,8 +360,29 @@ class LandcoverDock(QgsDockWidget):
         self.export_button.setToolTip("The last results as a map for a report: a PDF and a PNG (legend, scale bar, "
                                       "north arrow, the labels' and imagery's credits) beside the result file.")
         self.export_button.clicked.connect(lambda: self.export_result_map())
-        self.results: tuple[Path, list, str] | None = None  # the last run's GeoPackage, layers and title
+        self.results: Results | None = None
         buttons.addWidget(self.export_button)
+        outer.addLayout(buttons)
+
+        self.retrain_button = QToolButton(objectName="retrainButton", text="Retrain with my corrections",
+                                          enabled=False)
+        self.retrain_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
+        self.retrain_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+        self.retrain_button.setToolTip(
+            "Correct the crowns layer in an area you review (delete false crowns, draw missed ones, reshape), "
+            "then press: that area becomes complete labels, the model is fine-tuned from the one that mapped "
+            "them, the area is mapped again, and the new version (v2, v3, …) is kept with its scores. "
+            "The reviewed area is the current map extent, or a polygon you draw (arrow).")
+        self.retrain_button.clicked.connect(lambda: self.retrain_with_corrections())
+        menu = QMenu(self.retrain_button)
+        for text, slot, name in (("Reviewed area: the current map extent", self.retrain_with_corrections, "extent"),
+                                 ("Reviewed area: a polygon I draw", self.draw_reviewed_area, "polygon")):
+            action = menu.addAction(text)
+            action.setObjectName(f"reviewed_{name}")
+            action.triggered.connect(lambda _checked=False, f=slot: f())
+        self.retrain_button.setMenu(menu)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.retrain_button)
         outer.addLayout(buttons)
 
         self.progress = QProgressBar(objectName="progressBar")
@@ -543,7 +596,13 @@ class LandcoverDock(QgsDockWidget):
             self.set_areas([rectangle_area(QgsRectangle(extent), crs or self.canvas.mapSettings().destinationCrs())])
 
     def _polygon_drawn(self, geometry) -> None:
-        self.set_areas([Area(geometry, self.canvas.mapSettings().destinationCrs(), "", "polygon")])
+        area = Area(geometry, self.canvas.mapSettings().destinationCrs(), "", "polygon")
+        if self._reviewing:  # the polygon is the reviewed area of a retraining, not the area to map
+            self._reviewing = False
+            self._restore_tool()
+            self.retrain_with_corrections(area)
+            return
+        self.set_areas([area])
 
     def use_layer_extent(self, layer=None) -> None:
         layer = layer or self.iface.activeLayer()
@@ -808,19 +867,28 @@ class LandcoverDock(QgsDockWidget):
         model = event.get("outputs", {}).get("model")
         kept = None
         if model and spec is not None and spec.model is None and Path(model).is_dir():  # trained in this run
-            kept = keep_model(Path(model), models_dir(), spec.task)
+            kept = keep_model(Path(model), models_dir(), spec.task, name=next_version(spec.base) if spec.base else None)
             self.refresh_models(select=kept)
         title = task_info(spec.task).label if spec is not None else label.capitalize()
         title += f" ({area.name})" if area is not None and area.name and self.batch else ""
         group = group_name(title, area.hectares() if area is not None else 0.0, model_label(kept or model),
                            datetime.now())
         layers = load_result_layers(gpkg, group, attribution=attribution)
-        self.results = (Path(gpkg), layers, group)
+        used = kept or (Path(model) if model else None)
+        self.results = Results(Path(gpkg), layers, group, spec, area, used)
+        crowns = self.results.crowns()
+        if crowns is not None:
+            self.results.crowns_at_load = crown_hashes(crowns)
         self.export_button.setEnabled(True)
+        self.retrain_button.setEnabled(crowns is not None and used is not None and spec is not None)
         credit = f". Labels: data {attribution} (ODbL)" if attribution else ""
         trained = training_text(summary.get("train", {}))
         workers = job.workers_note(summary)
         saved = f"; model saved as {kept.name}" if kept else ""
+        compared = summary.get("train", {}).get("compared")
+        if kept and compared:  # a retraining on corrections: how the score changed on the reviewed area
+            saved = (f"; {kept.name}: crown F1 on the reviewed area {compared['base'].get('crown_f1', 0):.2f} "
+                     f"({model_label(spec.base)}) → {compared['new'].get('crown_f1', 0):.2f}")
         classes = (summary.get("predict") or {}).get("hectares")
         mapped = f"; {class_hectares_text(classes)}" if isinstance(classes, dict) and classes else ""
         self.status_label.setText(f"Done: {len(layers)} layers in {Path(gpkg).name}{mapped}{saved}{workers}"
@@ -836,12 +904,50 @@ class LandcoverDock(QgsDockWidget):
         self.report_path = model.report if model else None
         self.report_button.setEnabled(self.report_path is not None and self.task is None)
 
+    def draw_reviewed_area(self) -> None:
+        self._reviewing = True
+        self._start_tool(self.polygon_tool, "Click the corners of the area you reviewed; right-click to close it.")
+
+    def retrain_with_corrections(self, reviewed: Area | None = None) -> EngineTask | None:
+        """Fine-tune the model that mapped the last results on the user's corrected crowns inside the
+        reviewed area (the current map extent by default), then map the area again; the task or None."""
+        results, location = self.results, self.check_engine()
+        crowns = results.crowns() if results is not None else None
+        if results is None or crowns is None or results.model is None or results.spec is None \
+                or location is None or self.task is not None:
+            return None
+        reviewed = reviewed or Area(QgsGeometry.fromRect(self.canvas.extent()),
+                                    self.canvas.mapSettings().destinationCrs(), "map extent", "polygon")
+        reviewed = dataclasses.replace(reviewed, kind="polygon")  # the engine gets it as a file: its CRS travels
+        if crowns.isEditable() and crowns.isModified():
+            crowns.commitChanges(False)  # the edits are what the user asks to train on; editing goes on
+        in_layer = QgsGeometry(reviewed.geometry)
+        in_layer.transform(QgsCoordinateTransform(reviewed.crs, crowns.crs(), QgsProject.instance()))
+        before = sorted(h for h, g in results.crowns_at_load if g.intersects(in_layer))
+        if sorted(h for h, _ in crown_hashes(crowns, in_layer)) == before:
+            self.status_label.setText("No crown was corrected in the reviewed area: delete false crowns, draw "
+                                      "the missed ones or reshape them in the crowns layer, then retrain.")
+            return None
+        out_dir = results.gpkg.parent
+        try:
+            labels = labels_for_engine(crowns, out_dir / "trees-work")
+            area, _ = reviewed.for_engine(out_dir / "areas")
+        except (SourceError, OSError) as exc:
+            self.status_label.setText(str(exc))
+            return None
+        spec = dataclasses.replace(
+            results.spec, labels=labels, class_field=None, preset=None, osm_file=None, overpass=None, date=None,
+            model=None, base=results.model, reviewed_area=area, epochs=self.epochs_spin.value(),
+            out=out_dir / f"trees-{time.strftime('%Y%m%d-%H%M%S')}-{next_version(results.model)}.gpkg")
+        self.queue = [(spec, results.area)]
+        return self._start_next(location)
+
     def export_result_map(self) -> MapFiles | None:
         """The last results as a map for a report (legend, scale bar, north arrow, credits) over the
         imagery: a PDF and a PNG beside the result GeoPackage."""
         if self.results is None:
             return None
-        gpkg, layers, title = self.results
+        gpkg, layers, title = self.results.gpkg, self.results.layers, self.results.title
         imagery = self.imagery_combo.currentLayer()
         try:
             layout = build_layout(QgsProject.instance(), layers, title, [imagery] if imagery is not None else [])

@@ -18,10 +18,11 @@ XYZ_KEY = "qgis/connections-xyz/Test orthophoto"
 
 
 @pytest.fixture
-def dock(qgis_iface, engine_python):
-    """A dock as a new user first sees it: no choices remembered from earlier tests."""
+def dock(qgis_iface, engine_python, qgis_new_project, tmp_path):
+    """A dock as a new user first sees it: no choices remembered from earlier tests, a project saved
+    in tmp_path (its models and outputs go beside it)."""
     QgsSettings().remove(STATE_GROUP)
-    QgsProject.instance().removeEntry("landcover", "dock")
+    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
     dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
     yield dock
     dock.cleanup()
@@ -179,7 +180,8 @@ def test_run_loads_styled_layers_into_a_group(dock, qgis_iface, osbs_layers, tmp
     assert dock.status_label.text().startswith("Done"), dock.status_label.text()
     group = QgsProject.instance().layerTreeRoot().children()[0]
     model = dock.model_combo.itemData(0)  # the trained model, kept in its own dated folder and listed first
-    assert re.fullmatch(r"trees-\d{8}-\d{6}", model.folder.name) and model.folder.parent.name == "models"
+    assert re.fullmatch(r"trees-\d{8}-\d{6}", model.folder.name)
+    assert model.folder.parent == tmp_path / "landcover" / "models"  # beside the project
     assert re.fullmatch(rf"Trees — 0\.\d\d ha, {model.folder.name}, \d{{4}}-\d\d-\d\d \d\d:\d\d", group.name()), \
         group.name()
     names = {node.layer().name() for node in group.findLayers()}

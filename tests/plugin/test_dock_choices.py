@@ -5,19 +5,24 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransformContext, QgsFeature, QgsGeometry,
-                       QgsPointXY, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorFileWriter, QgsVectorLayer)
+                       QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings, QgsVectorFileWriter,
+                       QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
 from landcover_plugin.contract.model_file import read_summary
 from landcover_plugin.contract.names import MODELS_DIR
 from landcover_plugin.core import job
-from landcover_plugin.core.models import describe, keep_model, list_models
+from landcover_plugin.core.models import describe, keep_model, list_models, next_version
 from landcover_plugin.core.sources import labels_for_engine
+from landcover_plugin.ui.area import Area
 from landcover_plugin.ui.dock import STATE_GROUP, LandcoverDock
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
 # OSBS_029 covers x 404211.9..404251.9, y 3285102.9..3285142.9 (EPSG:32617).
 BLOCKS = ["POLYGON((404215 3285105,404230 3285105,404230 3285120,404215 3285120,404215 3285105))",
@@ -25,8 +30,10 @@ BLOCKS = ["POLYGON((404215 3285105,404230 3285105,404230 3285120,404215 3285120,
 
 
 @pytest.fixture
-def dock(qgis_iface, engine_python, qgis_new_project):
+def dock(qgis_iface, engine_python, qgis_new_project, tmp_path):
+    """A new user's dock, in a project saved in tmp_path (its models and outputs go beside it)."""
     QgsSettings().remove(STATE_GROUP)
+    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
     dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
     yield dock
     dock.cleanup()
@@ -164,6 +171,8 @@ def test_models_are_listed_kept_and_refused_when_they_do_not_fit(dock, osbs_tif,
     assert re.fullmatch(r"trees-\d{8}-\d{6}", kept.name) and (kept / "model.onnx").is_file()
     again = keep_model(MODELS_DIR / "trees-base", models, "trees", when=0)  # same second: its own folder
     assert again != kept and again.name.startswith(kept.name)
+    assert next_version(MODELS_DIR / "trees-base") == "trees-base-v2"
+    assert next_version(models / "trees-base-v2" / "model.onnx") == "trees-base-v3"
     listed = [m.folder for m in list_models([models])]
     assert listed[:2] == [again, kept] and listed[-1] == MODELS_DIR / "trees-base"  # newest first, shipped last
 
@@ -265,3 +274,47 @@ def test_progress_and_messages_in_the_docks_words():
     assert job.dock_words("Label file labels.gpkg has no field 'label'. Give --class-field one of: id") == \
         "Label file labels.gpkg has no field 'label'. Give 'Class field' one of: id"
     assert "landcover train" not in job.dock_words("Use a model made by `landcover train`, unmodified.")
+
+
+@pytest.mark.slow
+def test_corrections_retrain_the_model_in_qgis(dock, osbs_tif, tmp_path, wait_until):
+    """Map with trees-base, correct crowns in the west half, 'Retrain with my corrections': trees-base-v2
+    is kept with how its score changed, and the area is mapped again with it."""
+    raster = QgsRasterLayer(str(osbs_tif), "OSBS_029")
+    QgsProject.instance().addMapLayer(raster)
+    dock.imagery_combo.setLayer(raster)
+    dock.set_area(raster.extent(), raster.crs())
+    dock.set_label_source("model")
+    dock.set_model(MODELS_DIR / "trees-base")
+    dock.out_dir.setFilePath(str(tmp_path))
+    assert dock.run() is not None, dock.status_label.text()
+    assert wait_until(lambda: dock.task is None, 120) and dock.status_label.text().startswith("Done")
+    assert dock.retrain_button.isEnabled()
+    west = Area(QgsGeometry.fromRect(QgsRectangle(404211.9, 3285102.9, 404231.9, 3285142.9)), raster.crs(),
+                "west half", "polygon")
+    assert dock.retrain_with_corrections(west) is None  # nothing corrected yet
+    assert "No crown was corrected in the reviewed area" in dock.status_label.text()
+
+    crowns = dock.results.crowns()
+    inside = [f for f in crowns.getFeatures() if f.geometry().intersects(west.geometry)]
+    crowns.startEditing()
+    for feature in inside[:2]:  # two false crowns deleted
+        crowns.deleteFeature(feature.id())
+    missed = QgsFeature(crowns.fields())  # one missed crown drawn
+    missed.setGeometry(QgsGeometry.fromWkt("POLYGON((404214 3285110,404217 3285110,404217 3285113,"
+                                           "404214 3285113,404214 3285110))"))
+    crowns.addFeature(missed)  # left uncommitted: the dock saves the edits it trains on
+    dock.epochs_spin.setValue(2)
+    assert dock.retrain_with_corrections(west) is not None, dock.status_label.text()
+    assert wait_until(lambda: dock.task is None, 300), dock.status_label.text()
+    status = dock.status_label.text()
+    assert re.search(r"trees-base-v2: crown F1 on the reviewed area \d\.\d\d \(trees-base\) → \d\.\d\d", status), status
+    assert dock.model_combo.itemData(0).folder.name == "trees-base-v2"  # kept, listed first
+    assert dock.results.title.startswith("Trees — ") and "trees-base-v2" in dock.results.title
+    pipeline = json.loads(sorted(tmp_path.glob("trees-*-trees-base-v2-pipeline.yaml"))[-1].read_text())
+    assert pipeline["train"]["base"].endswith("trees-base/model.onnx")
+    assert pipeline["labels"]["reviewed_area"].endswith(".gpkg")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    dock.show()
+    wait_until(lambda: False, 0.5)  # let it lay out and paint
+    dock.grab().save(str(ARTIFACTS / "dock-retrained.png"))  # for a person to look at

@@ -49,7 +49,7 @@ XYZ_PREFIX = "XYZ: "
 OVERPASS_SETTING = "landcover/overpass_url"
 STATE_GROUP = "landcover/dock"  # the dock's choices, per profile (QgsSettings) and per project (its entries)
 BROWSE = "browse"  # the model list's last item
-HELP_ANCHOR = "#use-it-in-qgis"  # the README's section on the dock
+HELP_ANCHOR = "#use-in-qgis"  # the README's section on the dock
 
 
 @dataclass

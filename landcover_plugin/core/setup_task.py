@@ -15,21 +15,21 @@ from .task import LOG_TAG
 
 class CreateEnvTask(QgsTask):
     def __init__(self, commands: list[list[str]], on_done: Callable[[bool, str], None] | None = None) -> None:
-        super().__init__("Create the Landcover engine environment", QgsTask.CanCancel)
+        super().__init__("Create the Landcover engine environment", QgsTask.Flag.CanCancel)
         self.commands = commands
         self.on_done = on_done
         self.message = ""
 
     def run(self) -> bool:  # worker thread
         for i, command in enumerate(self.commands):
-            QgsMessageLog.logMessage("$ " + " ".join(command), LOG_TAG, Qgis.Info)
+            QgsMessageLog.logMessage("$ " + " ".join(command), LOG_TAG, Qgis.MessageLevel.Info)
             try:
                 proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             except OSError as exc:
                 self.message = f"Cannot run {command[0]}: {exc.strerror}"
                 return False
             for line in proc.stdout:
-                QgsMessageLog.logMessage(line.rstrip(), LOG_TAG, Qgis.Info)
+                QgsMessageLog.logMessage(line.rstrip(), LOG_TAG, Qgis.MessageLevel.Info)
                 if self.isCanceled():
                     proc.terminate()
             if proc.wait() != 0:

@@ -15,7 +15,7 @@ from .job import EventRelay
 
 LOG_TAG = "Landcover"
 _QUIET = {"seconds", "tiles", "provider"}  # bookkeeping, not results
-_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "error": Qgis.Critical}
+_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.Critical}
 
 
 def summary_text(summary: dict[str, Any]) -> str:
@@ -51,11 +51,11 @@ def training_text(train: dict[str, Any]) -> str:
 def result_level(summary: dict[str, Any]):
     """A warning, not a success, when the model lacks a class or was still improving."""
     train = summary.get("train", {})
-    return Qgis.Warning if train.get("classes_not_learnt") or train.get("still_improving") else Qgis.Success
+    return Qgis.MessageLevel.Warning if train.get("classes_not_learnt") or train.get("still_improving") else Qgis.MessageLevel.Success
 
 
 def _log(message: str, level: str) -> None:
-    QgsMessageLog.logMessage(message, LOG_TAG, _LEVELS.get(level, Qgis.Info))
+    QgsMessageLog.logMessage(message, LOG_TAG, _LEVELS.get(level, Qgis.MessageLevel.Info))
 
 
 def _fmt(value: Any) -> str:
@@ -72,7 +72,7 @@ class EngineTask(QgsTask):
     def __init__(self, description: str, engine: EngineRun, message_bar=None,
                  on_success: Callable[[dict], None] | None = None,
                  on_failure: Callable[[EngineFailed], None] | None = None) -> None:
-        super().__init__(description, QgsTask.CanCancel)
+        super().__init__(description, QgsTask.Flag.CanCancel)
         self.engine = engine
         self.message_bar = message_bar
         self.on_success, self.on_failure = on_success, on_failure
@@ -101,11 +101,11 @@ class EngineTask(QgsTask):
             return
         failure = self.failure or EngineFailed("CANCELLED", "Cancelled.", "")
         QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG,
-                                 Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
-        self._push(str(failure), Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
+                                 Qgis.MessageLevel.Info if failure.code == "CANCELLED" else Qgis.MessageLevel.Critical)
+        self._push(str(failure), Qgis.MessageLevel.Info if failure.code == "CANCELLED" else Qgis.MessageLevel.Critical)
         if self.on_failure:
             self.on_failure(failure)
 
     def _push(self, text: str, level) -> None:
         if self.message_bar is not None:
-            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=0 if level == Qgis.Critical else 10)
+            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=0 if level == Qgis.MessageLevel.Critical else 10)

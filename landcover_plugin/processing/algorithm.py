@@ -92,7 +92,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.TASK, "Task", options=[t.label for t in TASKS], defaultValue=0))
         self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, "Training labels",
-                                                            [QgsProcessing.TypeVectorAnyGeometry], optional=True))
+                                                            [QgsProcessing.SourceType.TypeVectorAnyGeometry], optional=True))
         self.addParameter(QgsProcessingParameterFile(self.LABELS_FILE, "Or training labels file (DeepForest CSV)",
                                                      optional=True, fileFilter="CSV files (*.csv);;All files (*)"))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (land cover)",
@@ -111,14 +111,14 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterString(self.DATE, "OSM date (YYYY-MM-DD, Overpass only)",
                                                        optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Training epochs",
-                                                       QgsProcessingParameterNumber.Integer, job.QUICK_EPOCHS,
+                                                       QgsProcessingParameterNumber.Type.Integer, job.QUICK_EPOCHS,
                                                        minValue=1))
         remote = QgsProcessingParameterString(self.REMOTE_HOST, "Train on a GPU host (a host added in the dock, "
                                               "or an ssh destination; empty: this computer)", optional=True)
-        remote.setFlags(remote.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+        remote.setFlags(remote.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
         self.addParameter(remote)
         self.addParameter(QgsProcessingParameterNumber(self.GSD, "Resolution of XYZ tiles (m/px)",
-                                                       QgsProcessingParameterNumber.Double, None, optional=True,
+                                                       QgsProcessingParameterNumber.Type.Double, None, optional=True,
                                                        minValue=0.0))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Result GeoPackage",
                                                                 "GeoPackage (*.gpkg)"))

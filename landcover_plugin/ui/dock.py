@@ -24,7 +24,7 @@ from ..contract.runner import EngineFailed
 from ..contract.tasks import TASKS, presets_for_task
 from ..contract.tasks import task as task_info
 from ..core import job
-from ..core.engine_env import EngineLocation, check_engine, create_env_commands, requirement_files, user_venv
+from ..core.engine_env import EngineLocation, check_engine, plan_env, requirement_files, user_venv
 from ..core.layers import load_result_layers
 from ..core.locate import engine_location, user_data_dir
 from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
@@ -460,8 +460,9 @@ class LandcoverDock(QgsDockWidget):
                                       "(TensorFlow, onnxruntime, rasterio, ...; about 1 GB download)?")
         if answer != QMessageBox.Yes:
             return
-        self.env_task = CreateEnvTask(create_env_commands(venv, requirements), self._env_done)
+        self.env_task = CreateEnvTask(plan_env(venv, requirements), self._env_done)
         self.env_task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
+        self.env_task.stageChanged.connect(self.status_label.setText)
         self.create_env_button.setEnabled(False)
         self.status_label.setText("Creating the engine environment (see the Landcover log panel)...")
         QgsApplication.taskManager().addTask(self.env_task)

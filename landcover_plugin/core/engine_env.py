@@ -205,7 +205,8 @@ class InstallProgress:
 
     def __init__(self, commands: list[list[str]], requirements: list[Path]) -> None:
         self.names = requirement_names(requirements)
-        weights = [90.0 if "-r" in c else 5.0 for c in commands]
+        self.installs = ["-r" in c for c in commands]  # the command that installs the requirements
+        weights = [90.0 if install else 5.0 for install in self.installs]
         self.shares = [100.0 * w / sum(weights) for w in weights]
         self.command = 0
         self.within = 0.0  # 0-1 of the current command
@@ -224,12 +225,15 @@ class InstallProgress:
         """The new percentage when `line` moves it, else None."""
         before, text = self.within, line.strip()
         name = _requirement_in(text)
-        if name in self.names and name not in self.seen:
+        installing = self.command < len(self.installs) and self.installs[self.command]
+        if installing and name in self.names and name not in self.seen:
             self.seen.add(name)
             self.within = max(self.within, 0.8 * len(self.seen) / len(self.names))
             self.stage = f"Installing the engine's packages: {len(self.seen)} of {len(self.names)} ({name})"
         elif text.startswith(("Installing collected packages", "Prepared ")):
-            self.within, self.stage = max(self.within, 0.85), "Installing the engine's packages: unpacking"
+            self.within = max(self.within, 0.85)
+            if installing:
+                self.stage = "Installing the engine's packages: unpacking"
         elif text.startswith(("Successfully installed", "Installed ")):
             self.within = 1.0
         return self.percent() if self.within != before else None
@@ -237,9 +241,9 @@ class InstallProgress:
 
 def _requirement_in(text: str) -> str | None:
     """The distribution a pip line is about: "Collecting numpy==2.4.6 (from -r ...)",
-    "Processing /wheels/numpy-2.4.6-cp311-....whl"; uv's " + numpy==2.4.6"."""
+    "Processing /wheels/numpy-2.4.6-cp311-....whl (from -r ...)"; uv's " + numpy==2.4.6"."""
     match = (re.match(r"(?:Collecting|Requirement already satisfied:) ([A-Za-z0-9_.\-]+)", text)
-             or re.match(r"Processing \S*?([A-Za-z0-9_.]+)-\d[^-/\\]*-[^/\\]*\.whl$", text)
+             or re.match(r"Processing \S*?([A-Za-z0-9_.]+)-\d[^-/\\\s]*-\S*\.whl\b", text)
              or re.match(r"\+ ([A-Za-z0-9_.\-]+)==", text))
     return _normalise(match.group(1)) if match else None
 

@@ -34,6 +34,7 @@ class CreateEnvTask(QgsTask):
         self.plan = plan
         self.on_done = on_done
         self.message = ""
+        self.stage = ""
 
     def run(self) -> bool:  # worker thread
         building = building_dir(self.plan.venv)
@@ -72,7 +73,9 @@ class CreateEnvTask(QgsTask):
 
     def _run(self, command: list[str], progress: InstallProgress, last: deque[str]) -> int:
         """Run one command; its lines to the log panel, the progress bar and `last`."""
-        env = {**os.environ, "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"}  # pip's text, on any Windows code page
+        # pip's lines as they happen and whole (a buffered stdout is cut mid-line by stderr's
+        # warnings in the one pipe), in UTF-8 on any Windows code page.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"}
         no_window = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               encoding="utf-8", errors="replace", env=env, creationflags=no_window) as proc:
@@ -96,7 +99,8 @@ class CreateEnvTask(QgsTask):
             time.sleep(0.2)
 
     def _stage(self, text: str) -> None:
-        if text:
+        if text and text != self.stage:
+            self.stage = text
             self.stageChanged.emit(text)
 
     def finished(self, ok: bool) -> None:  # main thread

@@ -93,10 +93,11 @@ def test_progress_counts_each_requirement_pip_reaches():
     progress = InstallProgress(commands, REQUIREMENTS)
     assert len(progress.names) == 21 and "tensorflow-cpu" in progress.names and "pyyaml" in progress.names
     values = [progress.percent(), progress.next_command(), progress.next_command()]
+    # pip 26's lines (after the upgrade), and the older pip's without "(from ...)"
     lines = ["Collecting affine==3.0.1 (from -r requirements/engine.txt (line 4))",
-             "Processing /opt/pypi/files/dask-2026.8.0-py3-none-any.whl",
+             "Processing /opt/pypi/files/dask-2026.8.0-py3-none-any.whl (from -r requirements/engine.txt (line 5))",
              "Collecting dask==2026.8.0 (from dask[distributed]==2026.8.0->-r engine.txt (line 5))",  # seen
-             "Collecting click>=8.1 (from dask==2026.8.0)",  # a dependency: not counted
+             "Collecting click>=8.1 (from dask==2026.8.0->-r requirements/engine.txt (line 5))",  # a dependency
              "Processing /opt/pypi/files/PyYAML-6.0.3-cp311-cp311-manylinux_2_17_x86_64.whl",
              "  Downloading tensorflow_cpu-2.21.0-cp311-cp311-manylinux_2_17_x86_64.whl.metadata (4.4 kB)",
              "Collecting tensorflow-cpu==2.21.0 (from -r requirements/accel-cpu.txt (line 1))",

@@ -241,8 +241,9 @@ class InstallProgress:
 
 def _requirement_in(text: str) -> str | None:
     """The distribution a pip line is about: "Collecting numpy==2.4.6 (from -r ...)",
-    "Processing /wheels/numpy-2.4.6-cp311-....whl (from -r ...)"; uv's " + numpy==2.4.6"."""
-    match = (re.match(r"(?:Collecting|Requirement already satisfied:) ([A-Za-z0-9_.\-]+)", text)
+    "Processing /wheels/numpy-2.4.6-cp311-....whl (from -r ...)"; uv's "Downloaded numpy"
+    (its large downloads) and " + numpy==2.4.6" (once installed)."""
+    match = (re.match(r"(?:Collecting|Requirement already satisfied:|Downloaded) ([A-Za-z0-9_.\-]+)", text)
              or re.match(r"Processing \S*?([A-Za-z0-9_.]+)-\d[^-/\\\s]*-\S*\.whl\b", text)
              or re.match(r"\+ ([A-Za-z0-9_.\-]+)==", text))
     return _normalise(match.group(1)) if match else None

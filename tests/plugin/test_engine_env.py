@@ -3,6 +3,7 @@ each platform (fake installation layouts), the commands built, the progress read
 pip's lines, the failure messages; the QgsTask against real venv and pip runs."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -187,6 +188,21 @@ def test_a_failed_creation_says_why_and_leaves_no_environment(qgis_app, wait_unt
     assert stages[:2] == ["Creating the Python environment", "Installing the engine's packages"]
     assert percents and percents == sorted(percents) and percents[-1] < 100
     assert not venv.exists() and not building_dir(venv).exists()
+
+
+def test_uv_creates_the_environment(qgis_app, wait_until, tmp_path):
+    uv = Path(sys.executable).with_name("uv")  # requirements/test-engine.txt
+    requirements = touch(tmp_path / "requirements.txt")
+    requirements.write_text("affine==3.0.1\nscikit-learn==1.9.1\n")
+    venv = tmp_path / "venv"
+    commands = create_env_commands(building_dir(venv), [requirements], python=base_python(), uv=str(uv))
+    ok, message, percents, stages = _run_task(EnvPlan(venv, commands, [requirements]), wait_until)
+    assert ok, message
+    assert percents == sorted(percents) and percents[-1] == pytest.approx(100)
+    assert stages[:2] == ["Creating the Python environment", "Installing the engine's packages"]
+    imported = subprocess.run([str(venv_python(venv)), "-c", "import affine, sklearn"], capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    assert not building_dir(venv).exists()
 
 
 def test_a_cancelled_creation_leaves_no_environment(qgis_app, wait_until, tmp_path):

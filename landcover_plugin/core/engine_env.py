@@ -159,9 +159,11 @@ def create_env_commands(venv: Path, requirements: list[Path], python: str | None
     reqs = [arg for req in requirements for arg in ("-r", str(req))]
     if uv:
         spec = python or MIN_PYTHON_TEXT
+        # No --compile-bytecode: it cost 20-28 s here, compiling on first import only seconds.
         return [[uv, "venv", "--python", spec, str(venv)],
                 [uv, "pip", "install", "--python", str(venv_python(venv, platform))] + reqs]
-    pip = [str(venv_python(venv, platform)), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    pip = [str(venv_python(venv, platform)), "-m", "pip", "install", "--disable-pip-version-check",
+           "--progress-bar", "off"]
     return [[python or "python3", "-m", "venv", str(venv)], pip + ["--upgrade", "pip"], pip + reqs]
 
 
@@ -267,9 +269,9 @@ def failure_message(command: list[str], returncode: int | None, last_lines: list
                 "`sudo apt install python3-venv`) or install uv (docs.astral.sh/uv), then try again.")
     elif "no space left" in text:
         todo = "The disk is full: free about 2 GB, then try again."
-    elif any(w in text for w in ("could not find a version", "no matching distribution", "connection",
-                                 "name resolution", "timed out", "proxy", "ssl")):
-        todo = ("The packages could not be downloaded: check the internet connection (pip does not use "
+    elif any(w in text for w in ("could not find a version", "no matching distribution", "failed to fetch",
+                                 "connect", "name resolution", "timed out", "proxy", "ssl", "certificate")):
+        todo = ("The packages could not be downloaded: check the internet connection (pip and uv do not use "
                 "QGIS's proxy settings: set HTTPS_PROXY), then try again.")
     else:
         todo = "See the Landcover log panel for the whole output; or run `make install` in the plugin's source folder."
@@ -315,8 +317,8 @@ def validate_engine_python(chosen: Path, root: Path | None = None, timeout_s: fl
                         "environment's bin folder (Windows: `python.exe` in its Scripts folder), or its folder.")
     specs = engine_requirement_specs() or []
     try:
-        done = subprocess.run([str(python), "-c", _CHECK_SCRIPT, MIN_PYTHON_TEXT, *specs], capture_output=True, text=True,
-                              timeout=timeout_s, env=engine_env(root or package_root()))
+        done = subprocess.run([str(python), "-c", _CHECK_SCRIPT, MIN_PYTHON_TEXT, *specs], capture_output=True,
+                              text=True, timeout=timeout_s, env=engine_env(root or package_root()))
     except (OSError, subprocess.TimeoutExpired) as exc:
         return python, f"{python} could not be run ({exc}); choose another engine environment."
     if done.returncode == 0 and "landcover engine ok" in done.stdout:

@@ -8,7 +8,8 @@ from qgis.core import QgsMapLayer, QgsProject, QgsVectorLayer, QgsWkbTypes
 # Tables a GeoPackage may list that are not results (QGIS's style table).
 _NOT_RESULTS = {"layer_styles"}
 # Points above lines above polygons above tables, so nothing hides the points.
-_ORDER = {QgsWkbTypes.GeometryType.PointGeometry: 0, QgsWkbTypes.GeometryType.LineGeometry: 1, QgsWkbTypes.GeometryType.PolygonGeometry: 2}
+_ORDER = {QgsWkbTypes.GeometryType.PointGeometry: 0, QgsWkbTypes.GeometryType.LineGeometry: 1,
+          QgsWkbTypes.GeometryType.PolygonGeometry: 2}
 
 
 def gpkg_layer_names(gpkg: Path | str) -> list[str]:

@@ -54,7 +54,8 @@ class CreateEnvTask(QgsTask):
     def _run_commands(self) -> bool:
         progress = InstallProgress(self.plan.commands, self.plan.requirements)
         for command in self.plan.commands:
-            self._stage(next((text for key, text in STAGES.items() if key in command), "Installing the engine's packages"))
+            self._stage(next((text for key, text in STAGES.items() if key in command),
+                             "Installing the engine's packages"))
             QgsMessageLog.logMessage("$ " + " ".join(command), LOG_TAG, Qgis.MessageLevel.Info)
             last: deque[str] = deque(maxlen=LAST_LINES)
             try:
@@ -74,8 +75,10 @@ class CreateEnvTask(QgsTask):
     def _run(self, command: list[str], progress: InstallProgress, last: deque[str]) -> int:
         """Run one command; its lines to the log panel, the progress bar and `last`."""
         # pip's lines as they happen and whole (a buffered stdout is cut mid-line by stderr's
-        # warnings in the one pipe), in UTF-8 on any Windows code page.
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8"}
+        # warnings in the one pipe), in UTF-8 on any Windows code page; uv trusts the system's
+        # certificates as pip does (a company proxy's CA), under its old and new names.
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONUTF8": "1", "PYTHONIOENCODING": "utf-8",
+               "UV_NATIVE_TLS": "1", "UV_SYSTEM_CERTS": "1"}
         no_window = getattr(subprocess, "CREATE_NO_WINDOW", 0) if sys.platform == "win32" else 0
         with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               encoding="utf-8", errors="replace", env=env, creationflags=no_window) as proc:

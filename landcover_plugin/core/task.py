@@ -15,7 +15,8 @@ from .job import EventRelay
 
 LOG_TAG = "Landcover"
 _QUIET = {"seconds", "tiles", "provider"}  # bookkeeping, not results
-_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning, "error": Qgis.MessageLevel.Critical}
+_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning,
+           "error": Qgis.MessageLevel.Critical}
 
 
 def summary_text(summary: dict[str, Any]) -> str:
@@ -51,7 +52,8 @@ def training_text(train: dict[str, Any]) -> str:
 def result_level(summary: dict[str, Any]):
     """A warning, not a success, when the model lacks a class or was still improving."""
     train = summary.get("train", {})
-    return Qgis.MessageLevel.Warning if train.get("classes_not_learnt") or train.get("still_improving") else Qgis.MessageLevel.Success
+    still_short = train.get("classes_not_learnt") or train.get("still_improving")
+    return Qgis.MessageLevel.Warning if still_short else Qgis.MessageLevel.Success
 
 
 def _log(message: str, level: str) -> None:
@@ -100,12 +102,13 @@ class EngineTask(QgsTask):
                 self.on_success(self.result_event)
             return
         failure = self.failure or EngineFailed("CANCELLED", "Cancelled.", "")
-        QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG,
-                                 Qgis.MessageLevel.Info if failure.code == "CANCELLED" else Qgis.MessageLevel.Critical)
-        self._push(str(failure), Qgis.MessageLevel.Info if failure.code == "CANCELLED" else Qgis.MessageLevel.Critical)
+        level = Qgis.MessageLevel.Info if failure.code == "CANCELLED" else Qgis.MessageLevel.Critical
+        QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG, level)
+        self._push(str(failure), level)
         if self.on_failure:
             self.on_failure(failure)
 
     def _push(self, text: str, level) -> None:
         if self.message_bar is not None:
-            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=0 if level == Qgis.MessageLevel.Critical else 10)
+            duration = 0 if level == Qgis.MessageLevel.Critical else 10
+            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=duration)

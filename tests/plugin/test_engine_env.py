@@ -125,6 +125,10 @@ def test_failure_messages_name_the_command_its_last_lines_and_the_fix():
     old = failure_message(pip, 1, ["ERROR: Ignored the following versions that require a different python "
                                    "version: 2.4.6 Requires-Python >=3.11"])
     assert f"older than the engine needs ({MIN_PYTHON_TEXT})" in old
+    uv = failure_message(["uv", "pip", "install", "--python", "v/bin/python"], 2,
+                         ["error: Failed to fetch: https://pypi.org/simple/matplotlib/",
+                          "  cause: invalid peer certificate: UnknownIssuer"])
+    assert "`uv pip install --python ...` (uv) exited with 2" in uv and "UnknownIssuer" in uv and "HTTPS_PROXY" in uv
     missing = failure_message(["python3", "-m", "venv", "v"], None, ["No such file or directory"])
     assert "Could not start `python3 -m venv v`: No such file or directory" in missing and "uv" in missing
 

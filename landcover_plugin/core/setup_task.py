@@ -24,6 +24,7 @@ from .engine_env import LAST_LINES, EnvPlan, InstallProgress, building_dir, fail
 from .task import LOG_TAG
 
 STAGES = {"venv": "Creating the Python environment", "--upgrade": "Updating pip in it"}
+CANCELLED = "Cancelled: no engine environment was created."
 
 
 class CreateEnvTask(QgsTask):
@@ -64,7 +65,7 @@ class CreateEnvTask(QgsTask):
                 self.message = failure_message(command, None, [exc.strerror or str(exc)])
                 return False
             if self.isCanceled():
-                self.message = "Cancelled: no engine environment was created."
+                self.message = CANCELLED
                 return False
             if returncode != 0:
                 self.message = failure_message(command, returncode, list(last))
@@ -108,7 +109,7 @@ class CreateEnvTask(QgsTask):
 
     def finished(self, ok: bool) -> None:  # main thread
         if self.on_done:
-            self.on_done(ok, self.message or "Cancelled: no engine environment was created.")
+            self.on_done(ok, self.message or CANCELLED)
 
 
 def _replace_dir(new: Path, target: Path) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from qgis.core import QgsApplication, QgsSettings
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QAction
+try:  # Qt 6 (QGIS 4) moved QAction to QtGui
+    from qgis.PyQt.QtGui import QAction
+except ImportError:  # Qt 5 (QGIS 3)
+    from qgis.PyQt.QtWidgets import QAction
 
 from .processing.provider import LandcoverProvider, plugin_icon
 

@@ -13,7 +13,8 @@ from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransformConte
 # Tables a GeoPackage may list that are not results (QGIS's style table).
 _NOT_RESULTS = {"layer_styles"}
 # Points above lines above polygons above tables, so nothing hides the points.
-_ORDER = {QgsWkbTypes.PointGeometry: 0, QgsWkbTypes.LineGeometry: 1, QgsWkbTypes.PolygonGeometry: 2}
+_ORDER = {QgsWkbTypes.GeometryType.PointGeometry: 0, QgsWkbTypes.GeometryType.LineGeometry: 1,
+          QgsWkbTypes.GeometryType.PolygonGeometry: 2}
 # Decimals a reader sees in the attribute table and forms; the GeoPackage keeps the engine's
 # full precision (sums over many polygons and other tools need it).
 DISPLAY_DECIMALS = {"hectares": 2, "share_pct": 1, "area_m2": 1, "canopy_m2": 1, "diameter_m": 2}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qgis.core import QgsApplication, QgsSettings
 
-from .engine_env import SETTINGS_KEY, EngineLocation, find_engine_python
+from .engine_env import SETTINGS_KEY, EngineLocation, find_engine_python, validate_engine_python
 
 
 def user_data_dir() -> Path:
@@ -16,3 +16,12 @@ def user_data_dir() -> Path:
 
 def engine_location() -> EngineLocation:
     return find_engine_python(QgsSettings().value(SETTINGS_KEY, "") or None, user_data_dir())
+
+
+def choose_engine_python(chosen: Path) -> str | None:
+    """'Browse to engine': keep the chosen environment's python in the QGIS setting when
+    it runs this engine (None); else the message saying why it was not kept."""
+    python, problem = validate_engine_python(chosen)
+    if problem is None:
+        QgsSettings().setValue(SETTINGS_KEY, str(python))
+    return problem

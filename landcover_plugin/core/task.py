@@ -15,7 +15,8 @@ from .job import EventRelay, dock_words
 
 LOG_TAG = "Landcover"
 _QUIET = {"seconds", "tiles", "provider"}  # bookkeeping, not results
-_LEVELS = {"debug": Qgis.Info, "info": Qgis.Info, "warning": Qgis.Warning, "error": Qgis.Critical}
+_LEVELS = {"debug": Qgis.MessageLevel.Info, "info": Qgis.MessageLevel.Info, "warning": Qgis.MessageLevel.Warning,
+           "error": Qgis.MessageLevel.Critical}
 
 
 def summary_text(summary: dict[str, Any]) -> str:
@@ -53,11 +54,12 @@ def training_text(train: dict[str, Any]) -> str:
 def result_level(summary: dict[str, Any]):
     """A warning, not a success, when the model lacks a class or was still improving."""
     train = summary.get("train", {})
-    return Qgis.Warning if train.get("classes_not_learnt") or train.get("still_improving") else Qgis.Success
+    still_short = train.get("classes_not_learnt") or train.get("still_improving")
+    return Qgis.MessageLevel.Warning if still_short else Qgis.MessageLevel.Success
 
 
 def _log(message: str, level: str) -> None:
-    QgsMessageLog.logMessage(message, LOG_TAG, _LEVELS.get(level, Qgis.Info))
+    QgsMessageLog.logMessage(message, LOG_TAG, _LEVELS.get(level, Qgis.MessageLevel.Info))
 
 
 def _fmt(value: Any) -> str:
@@ -75,7 +77,8 @@ class EngineTask(QgsTask):
                  on_success: Callable[[dict], None] | None = None,
                  on_failure: Callable[[EngineFailed], None] | None = None) -> None:
         # Silent (QGIS >= 3.26): the plugin reports the outcome itself, no second "Task complete/failed".
-        flags = QgsTask.CanCancel | QgsTask.Silent if hasattr(QgsTask, "Silent") else QgsTask.CanCancel
+        flags = QgsTask.Flag.CanCancel | QgsTask.Flag.Silent if hasattr(QgsTask.Flag, "Silent") \
+            else QgsTask.Flag.CanCancel
         super().__init__(description, flags)
         self.engine = engine
         self.message_bar = message_bar
@@ -108,12 +111,13 @@ class EngineTask(QgsTask):
                 self.on_success(self.result_event)
             return
         failure = self.failure or EngineFailed("CANCELLED", "Cancelled.", "")
-        QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG,
-                                 Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
-        self._push(dock_words(str(failure)), Qgis.Info if failure.code == "CANCELLED" else Qgis.Critical)
+        level = Qgis.MessageLevel.Info if failure.code == "CANCELLED" else Qgis.MessageLevel.Critical
+        QgsMessageLog.logMessage(f"{failure.code}: {failure}", LOG_TAG, level)
+        self._push(dock_words(str(failure)), level)
         if self.on_failure:
             self.on_failure(failure)
 
     def _push(self, text: str, level) -> None:
         if self.message_bar is not None:
-            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=0 if level == Qgis.Critical else 10)
+            duration = 0 if level == Qgis.MessageLevel.Critical else 10
+            self.message_bar.pushMessage(LOG_TAG, text, level=level, duration=duration)

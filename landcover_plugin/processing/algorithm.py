@@ -143,7 +143,8 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterEnum(
             self.LABEL_SOURCE, "Training labels from", defaultValue=0, options=list(job.LABEL_SOURCES.values())))
         self.addParameter(QgsProcessingParameterVectorLayer(self.LABELS, "Training labels layer",
-                                                            [QgsProcessing.TypeVectorAnyGeometry], optional=True))
+                                                            [QgsProcessing.SourceType.TypeVectorAnyGeometry],
+                                                            optional=True))
         self.addParameter(QgsProcessingParameterField(self.CLASS_FIELD, "Class field (land cover)",
                                                       parentLayerParameterName=self.LABELS, optional=True))
         presets = [p.name for p in read_presets()]
@@ -154,7 +155,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(QgsProcessingParameterFile(self.MODEL, "Model to predict with (.onnx)",
                                                      optional=True, fileFilter="ONNX models (*.onnx)"))
         self.addParameter(QgsProcessingParameterNumber(self.EPOCHS, "Training epochs",
-                                                       QgsProcessingParameterNumber.Integer, job.QUICK_EPOCHS,
+                                                       QgsProcessingParameterNumber.Type.Integer, job.QUICK_EPOCHS,
                                                        minValue=1))
         self.addParameter(QgsProcessingParameterFileDestination(self.OUTPUT, "Result GeoPackage",
                                                                 "GeoPackage (*.gpkg)"))
@@ -166,7 +167,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
                                                        "or a saved XYZ connection's name (instead of the layer)",
                                                        optional=True))
         self.addParameter(QgsProcessingParameterNumber(self.GSD, "Resolution of XYZ tiles (m/px)",
-                                                       QgsProcessingParameterNumber.Double, None, optional=True,
+                                                       QgsProcessingParameterNumber.Type.Double, None, optional=True,
                                                        minValue=0.0))
         self.addParameter(QgsProcessingParameterFile(self.LABELS_FILE, "Training labels file (DeepForest CSV, "
                                                      "instead of the layer)", optional=True,
@@ -180,7 +181,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
                                                        optional=True))
         for name in ADVANCED:
             param = self.parameterDefinition(name)
-            param.setFlags(param.flags() | QgsProcessingParameterDefinition.FlagAdvanced)
+            param.setFlags(param.flags() | QgsProcessingParameterDefinition.Flag.FlagAdvanced)
         self.addOutput(QgsProcessingOutputMultipleLayers(self.LAYERS, "Result layers"))
 
     def checkParameterValues(self, parameters, context):  # noqa: N802

@@ -30,11 +30,10 @@ from ..contract.runner import EngineFailed
 from ..contract.tasks import TASKS, presets_for_task
 from ..contract.tasks import task as task_info
 from ..core import job
-from ..core.engine_env import (EngineLocation, check_engine, create_env_commands, find_resource, requirement_files,
-                               user_venv)
+from ..core.engine_env import EngineLocation, check_engine, find_resource, plan_env, requirement_files, user_venv
 from ..core.layers import class_hectares_text, group_name, load_result_layers, model_label
 from ..core.print_layout import MapFiles, build_layout, export_map
-from ..core.locate import engine_location, user_data_dir
+from ..core.locate import choose_engine_python, engine_location, user_data_dir
 from ..core.models import MODELS_FOLDER, describe, keep_model, list_models, model_problems, next_version
 from ..core.remote_hosts import RemoteHost, fingerprint_in, load_hosts, save_hosts, setup_run, with_host
 from ..core.setup_task import CreateEnvTask
@@ -145,8 +144,15 @@ class LandcoverDock(QgsDockWidget):
         self.create_env_button.setToolTip("Create the engine's own Python environment in your QGIS profile and "
                                           "install its packages with pip (about 1 GB; QGIS's Python is not touched).")
         self.create_env_button.clicked.connect(self.create_environment)
+        self.browse_engine_button = QPushButton("Browse to engine…", objectName="browseEngineButton")
+        self.browse_engine_button.setToolTip("Use an engine environment you already have: choose its folder (it "
+                                             "is checked to run this engine before it is kept).")
+        self.browse_engine_button.clicked.connect(self.browse_to_engine)
         outer.addWidget(self.engine_label)
-        outer.addWidget(self.create_env_button)
+        engine_row = QHBoxLayout()
+        engine_row.addWidget(self.create_env_button)
+        engine_row.addWidget(self.browse_engine_button)
+        outer.addLayout(engine_row)
 
         form = QFormLayout()
         outer.addLayout(form)
@@ -772,7 +778,19 @@ class LandcoverDock(QgsDockWidget):
         self.engine_label.setText(message or "")
         self.engine_label.setVisible(bool(message))
         self.create_env_button.setVisible(bool(message))
+        self.browse_engine_button.setVisible(bool(message))
         return None if message else location
+
+    def browse_to_engine(self, chosen: Path | None = None) -> bool:
+        """Keep an existing engine environment (its folder or python) when it runs this engine."""
+        if chosen is None:
+            folder = QFileDialog.getExistingDirectory(self, "Choose the engine environment's folder")
+            if not folder:
+                return False
+            chosen = Path(folder)
+        problem = choose_engine_python(Path(chosen))
+        self.status_label.setText(problem or f"Using the engine environment at {chosen}.")
+        return problem is None and self.check_engine() is not None
 
     def create_environment(self) -> None:
         requirements = requirement_files()
@@ -786,8 +804,9 @@ class LandcoverDock(QgsDockWidget):
                                       "(TensorFlow, onnxruntime, rasterio, ...; about 1 GB download)?")
         if answer != QMessageBox.StandardButton.Yes:
             return
-        self.env_task = CreateEnvTask(create_env_commands(venv, requirements), self._env_done)
+        self.env_task = CreateEnvTask(plan_env(venv, requirements), self._env_done)
         self.env_task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
+        self.env_task.stageChanged.connect(self.status_label.setText)
         self.create_env_button.setEnabled(False)
         self.status_label.setText("Creating the engine environment (see the Landcover log panel)...")
         QgsApplication.taskManager().addTask(self.env_task)

@@ -29,7 +29,7 @@ class HostDialog(QDialog):
         self.key_file.setToolTip("Optional: your private key file for this host, if your ssh agent or config "
                                  "does not already provide it. Only its path is stored.")
         form.addRow("Key file", self.key_file)
-        buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
         buttons.accepted.connect(self.accept)
         buttons.rejected.connect(self.reject)
         form.addRow(buttons)

@@ -18,9 +18,6 @@ from pathlib import Path
 import pytest
 
 PLUGIN = Path(__file__).resolve().parents[2] / "landcover_plugin"
-# The lead is rewriting the dock (issue 18 items 1-8) and scopes its names there;
-# strict, so this marker must go once it passes.
-NOT_YET_SCOPED = {"ui/dock.py"}
 
 
 def plugin_sources() -> list[str]:
@@ -94,9 +91,7 @@ def qt6_problems(source: str) -> list[str]:
     return sorted(set(problems), key=lambda p: int(p.split(":")[0]))
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(
-    strict=True, reason="the lead scopes dock.py's names")) if n in NOT_YET_SCOPED else n
-                                  for n in plugin_sources()])
+@pytest.mark.parametrize("name", plugin_sources())
 def test_every_qt_name_exists_in_pyqt6(name):
     problems = qt6_problems((PLUGIN / name).read_text())
     assert not problems, f"{name}:\n" + "\n".join(problems)

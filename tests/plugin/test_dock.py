@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsSettings, QgsVectorLayer
@@ -81,6 +82,25 @@ def test_missing_engine_shows_the_message_and_the_offer(qgis_iface, no_engine):
         assert dock.run() is None
         assert "engine environment is missing" in dock.status_label.text()
     finally:
+        dock.cleanup()
+        dock.deleteLater()
+
+
+def test_browse_to_an_existing_engine(qgis_iface, no_engine, monkeypatch, tmp_path):
+    from landcover_plugin.core.engine_env import SETTINGS_KEY
+
+    dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
+    try:
+        assert not dock.browse_engine_button.isHidden()
+        monkeypatch.delenv("LANDCOVER_ENGINE_PYTHON")  # the variable would win over the choice
+        assert not dock.browse_to_engine(tmp_path)
+        assert "is not a Python interpreter" in dock.status_label.text() and not QgsSettings().value(SETTINGS_KEY)
+        venv = Path(__file__).resolve().parents[2] / ".venv"
+        assert dock.browse_to_engine(venv), dock.status_label.text()
+        assert QgsSettings().value(SETTINGS_KEY) == str(venv / "bin" / "python")
+        assert dock.create_env_button.isHidden() and dock.browse_engine_button.isHidden()
+    finally:
+        QgsSettings().remove(SETTINGS_KEY)
         dock.cleanup()
         dock.deleteLater()
 

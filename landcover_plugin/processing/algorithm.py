@@ -33,7 +33,7 @@ from ..core.layers import (area_hectares, class_hectares_text, gpkg_layer_names,
 from ..core.print_layout import build_layout, export_map, layer_credit
 from ..core.locate import engine_location
 from ..core.remote_hosts import RemoteHost, load_hosts
-from ..core.sources import ImagerySource, SourceError, raster_layer_source, vector_layer_path, xyz_connections
+from ..core.sources import ImagerySource, SourceError, labels_for_engine, raster_layer_source, xyz_connections
 from ..core.task import summary_text
 
 # Processing's dialog makes every line of the help a paragraph: one line per paragraph.
@@ -232,8 +232,12 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         authentication database go there, never into the pipeline file, argv or a log."""
         try:
             imagery, imagery_crs = self._imagery(parameters, context)
+            out = Path(self.parameterAsFileOutput(parameters, self.OUTPUT, context))
+            if out.suffix.lower() != ".gpkg":
+                out = out.with_suffix(".gpkg")
             labels_layer = self.parameterAsVectorLayer(parameters, self.LABELS, context)
-            labels = vector_layer_path(labels_layer) if labels_layer is not None else None
+            # Exactly the chosen layer: its own layer of a GeoPackage, its filter, its selected features.
+            labels = labels_for_engine(labels_layer, out.with_name(out.stem + "-work")) if labels_layer else None
         except SourceError as exc:
             raise QgsProcessingException(str(exc)) from None
         labels_file = self.parameterAsFile(parameters, self.LABELS_FILE, context)
@@ -241,9 +245,6 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         has_gsd = parameters.get(self.GSD) not in (None, "")
         gsd = self.parameterAsDouble(parameters, self.GSD, context) if has_gsd else None
         aoi, aoi_crs = self._aoi(parameters, context, imagery_crs)
-        out = Path(self.parameterAsFileOutput(parameters, self.OUTPUT, context))
-        if out.suffix.lower() != ".gpkg":
-            out = out.with_suffix(".gpkg")
         labels = labels or (Path(labels_file) if labels_file else None)
         osm = self._osm_labels(parameters, context)
         if osm:  # OSM is the chosen source: the layer, file and model parameters are not used
@@ -253,6 +254,7 @@ class MapFromImageryAlgorithm(QgsProcessingAlgorithm):
         return PipelineFile(
             task=TASK_IDS[self.parameterAsEnum(parameters, self.TASK, context)], aoi=aoi, aoi_crs=aoi_crs,
             imagery=imagery.source, headers=imagery.headers, gsd=gsd if imagery.is_xyz else None,
+            max_zoom=imagery.max_zoom,
             labels=labels, class_field=self.parameterAsString(parameters, self.CLASS_FIELD, context) or None,
             model=Path(model) if model and labels is None else None,
             epochs=self.parameterAsInt(parameters, self.EPOCHS, context), scheduler=job.scheduler_setting(),

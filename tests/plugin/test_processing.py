@@ -127,6 +127,25 @@ def test_labels_from_the_same_choices_as_the_dock(alg, osbs_tif, osbs_csv, tmp_p
     assert spec.labels is None and spec.model == tmp_path / "m.onnx"
 
 
+def test_the_labels_are_exactly_the_chosen_layer(alg, osbs_tif, tmp_path):
+    """A GeoPackage's second layer with a filter: Processing trains on it, as the dock does."""
+    from qgis.core import QgsVectorLayer
+    from test_dock_choices import BLOCKS, _features, _gpkg_layer
+
+    gpkg = tmp_path / "labels.gpkg"
+    _gpkg_layer(gpkg, "other", "&field=id:integer", [(BLOCKS[0], [1])])
+    _gpkg_layer(gpkg, "training_polygons", "&field=label:string",
+                [(BLOCKS[0], ["forest"]), (BLOCKS[1], ["water"])])
+    layer = QgsVectorLayer(f"{gpkg}|layername=training_polygons", "training_polygons", "ogr")
+    layer.setSubsetString("label = 'water'")
+    context = _context()
+    context.project().addMapLayer(layer)
+    params = {"IMAGERY": str(osbs_tif), "LABELS": layer.id(), "CLASS_FIELD": "label", "EXTENT": _extent(osbs_tif),
+              "TASK": 1, "OUTPUT": str(tmp_path / "lc.gpkg")}
+    spec = alg.create().build_spec(params, context)
+    assert spec.labels.parent == tmp_path / "lc-work" and [f["label"] for f in _features(spec.labels)] == ["water"]
+
+
 def test_osm_parameters_become_the_pipeline(alg, osbs_tif, tmp_path):
     context = _context()
     base = {"IMAGERY": str(osbs_tif), "EXTENT": _extent(osbs_tif), "TASK": 1, "OUTPUT": str(tmp_path / "lc.gpkg")}

@@ -146,13 +146,16 @@ def predict_and_export(dock):
         if dock.task is not None and time.monotonic() < deadline:
             QTimer.singleShot(200, wait_done)
             return
-        report["predict_status"] = dock.status_label.text()
-        dock.export_button.click()
-        report["export_status"] = dock.status_label.text()
-        if dock.results is not None:
-            png = dock.results[0].with_name(dock.results[0].stem + "-map.png")
-            if png.exists():
-                shutil.copy(png, SHOT.replace(".png", "-report.png"))
+        try:  # an exception here would open QGIS's modal error dialog and hang the test: record it
+            report["predict_status"] = dock.status_label.text()
+            dock.export_button.click()
+            report["export_status"] = dock.status_label.text()
+            if dock.results is not None:
+                png = dock.results.gpkg.with_name(dock.results.gpkg.stem + "-map.png")
+                if png.exists():
+                    shutil.copy(png, SHOT.replace(".png", "-report.png"))
+        except Exception:
+            report["errors"].append(traceback.format_exc())
         QTimer.singleShot(1000, lambda: report.update(result_shot=shot("result")) or finish())
     wait_done()
 

@@ -32,7 +32,7 @@ def test_desktop_shows_the_dock_and_the_results(tmp_path, osbs_tif, osbs_csv, tr
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)  # its own group: Xvfb and QGIS go together on timeout
     try:
-        output, _ = proc.communicate(timeout=240)
+        output, _ = proc.communicate(timeout=480)  # a training and a prediction run inside, on a shared machine
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         output, _ = proc.communicate()

@@ -184,15 +184,24 @@ def labels_for_engine(layer: QgsVectorLayer, folder: Path) -> Path:
     path = Path(folder) / f"labels-{hashlib.sha256(key.encode()).hexdigest()[:12]}.gpkg"
     if path.exists():
         return path
+    try:
+        write_gpkg(layer, path, "labels", only_selected=bool(selected))
+    except OSError as exc:
+        raise SourceError(f"Layer '{layer.name()}' could not be written for the engine: {exc}") from None
+    return path
+
+
+def write_gpkg(layer: QgsVectorLayer, path: Path, layer_name: str, only_selected: bool = False) -> None:
+    """A layer's features as a one-layer GeoPackage, written whole (a temporary name, then renamed);
+    OSError with QGIS's reason when it cannot be written."""
     path.parent.mkdir(parents=True, exist_ok=True)
     options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName, options.layerName = "GPKG", "labels"
-    options.onlySelectedFeatures = bool(selected)
+    options.driverName, options.layerName = "GPKG", layer_name
+    options.onlySelectedFeatures = only_selected
     partial = path.with_name(f".{path.name}.partial.gpkg")
-    result = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(partial), QgsProject.instance().transformContext(),
-                                                       options)
-    if result[0] != QgsVectorFileWriter.NoError:
+    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(partial),
+                                                                   QgsProject.instance().transformContext(), options)
+    if error != QgsVectorFileWriter.NoError:
         partial.unlink(missing_ok=True)
-        raise SourceError(f"Layer '{layer.name()}' could not be written for the engine: {result[1]}")
+        raise OSError(f"{path}: {message}")
     partial.replace(path)
-    return path

@@ -7,14 +7,15 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsField, QgsGeometry, QgsPointXY, QgsProject,
-                       QgsRectangle, QgsVectorFileWriter, QgsVectorLayer, QgsWkbTypes)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsGeometry, QgsPointXY, QgsProject, QgsRectangle,
+                       QgsVectorLayer, QgsWkbTypes)
 from qgis.gui import QgsMapMouseEvent, QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor
 
 from ..core import job
 from ..core.layers import area_hectares, hectares_text
+from ..core.sources import write_gpkg
 
 
 @dataclass(frozen=True)
@@ -47,23 +48,12 @@ class Area:
 
 
 def write_polygon(geometry: QgsGeometry, crs: QgsCoordinateReferenceSystem, path: Path) -> None:
-    """One polygon in a GeoPackage, written whole (temporary name, then renamed)."""
+    """One polygon in a GeoPackage, written whole."""
     layer = QgsVectorLayer(f"MultiPolygon?crs={crs.authid() or crs.toWkt()}", "area", "memory")
-    layer.dataProvider().addAttributes([QgsField("name", 10)])  # 10: QVariant.String
-    layer.updateFields()
     feature = QgsFeature(layer.fields())
     feature.setGeometry(geometry)
     layer.dataProvider().addFeatures([feature])
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName, options.layerName = "GPKG", "area"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial.gpkg")
-    error = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(partial), QgsProject.instance().transformContext(),
-                                                      options)
-    if error[0] != QgsVectorFileWriter.NoError:
-        partial.unlink(missing_ok=True)
-        raise OSError(f"Cannot write the area to {path}: {error[1]}")
-    partial.replace(path)
+    write_gpkg(layer, path, "area")
 
 
 def layer_extent_area(layer) -> Area:

@@ -8,9 +8,8 @@ import re
 from pathlib import Path
 
 import pytest
-from qgis.core import (QgsCoordinateReferenceSystem, QgsCoordinateTransformContext, QgsFeature, QgsGeometry,
-                       QgsPointXY, QgsProject, QgsRasterLayer, QgsRectangle, QgsSettings, QgsVectorFileWriter,
-                       QgsVectorLayer)
+from qgis.core import (QgsCoordinateReferenceSystem, QgsFeature, QgsGeometry, QgsPointXY, QgsProject,
+                       QgsRasterLayer, QgsRectangle, QgsSettings, QgsVectorLayer)
 from qgis.gui import QgsMapMouseEvent
 from qgis.PyQt.QtCore import QEvent, QPoint, Qt
 
@@ -21,6 +20,8 @@ from landcover_plugin.core.models import describe, keep_model, list_models, next
 from landcover_plugin.core.sources import labels_for_engine
 from landcover_plugin.ui.area import Area
 from landcover_plugin.ui.dock import STATE_GROUP, LandcoverDock
+from test_layers import add_gpkg_layer
+from test_dock import dock  # noqa: F401 (the fixture: a new user's dock, its project saved in tmp_path)
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 
@@ -29,35 +30,9 @@ BLOCKS = ["POLYGON((404215 3285105,404230 3285105,404230 3285120,404215 3285120,
           "POLYGON((404232 3285122,404248 3285122,404248 3285140,404232 3285140,404232 3285122))"]
 
 
-@pytest.fixture
-def dock(qgis_iface, engine_python, qgis_new_project, tmp_path):
-    """A new user's dock, in a project saved in tmp_path (its models and outputs go beside it)."""
-    QgsSettings().remove(STATE_GROUP)
-    QgsProject.instance().setFileName(str(tmp_path / "project.qgz"))
-    dock = LandcoverDock(qgis_iface, qgis_iface.mainWindow())
-    yield dock
-    dock.cleanup()
-    dock.deleteLater()
-    QgsSettings().remove(STATE_GROUP)
-
-
 def _gpkg_layer(gpkg, name: str, fields: str, rows: list[tuple[str, list]]) -> None:
-    """Add a layer of polygons in EPSG:32617 to a GeoPackage (created if needed)."""
-    layer = QgsVectorLayer(f"Polygon?crs=EPSG:32617{fields}", name, "memory")
-    features = []
-    for wkt, values in rows:
-        feature = QgsFeature(layer.fields())
-        feature.setGeometry(QgsGeometry.fromWkt(wkt))
-        feature.setAttributes(values)
-        features.append(feature)
-    layer.dataProvider().addFeatures(features)
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName, options.layerName = "GPKG", name
-    if gpkg.exists():
-        options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
-    error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(gpkg), QgsCoordinateTransformContext(),
-                                                                   options)
-    assert error == QgsVectorFileWriter.NoError, message
+    """Add a layer of polygons (WKT, attributes) in EPSG:32617 to a GeoPackage."""
+    add_gpkg_layer(gpkg, name, f"Polygon?crs=EPSG:32617{fields}", [(values, wkt) for wkt, values in rows])
 
 
 def _features(path) -> list[QgsFeature]:

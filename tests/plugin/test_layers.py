@@ -9,13 +9,18 @@ from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateTransformConte
 from landcover_plugin.core.layers import gpkg_layer_names, load_result_layers
 
 
-def _write(gpkg, uri: str, name: str, wkt: str | None) -> None:
+def add_gpkg_layer(gpkg, name: str, uri: str, rows: list[tuple[list, str | None]]) -> None:
+    """Add a layer (a memory layer's `uri`: geometry, CRS, fields) of rows (attributes, WKT or None)
+    to a GeoPackage, created if needed."""
     layer = QgsVectorLayer(uri, name, "memory")
-    feature = QgsFeature(layer.fields())
-    if wkt:
-        feature.setGeometry(QgsGeometry.fromWkt(wkt))
-    feature.setAttribute(0, "forested")
-    layer.dataProvider().addFeatures([feature])
+    features = []
+    for values, wkt in rows:
+        feature = QgsFeature(layer.fields())
+        feature.setAttributes(values)
+        if wkt:
+            feature.setGeometry(QgsGeometry.fromWkt(wkt))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName, options.layerName = "GPKG", name
     if gpkg.exists():
@@ -23,6 +28,10 @@ def _write(gpkg, uri: str, name: str, wkt: str | None) -> None:
     error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(gpkg), QgsCoordinateTransformContext(),
                                                                    options)
     assert error == QgsVectorFileWriter.NoError, message
+
+
+def _write(gpkg, uri: str, name: str, wkt: str | None) -> None:
+    add_gpkg_layer(gpkg, name, uri, [(["forested"], wkt)])
 
 
 def test_loads_all_layers_with_their_default_style(qgis_new_project, tmp_path):

@@ -5,15 +5,15 @@ import shutil
 from pathlib import Path
 
 import pytest
-from qgis.core import (QgsCategorizedSymbolRenderer, QgsCoordinateTransformContext, QgsFeature, QgsFillSymbol,
-                       QgsGeometry, QgsLayoutItemLabel, QgsLayoutItemLegend, QgsLayoutItemMap, QgsLayoutItemPicture,
-                       QgsLayoutItemScaleBar, QgsProject, QgsRasterLayer, QgsRendererCategory, QgsVectorFileWriter,
-                       QgsVectorLayer)
+from qgis.core import (QgsCategorizedSymbolRenderer, QgsFillSymbol, QgsLayoutItemLabel, QgsLayoutItemLegend,
+                       QgsLayoutItemMap, QgsLayoutItemPicture, QgsLayoutItemScaleBar, QgsProject, QgsRasterLayer,
+                       QgsRendererCategory, QgsVectorLayer)
 from qgis.PyQt.QtGui import QColor, QImage
 
 from landcover_plugin.contract.names import OSM_ATTRIBUTION
 from landcover_plugin.core.layers import load_result_layers
 from landcover_plugin.core.print_layout import PAGE_H, PAGE_W, build_layout, export_map
+from test_layers import add_gpkg_layer
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 FOREST = (230, 0, 230)  # a colour no imagery has, to find the class in the PNG
@@ -38,22 +38,7 @@ def _result_gpkg(folder: Path, imagery: QgsRasterLayer) -> Path:
          [([0.9], f"POINT({x0 + w * 0.7} {y0 + h * 0.7})"), ([0.8], f"POINT({x0 + w * 0.8} {y0 + h * 0.8})")]),
     ]
     for name, uri, rows in layers:
-        layer = QgsVectorLayer(uri, name, "memory")
-        features = []
-        for values, wkt in rows:
-            feature = QgsFeature(layer.fields())
-            feature.setAttributes(values)
-            if wkt:
-                feature.setGeometry(QgsGeometry.fromWkt(wkt))
-            features.append(feature)
-        layer.dataProvider().addFeatures(features)
-        options = QgsVectorFileWriter.SaveVectorOptions()
-        options.driverName, options.layerName = "GPKG", name
-        if gpkg.exists():
-            options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
-        error, message, *_ = QgsVectorFileWriter.writeAsVectorFormatV3(layer, str(gpkg),
-                                                                       QgsCoordinateTransformContext(), options)
-        assert error == QgsVectorFileWriter.NoError, message
+        add_gpkg_layer(gpkg, name, uri, rows)
     styled = QgsVectorLayer(f"{gpkg}|layername=landcover", "landcover", "ogr")
     categories = [QgsRendererCategory("forest", QgsFillSymbol.createSimple(
                       {"color": ",".join(map(str, FOREST)), "outline_style": "no"}), "forest"),

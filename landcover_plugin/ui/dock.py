@@ -520,6 +520,7 @@ class LandcoverDock(QgsDockWidget):
                 self.model_combo: not training, self.epochs_spin: training, self.train_on_row: training}
         self._hidden = {widget for widget, shown in rows.items() if not shown}
         self._relayout()
+        self.retrain_button.setVisible(task == "trees")  # corrections are crowns
 
     def _fill_presets(self, *_args) -> None:
         """The presets that fit the task; the task's namesake (first) is chosen."""
@@ -594,6 +595,7 @@ class LandcoverDock(QgsDockWidget):
         self._start_tool(self.map_tool, "Drag a rectangle on the map.")
 
     def start_polygon(self) -> None:
+        self._reviewing = False
         self._start_tool(self.polygon_tool, "Click the polygon's corners on the map; right-click to close it.")
 
     def set_area(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem | None = None) -> None:

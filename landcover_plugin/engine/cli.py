@@ -208,12 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectorization block in pixels (default 2048; memory stays flat with the area)")
     p.add_argument("--nir-band", type=int, help="trees: 1-based imagery band holding near infrared (NDVI)")
     h = HealthThresholds()
-    p.add_argument("--vari-stressed", type=number, default=h.vari_stressed,
-                   help=f"trees: crowns with mean VARI below this are stressed (default {h.vari_stressed})")
-    p.add_argument("--vari-dead", type=number, default=h.vari_dead, help=f"... and below this dead (default {h.vari_dead})")
-    p.add_argument("--ndvi-stressed", type=number, default=h.ndvi_stressed,
-                   help=f"trees with a NIR band: NDVI below this is stressed (default {h.ndvi_stressed})")
-    p.add_argument("--ndvi-dead", type=number, default=h.ndvi_dead, help=f"... and below this dead (default {h.ndvi_dead})")
+    stand = (f"default: relative to the stand, {h.stand_stressed_sd:g} (dead: {h.stand_dead_sd:g}) robust standard "
+             "deviations below its median")
+    p.add_argument("--vari-stressed", type=number,
+                   help=f"trees: crowns with mean greenness (VARI) below this are stressed ({stand})")
+    p.add_argument("--vari-dead", type=number, help="... and below this dead")
+    p.add_argument("--ndvi-stressed", type=number, help="trees with a NIR band: NDVI below this is stressed (default: "
+                   "relative to the stand)")
+    p.add_argument("--ndvi-dead", type=number, help="... and below this dead")
     p.add_argument("--dead-prob", type=number, default=h.dead_prob,
                    help=f"trees, models with a dead channel: mean dead probability of a dead crown (default {h.dead_prob})")
     p.add_argument("--no-orchard", action="store_true", help="trees: skip the planting grid and missing trees")

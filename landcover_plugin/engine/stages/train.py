@@ -61,6 +61,8 @@ class TrainParams:
     encoder_weights: Path | None = None  # local ImageNet weights file for the encoder (never downloaded)
     family: str = "auto"  # one of FAMILIES
     bands: str | None = None  # band roles for the forest's indices, e.g. "blue=1,green=2,red=3,nir=4,swir1=5"
+    copy_paste: float = 0.0  # trees: share of training samples given crowns pasted from other chips (augment.py)
+    border_weight: float = 0.0  # trees: extra loss weight on the pixels of crown borders (losses.py)
 
 
 FAMILIES = ("auto", "unet", "forest")
@@ -111,16 +113,23 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
 
 def _tuned_post(y_val, val_pred, resolution_m: float) -> dict:
     """The crown post-processing (threshold, seed distance, smallest crown) with the best
-    crown F1 on the validation chips, stored in the model; {} without validation crowns."""
+    crown F1 on the validation chips, and the crowns' confidence calibrated on them (its
+    decoded crowns' mean probabilities against which matched), stored in the model; {}
+    without validation crowns."""
+    import numpy as np
+
     from ...contract.names import IGNORE
-    from ..vector.crown_metrics import truth_boxes_from_mask, tune_post
+    from ..vector.confidence import fit_calibration
+    from ..vector.crown_metrics import crown_confidences, truth_boxes_from_mask, tune_post
 
     truths = [truth_boxes_from_mask(y.transpose(2, 0, 1)) for y in y_val]
     if not any(truths):
         return {}
-    post, score = tune_post([(p[..., 0], p[..., 1], y[..., 0] != IGNORE) for p, y in zip(val_pred, y_val)],
-                            truths, resolution_m)
-    return {**post, "val_crown_f1_tuned": score.f1}
+    predictions = [(p[..., 0], p[..., 1], y[..., 0] != IGNORE) for p, y in zip(val_pred, y_val)]
+    post, score = tune_post(predictions, truths, resolution_m)
+    probs, matched = zip(*(crown_confidences(p, t, post, resolution_m) for p, t in zip(predictions, truths)))
+    scale, shift = fit_calibration(np.concatenate(probs), np.concatenate(matched))
+    return {**post, "val_crown_f1_tuned": score.f1, "confidence_scale": scale, "confidence_shift": shift}
 
 
 def can_resume(params: TrainParams) -> bool:

@@ -166,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", metavar="ROLE=BAND,...",
                    help="band roles for the forest's spectral indices (NDVI, NDWI, NDBI), e.g. "
                    "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6 (roles: blue green red nir swir1 swir2)")
+    p.add_argument("--copy-paste", type=number, metavar="SHARE",
+                   help="trees: add SHARE x the training chips as chips with labelled crowns of other chips "
+                   "pasted in (few-shot augmentation)")
+    p.add_argument("--border-weight", type=number,
+                   help="trees: extra loss weight on crown borders (keeps touching crowns apart)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="model folder to write (or in --config)")
     p.add_argument("--remote", metavar="HOST", help="train on this ssh host (set up with `landcover remote "
@@ -333,7 +338,7 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
 
         options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
                                                  "learning_rate", "freeze_encoder", "resume", "encoder",
-                                                 "encoder_weights", "family", "bands")}
+                                                 "encoder_weights", "family", "bands", "copy_paste", "border_weight")}
         if not args.config and (args.dataset is None or args.out is None):
             raise EngineError("BAD_PARAMS", "train needs --dataset and --out.",
                               "Give both, or a --config file that names them.")

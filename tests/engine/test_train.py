@@ -312,6 +312,8 @@ def test_bad_inputs_each_get_a_clear_error(trees_dataset, landcover_dataset, tre
 
     four = copy_dataset(trees_dataset, tmp_path / "four", band_count=4)
     assert code_of(four, base=trees_model[0]) == "BASE_MISMATCH"
+    coarse = copy_dataset(trees_dataset, tmp_path / "coarse", resolution_m=0.3)  # crowns a third of the size
+    assert code_of(coarse, base=trees_model[0]) == "BASE_MISMATCH"
 
     corrupt = copy_dataset(trees_dataset, tmp_path / "corrupt")
     first_train = next(c for c in json.loads((corrupt / "dataset.json").read_text())["chips"] if c["split"] == "train")

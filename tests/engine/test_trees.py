@@ -42,7 +42,7 @@ def health_scene(size: int = 260, crowns=CROWNS) -> np.ndarray:
     return bands
 
 
-def health_model(path, dead_channel: bool, nir_band: int | None = None):
+def health_model(path, dead_channel: bool, nir_band: int | None = None, **info_fields):
     """Passes bands 5-7 (or 5-6) through as the model's output."""
     c_out = 3 if dead_channel else 2
     weights = np.zeros((c_out, 7, 1, 1))
@@ -50,7 +50,7 @@ def health_model(path, dead_channel: bool, nir_band: int | None = None):
         weights[k, 4 + k] = 1.0
     info = ModelInfo(task="trees", class_names=["crown", "dead"] if dead_channel else ["crown"], class_colors=[],
                      band_count=7, resolution_m=PIXEL, tile_size=64, tile_overlap=8, input_scale=255.0,
-                     mean=[0.0] * 7, std=[1.0] * 7, nir_band=nir_band)
+                     mean=[0.0] * 7, std=[1.0] * 7, nir_band=nir_band, **info_fields)
     return conv_model(path, weights, np.zeros(c_out), info)
 
 
@@ -81,6 +81,17 @@ def test_health_and_status_from_rgb_and_dead_channel(tmp_path):
     assert {p["status"] for _, p in read_layer(out, "trees")} == {"healthy", "stressed", "dead"}
     # three trees are no planting grid: no empty orchard layers
     assert set(fiona.listlayers(out)) == {"crowns", "trees", "layer_styles"}
+
+
+def test_confidence_is_the_mean_probability_as_the_model_calibrated_it(tmp_path):
+    transform = from_origin(400000, 3300000, PIXEL, PIXEL)
+    raster = write_raster(tmp_path / "scene.tif", health_scene(), transform)
+    for name, fields, expected in (("raw", {}, 0.9), ("calibrated", {"confidence_scale": 0.5, "confidence_shift": -1.0},
+                                                        1 / (1 + math.exp(-(0.5 * math.log(9) - 1))))):
+        out = tmp_path / f"{name}.gpkg"
+        predict(PredictParams(model=health_model(tmp_path / f"{name}.onnx", dead_channel=False, **fields),
+                              imagery=raster, out=out), json_reporter())
+        assert [p["confidence"] for _, p in read_layer(out, "crowns")] == pytest.approx([expected] * 3, abs=0.01)
 
 
 def test_status_is_relative_to_the_stand_by_default(tmp_path):

@@ -92,7 +92,8 @@ def params_from_config(path: Path | None, **overrides) -> TrainParams:
                           "Give --dataset and --out, or put them in the config file.")
     # A YAML value of the wrong kind ("epochs: ten") would fail deep in training.
     kinds = {"epochs": int, "batch_size": int, "seed": int, "patience": int, "width": int, "depth": int,
-             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool, "family": str, "bands": str}
+             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool, "family": str, "bands": str,
+             "copy_paste": (int, float), "border_weight": (int, float)}
     wrong = sorted(k for k, kind in kinds.items() if data.get(k) is not None
                    and (not isinstance(data[k], kind) or (kind is not bool and isinstance(data[k], bool))))
     if wrong:
@@ -108,7 +109,8 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
     return {"dataset_hash": manifest_hash, "task": params.task, "base": str(params.base), "seed": params.seed,
             "batch_size": params.batch_size, "learning_rate": params.learning_rate,
             "freeze_encoder": params.freeze_encoder, "width": params.width, "depth": params.depth,
-            "encoder": params.encoder, "encoder_weights": str(params.encoder_weights)}
+            "encoder": params.encoder, "encoder_weights": str(params.encoder_weights),
+            "copy_paste": params.copy_paste, "border_weight": params.border_weight}
 
 
 def _tuned_post(y_val, val_pred, resolution_m: float) -> dict:
@@ -332,7 +334,14 @@ def train_unet(params: TrainParams, manifest: Manifest, reporter: Reporter) -> S
         _warn_missing(class_names, y_train, reporter)
     weights = class_weights(y_train, len(class_names)) if task != "trees" else None
     optimizer = keras.optimizers.Adam(rate)
-    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only), metrics=[make_metric(task)])
+    if task == "trees" and params.copy_paste > 0 and not centres_only:
+        from ..learn.augment import paste_crowns
+
+        n = len(x_train)
+        x_train, y_train = paste_crowns(x_train, y_train, params.copy_paste, params.seed)
+        reporter.log(f"copy-paste: {len(x_train) - n} training samples with crowns pasted from other chips")
+    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only, params.border_weight),
+                  metrics=[make_metric(task)])
 
     manifest_hash = dataset_hash(params.dataset)
     fingerprint = _fingerprint(params, manifest_hash)

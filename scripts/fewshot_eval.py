@@ -34,7 +34,8 @@ from train_trees_base import IMAGES, RESOLUTION, WORK, merge, predict_image, pre
 from landcover_plugin.engine.learn.model_package import read_info  # noqa: E402
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset  # noqa: E402
 from landcover_plugin.engine.stages.train import TrainParams, train  # noqa: E402
-from landcover_plugin.engine.vector.crown_metrics import CrownScore, score_post  # noqa: E402
+from landcover_plugin.engine.vector.confidence import calibrate  # noqa: E402
+from landcover_plugin.engine.vector.crown_metrics import CrownScore, crown_confidences, score_post  # noqa: E402
 
 CUT = {"OSBS_029": 0.5, "SOAP_061": 0.5, "YELL_541000_4977000": 0.7}  # YELL: ~200 of its 279 crowns labelled
 CHIP = 128
@@ -75,9 +76,19 @@ def stored_post(model: Path) -> dict:
     return {"threshold": info.threshold, "seed_distance_m": info.seed_distance_m, "min_crown_m2": info.min_crown_m2}
 
 
-def score(model: Path, tif: Path, boxes: list) -> CrownScore:
+def score(model: Path, tif: Path, boxes: list) -> tuple[CrownScore, dict]:
+    """The crown score on the test part, and how the crowns' confidence (as predict writes
+    it) separates right from wrong: the precision of crowns at or above 0.5 and below."""
     values, valid = predict_image(model, tif)
-    return score_post((values[0], values[1], valid), boxes, stored_post(model), RESOLUTION)
+    prediction, post, info = (values[0], values[1], valid), stored_post(model), read_info(model)
+    probs, matched = crown_confidences(prediction, boxes, post, RESOLUTION)
+    conf = calibrate(probs, info.confidence_scale, info.confidence_shift)
+    hi, lo = matched[conf >= 0.5], matched[conf < 0.5]
+    separation = {"conf_min": round(float(conf.min()), 3) if len(conf) else None,
+                  "conf_max": round(float(conf.max()), 3) if len(conf) else None,
+                  "high_conf_crowns": len(hi), "high_conf_precision": round(float(hi.mean()), 3) if len(hi) else None,
+                  "low_conf_crowns": len(lo), "low_conf_precision": round(float(lo.mean()), 3) if len(lo) else None}
+    return score_post(prediction, boxes, post, RESOLUTION), separation
 
 
 def fold_model(held: str, single: dict, reporter) -> Path:
@@ -122,7 +133,8 @@ def main() -> None:
         base = fold_model(name, single, quiet())
         row = results.setdefault(name, {})
         row["labelled_crowns"], row["test_crowns"] = len(labelled), len(test_boxes)
-        row["base"] = score(base, folder / "test.tif", test_boxes).as_dict("")
+        s, separation = score(base, folder / "test.tif", test_boxes)
+        row["base"] = s.as_dict("") | separation
         for recipe in args.recipes.split(","):
             out = folder / f"model_{recipe}_s{args.seed}"
             if not (args.reuse and (out / "model.onnx").is_file()):
@@ -133,8 +145,8 @@ def main() -> None:
                 epochs = result.summary["epochs"]
             else:
                 epochs = None
-            s = score(out, folder / "test.tif", test_boxes)
-            row[f"{recipe}_s{args.seed}"] = s.as_dict("") | {"epochs": epochs}
+            s, separation = score(out, folder / "test.tif", test_boxes)
+            row[f"{recipe}_s{args.seed}"] = s.as_dict("") | {"epochs": epochs} | separation
             print(f"{name} {recipe} seed {args.seed}: F1 {s.f1:.3f} P {s.precision:.3f} R {s.recall:.3f} "
                   f"(base F1 {row['base']['f1']:.3f}; epochs {epochs})", flush=True)
         results_file.write_text(json.dumps(results, indent=1))

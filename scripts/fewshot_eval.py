@@ -47,6 +47,7 @@ RECIPES = {
     "long_lr3": dict(epochs=60, learning_rate=3e-4, copy_paste=0.0, border_weight=0.0),
     "paste": dict(epochs=60, learning_rate=3e-4, copy_paste=0.5, border_weight=0.0),
     "border": dict(epochs=60, learning_rate=3e-4, copy_paste=0.0, border_weight=2.0),
+    "long_paste": dict(epochs=60, learning_rate=1e-4, copy_paste=0.5, border_weight=0.0),
 }
 
 

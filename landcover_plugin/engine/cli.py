@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=Path, help="model folder, .onnx beside model.keras, or shipped model name "
                    "(e.g. trees-base) to fine-tune from")
     p.add_argument("--config", type=Path, help="YAML/JSON file of train options (options given here win)")
-    p.add_argument("--epochs", type=int, help="default 20")
+    p.add_argument("--epochs", type=int, help="default 20; fine-tuning trees (--base): 60, with early stopping")
     p.add_argument("--batch-size", type=int, help="default 8; 0 picks it from free GPU memory")
     p.add_argument("--learning-rate", type=number, help="default 1e-3, or 1e-4 with --base")
     p.add_argument("--freeze-encoder", action="store_true", default=None,
@@ -168,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6 (roles: blue green red nir swir1 swir2)")
     p.add_argument("--copy-paste", type=number, metavar="SHARE",
                    help="trees: add SHARE x the training chips as chips with labelled crowns of other chips "
-                   "pasted in (few-shot augmentation)")
+                   "pasted in (few-shot augmentation; default 0, fine-tuning trees 0.5)")
     p.add_argument("--border-weight", type=number,
-                   help="trees: extra loss weight on crown borders (keeps touching crowns apart)")
+                   help="trees: extra loss weight on crown borders, to keep touching crowns apart (default 0)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="model folder to write (or in --config)")
     p.add_argument("--remote", metavar="HOST", help="train on this ssh host (set up with `landcover remote "

@@ -68,3 +68,15 @@ def test_the_border_weight_makes_border_errors_cost_more():
     gain_border = border_loss(wrong_border, truth, 4.0) / border_loss(wrong_border, truth, 0.0)
     gain_inside = border_loss(wrong_inside, truth, 4.0) / border_loss(wrong_inside, truth, 0.0)
     assert gain_border > 1.0 > gain_inside
+
+
+def test_fine_tuning_trees_takes_the_few_shot_recipe_unless_told_otherwise():
+    from landcover_plugin.engine.stages.train import DEFAULTS, FEW_SHOT, TrainParams, resolved
+
+    plain = TrainParams(dataset=Path("ds"), out=Path("m"))
+    tuned = TrainParams(dataset=Path("ds"), out=Path("m"), base=Path("trees-base"))
+    assert {k: getattr(resolved(tuned, "trees"), k) for k in FEW_SHOT} == FEW_SHOT
+    assert {k: getattr(resolved(plain, "trees"), k) for k in DEFAULTS} == DEFAULTS
+    assert {k: getattr(resolved(tuned, "landcover"), k) for k in DEFAULTS} == DEFAULTS
+    mine = resolved(TrainParams(dataset=Path("ds"), out=Path("m"), base=Path("b"), epochs=3, copy_paste=0.0), "trees")
+    assert (mine.epochs, mine.copy_paste) == (3, 0.0)  # the user's options win

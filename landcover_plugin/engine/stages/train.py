@@ -48,7 +48,7 @@ class TrainParams:
     out: Path
     task: str | None = None  # default: the dataset's task
     base: Path | None = None  # model folder to fine-tune from
-    epochs: int = 20
+    epochs: int | None = None  # default: DEFAULTS, or FEW_SHOT when fine-tuning trees
     batch_size: int = 8  # 0: pick from free GPU memory (8 on the CPU)
     seed: int = 0
     learning_rate: float | None = None  # default: 1e-3 from scratch, 1e-4 fine-tuning
@@ -61,11 +61,21 @@ class TrainParams:
     encoder_weights: Path | None = None  # local ImageNet weights file for the encoder (never downloaded)
     family: str = "auto"  # one of FAMILIES
     bands: str | None = None  # band roles for the forest's indices, e.g. "blue=1,green=2,red=3,nir=4,swir1=5"
-    copy_paste: float = 0.0  # trees: share of training samples given crowns pasted from other chips (augment.py)
-    border_weight: float = 0.0  # trees: extra loss weight on the pixels of crown borders (losses.py)
+    copy_paste: float | None = None  # trees: share of extra samples with crowns pasted from other chips (augment.py)
+    border_weight: float | None = None  # trees: extra loss weight on the pixels of crown borders (losses.py)
 
 
 FAMILIES = ("auto", "unet", "forest")
+DEFAULTS = {"epochs": 20, "copy_paste": 0.0, "border_weight": 0.0}
+# Fine-tuning a trees model on a few hundred crowns (issue 19's few-shot recipe): the
+# options left open take these. Measured with scripts/fewshot_eval.py (README, "Few-shot").
+FEW_SHOT = {"epochs": 60, "copy_paste": 0.5, "border_weight": 0.0}
+
+
+def resolved(params: TrainParams, task: str) -> TrainParams:
+    """The options left open (None) filled in: the few-shot recipe when fine-tuning trees."""
+    recipe = FEW_SHOT if task == "trees" and params.base else DEFAULTS
+    return replace(params, **{k: v for k, v in recipe.items() if getattr(params, k) is None})
 
 
 def params_from_config(path: Path | None, **overrides) -> TrainParams:
@@ -141,8 +151,9 @@ def can_resume(params: TrainParams) -> bool:
 
     try:
         state = json.loads((checkpoint_dir(params.out) / STATE).read_text())
+        params = resolved(params, params.task or Manifest.read(params.dataset).task)
         return state.get("fingerprint") == _fingerprint(params, dataset_hash(params.dataset))
-    except (OSError, ValueError):
+    except (OSError, ValueError, EngineError):
         return False
 
 
@@ -153,6 +164,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if task not in TASK_IDS or task != manifest.task:
         raise EngineError("BAD_TASK", f"Cannot train a '{task}' model on a '{manifest.task}' dataset.",
                           f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASK_IDS)}).")
+    params = resolved(params, task)
     family = _family(params, task)
     if family == "forest":
         return train_forest(params, manifest, reporter)

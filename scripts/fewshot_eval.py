@@ -41,13 +41,15 @@ CUT = {"OSBS_029": 0.5, "SOAP_061": 0.5, "YELL_541000_4977000": 0.7}  # YELL: ~2
 CHIP = 128
 # Fine-tuning options of each named recipe (TrainParams fields), on top of the base.
 RECIPES = {
-    "default": dict(epochs=20, learning_rate=1e-4, copy_paste=0.0, border_weight=0.0),
-    "recipe": dict(),  # today's TrainParams defaults for fine-tuning trees
+    "default": dict(epochs=20, learning_rate=1e-4, copy_paste=0.0, border_weight=0.0),  # before issue 19
+    "recipe": dict(),  # today's defaults for fine-tuning trees (stages/train.py FEW_SHOT)
     "long": dict(epochs=60, learning_rate=1e-4, copy_paste=0.0, border_weight=0.0),
     "long_lr3": dict(epochs=60, learning_rate=3e-4, copy_paste=0.0, border_weight=0.0),
     "paste": dict(epochs=60, learning_rate=3e-4, copy_paste=0.5, border_weight=0.0),
     "border": dict(epochs=60, learning_rate=3e-4, copy_paste=0.0, border_weight=2.0),
     "long_paste": dict(epochs=60, learning_rate=1e-4, copy_paste=0.5, border_weight=0.0),
+    "paste_more": dict(epochs=100, learning_rate=3e-4, copy_paste=1.0, border_weight=0.0),
+    "paste_border": dict(epochs=60, learning_rate=3e-4, copy_paste=0.5, border_weight=2.0),
 }
 
 

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML/JSON file of train options (options given here win)")
     p.add_argument("--epochs", type=int, help="default 20; fine-tuning trees (--base): 60, with early stopping")
     p.add_argument("--batch-size", type=int, help="default 8; 0 picks it from free GPU memory")
-    p.add_argument("--learning-rate", type=number, help="default 1e-3, or 1e-4 with --base")
+    p.add_argument("--learning-rate", type=number, help="default 1e-3, or 1e-4 with --base (3e-4 fine-tuning trees)")
     p.add_argument("--freeze-encoder", action="store_true", default=None,
                    help="with --base or --encoder-weights: train the decoder only")
     p.add_argument("--encoder", choices=("unet", "mobilenetv2"),

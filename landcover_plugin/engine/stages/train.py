@@ -69,7 +69,7 @@ FAMILIES = ("auto", "unet", "forest")
 DEFAULTS = {"epochs": 20, "copy_paste": 0.0, "border_weight": 0.0}
 # Fine-tuning a trees model on a few hundred crowns (issue 19's few-shot recipe): the
 # options left open take these. Measured with scripts/fewshot_eval.py (README, "Few-shot").
-FEW_SHOT = {"epochs": 60, "copy_paste": 0.5, "border_weight": 0.0}
+FEW_SHOT = {"epochs": 60, "learning_rate": 3e-4, "copy_paste": 0.5, "border_weight": 0.0}
 
 
 def resolved(params: TrainParams, task: str) -> TrainParams:

@@ -146,8 +146,8 @@ def main() -> None:
                 result = train(TrainParams(dataset=ds, out=out, base=base, seed=args.seed, **RECIPES[recipe]),
                                quiet())
                 epochs = result.summary["epochs"]
-            else:
-                epochs = None
+            else:  # re-scored: the epochs its training ran, as recorded then
+                epochs = row.get(f"{recipe}_s{args.seed}", {}).get("epochs")
             s, separation = score(out, folder / "test.tif", test_boxes)
             row[f"{recipe}_s{args.seed}"] = s.as_dict("") | {"epochs": epochs} | separation
             print(f"{name} {recipe} seed {args.seed}: F1 {s.f1:.3f} P {s.precision:.3f} R {s.recall:.3f} "

@@ -25,8 +25,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_trees_base import IMAGES, RESOLUTION, WORK, merge, predict_image, prepare, quiet  # noqa: E402
@@ -47,7 +45,6 @@ RECIPES = {
     "long_lr3": dict(epochs=60, learning_rate=3e-4, copy_paste=0.0, border_weight=0.0),
     "paste": dict(epochs=60, learning_rate=3e-4, copy_paste=0.5, border_weight=0.0),
     "border": dict(epochs=60, learning_rate=3e-4, copy_paste=0.0, border_weight=2.0),
-    "long_paste": dict(epochs=60, learning_rate=1e-4, copy_paste=0.5, border_weight=0.0),
     "paste_more": dict(epochs=100, learning_rate=3e-4, copy_paste=1.0, border_weight=0.0),
     "paste_border": dict(epochs=60, learning_rate=3e-4, copy_paste=0.5, border_weight=2.0),
 }

@@ -37,7 +37,9 @@ from landcover_plugin.engine.learn.model_package import read_info, write_metadat
 from landcover_plugin.engine.learn.peer_export import write_peer_model  # noqa: E402
 from landcover_plugin.engine.stages.dataset import DatasetParams, build_dataset  # noqa: E402
 from landcover_plugin.engine.stages.train import TrainParams, train  # noqa: E402
-from landcover_plugin.engine.vector.crown_metrics import CrownScore, score_post, tune_post  # noqa: E402
+from landcover_plugin.engine.vector.confidence import fit_calibration  # noqa: E402
+from landcover_plugin.engine.vector.crown_metrics import (CrownScore, crown_confidences, score_post,  # noqa: E402
+                                                          tune_post)
 
 DATA = ROOT / "data" / "deepforest"
 WORK = ROOT / "data" / "trees-base"
@@ -237,11 +239,16 @@ def main() -> None:
     ds = merge(list(single.values()), WORK / "datasets" / "all")
     if not (args.reuse and (args.out / "model.onnx").is_file()):
         fit(args, ds, args.out, reporter)
-    # The shipped model carries the post-processing tuned on all three images.
-    post = tune([predict_image(args.out, p[0]) for p in prepared.values()], [p[2] for p in prepared.values()])
+    # The shipped model carries the post-processing tuned on all three images, and its crowns'
+    # confidence calibrated on them (vector/confidence.py).
+    predictions = [predict_image(args.out, p[0]) for p in prepared.values()]
+    post = tune(predictions, [p[2] for p in prepared.values()])
     info = read_info(args.out)
     info.threshold, info.seed_distance_m, info.min_crown_m2 = post["threshold"], post["seed_distance_m"], \
         post["min_crown_m2"]
+    probs, matched = zip(*(crown_confidences((v[0], v[1], valid), p[2], post, RESOLUTION)
+                           for (v, valid), p in zip(predictions, prepared.values())))
+    info.confidence_scale, info.confidence_shift = fit_calibration(np.concatenate(probs), np.concatenate(matched))
     write_metadata(args.out / "model.onnx", info)
     write_peer_model(args.out / "model.onnx", info, args.out)  # its threshold is in the peers' copy too
     config_file = args.out / "train_config.json"  # paths relative to the repository: it ships

@@ -147,9 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", type=Path, help="model folder, .onnx beside model.keras, or shipped model name "
                    "(e.g. trees-base) to fine-tune from")
     p.add_argument("--config", type=Path, help="YAML/JSON file of train options (options given here win)")
-    p.add_argument("--epochs", type=int, help="default 20")
+    p.add_argument("--epochs", type=int, help="default 20; fine-tuning trees (--base): 60, with early stopping")
     p.add_argument("--batch-size", type=int, help="default 8; 0 picks it from free GPU memory")
-    p.add_argument("--learning-rate", type=number, help="default 1e-3, or 1e-4 with --base")
+    p.add_argument("--learning-rate", type=number, help="default 1e-3, or 1e-4 with --base (3e-4 fine-tuning trees)")
     p.add_argument("--freeze-encoder", action="store_true", default=None,
                    help="with --base or --encoder-weights: train the decoder only")
     p.add_argument("--encoder", choices=("unet", "mobilenetv2"),
@@ -167,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bands", metavar="ROLE=BAND,...",
                    help="band roles for the forest's spectral indices (NDVI, NDWI, NDBI), e.g. "
                    "blue=1,green=2,red=3,nir=4,swir1=5,swir2=6 (roles: blue green red nir swir1 swir2)")
+    p.add_argument("--copy-paste", type=number, metavar="SHARE",
+                   help="trees: add SHARE x the training chips as chips with labelled crowns of other chips "
+                   "pasted in (few-shot augmentation; default 0, fine-tuning trees 0.5)")
+    p.add_argument("--border-weight", type=number,
+                   help="trees: extra loss weight on crown borders, to keep touching crowns apart (default 0)")
     p.add_argument("--seed", type=int, help="default 0")
     p.add_argument("--out", type=Path, help="model folder to write (or in --config)")
     p.add_argument("--remote", metavar="HOST", help="train on this ssh host (set up with `landcover remote "
@@ -209,12 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vectorization block in pixels (default 2048; memory stays flat with the area)")
     p.add_argument("--nir-band", type=int, help="trees: 1-based imagery band holding near infrared (NDVI)")
     h = HealthThresholds()
-    p.add_argument("--vari-stressed", type=number, default=h.vari_stressed,
-                   help=f"trees: crowns with mean VARI below this are stressed (default {h.vari_stressed})")
-    p.add_argument("--vari-dead", type=number, default=h.vari_dead, help=f"... and below this dead (default {h.vari_dead})")
-    p.add_argument("--ndvi-stressed", type=number, default=h.ndvi_stressed,
-                   help=f"trees with a NIR band: NDVI below this is stressed (default {h.ndvi_stressed})")
-    p.add_argument("--ndvi-dead", type=number, default=h.ndvi_dead, help=f"... and below this dead (default {h.ndvi_dead})")
+    stand = (f"default: relative to the stand, {h.stand_stressed_sd:g} (dead: {h.stand_dead_sd:g}) robust standard "
+             "deviations below its median")
+    p.add_argument("--vari-stressed", type=number,
+                   help=f"trees: crowns with mean greenness (VARI) below this are stressed ({stand})")
+    p.add_argument("--vari-dead", type=number, help="... and below this dead")
+    p.add_argument("--ndvi-stressed", type=number, help="trees with a NIR band: NDVI below this is stressed (default: "
+                   "relative to the stand)")
+    p.add_argument("--ndvi-dead", type=number, help="... and below this dead")
     p.add_argument("--dead-prob", type=number, default=h.dead_prob,
                    help=f"trees, models with a dead channel: mean dead probability of a dead crown (default {h.dead_prob})")
     p.add_argument("--no-orchard", action="store_true", help="trees: skip the planting grid and missing trees")
@@ -332,7 +339,7 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
 
         options = {k: getattr(args, k) for k in ("dataset", "out", "task", "base", "epochs", "batch_size", "seed",
                                                  "learning_rate", "freeze_encoder", "resume", "encoder",
-                                                 "encoder_weights", "family", "bands")}
+                                                 "encoder_weights", "family", "bands", "copy_paste", "border_weight")}
         if not args.config and (args.dataset is None or args.out is None):
             raise EngineError("BAD_PARAMS", "train needs --dataset and --out.",
                               "Give both, or a --config file that names them.")

@@ -86,12 +86,22 @@ def test_natural_forest_has_no_grid_and_no_missing_trees():
     result = orchard_layers(rows_of(pts + [400000, 3300000]), UTM)
     assert result.missing == 0 and result.grids == 0
     assert "No planting grid" in result.message
-    assert all(r["grid"] == 0 and r["row_bearing_deg"] is None for _, r in result.layers[1].rows)
+    assert result.layers == []  # a natural stand gets no empty orchard layers
+
+
+def test_only_the_planted_block_is_an_orchard():
+    rng = np.random.default_rng(5)
+    planted, _ = orchard(rng, 20.0, 10, 4.0, 6.0)
+    wild = rng.uniform(0, 80, (150, 2))
+    wild = wild[np.linalg.norm(wild[:, None] - wild[None], axis=2).__add__(np.eye(len(wild)) * 99).min(axis=1) > 2.5]
+    result = orchard_layers(rows_of(np.concatenate([planted, wild + [400500, 3300000]])), UTM)
+    (_, block), = result.layers[1].rows
+    assert result.grids == 1 and block["trees"] == len(planted)
 
 
 def test_too_few_trees_and_geographic_crs():
     assert orchard_layers([], UTM).missing == 0
-    assert orchard_layers(rows_of(np.array([[0.0, 0.0], [4.0, 0.0]])), UTM).layers[1].rows == []
+    assert orchard_layers(rows_of(np.array([[0.0, 0.0], [4.0, 0.0]])), UTM).layers == []
     # a grid given in degrees: found and measured in metres
     rng = np.random.default_rng(1)
     standing, missing = orchard(rng, 45.0, 10, 4.0, 6.0, origin=(0.0, 0.0))

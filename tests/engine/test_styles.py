@@ -107,7 +107,8 @@ def styled_gpkg(tmp_path) -> Path:
         Layer("landcover", "MultiPolygon", {"class": "str", "area_m2": "float"},
               [(square, {"class": "forest", "area_m2": 100.0})]),
         Layer("class_stats", None, {"class": "str", "hectares": "float"}, [(None, {"class": "forest", "hectares": 0.01})]),
-        Layer("crowns", "MultiPolygon", {"tree_id": "int", "vari": "float"}, [(square, {"tree_id": 1, "vari": None})]),
+        Layer("crowns", "MultiPolygon", {"tree_id": "int", "vari": "float", "status": "str"},
+              [(square, {"tree_id": 1, "vari": None, "status": "dead"})]),
         Layer("trees", "Point", {"tree_id": "int", "status": "str"},
               [(Point(400005, 3300005), {"tree_id": 1, "status": "dead"})]),
         Layer("missing_trees", "Point", {"block_id": "int"}, [(Point(400008, 3300005), {"block_id": 1})]),
@@ -138,15 +139,11 @@ def test_styles_load_in_real_qgis(styled_gpkg, tmp_path):
     landcover = report["landcover"]
     assert landcover["renderer"] == "categorizedSymbol" and landcover["attr"] == "class"
     assert landcover["categories"] == [[n, c] for n, c in zip(NAMES, COLORS)]
-    crowns = report["crowns"]  # graduated by health: red (dead) to green
-    assert crowns["renderer"] == "graduatedSymbol" and crowns["attr"] == 'coalesce("vari", 1)'
-    assert [r[2] for r in crowns["ranges"]] == ["#d7191c", "#fdae61", "#a6d96a", "#1a9641"]
-    assert crowns["ranges"][0][1] == -0.05 and crowns["ranges"][1][1] == 0.05
-    assert crowns["feature_color"] == "#1a9641"  # no health value: drawn, as healthy
-    assert crowns["labels"] is False
-    trees = report["trees"]
-    assert trees["renderer"] == "categorizedSymbol" and trees["attr"] == "status"
+    crowns, trees = report["crowns"], report["trees"]  # one legend: the status, in the same colours
+    assert crowns["renderer"] == trees["renderer"] == "categorizedSymbol" and crowns["attr"] == trees["attr"] == "status"
+    assert crowns["categories"] == [["healthy", "#1a9641"], ["stressed", "#fdae61"], ["dead", "#d7191c"]]
     assert [c[0] for c in trees["categories"]] == ["healthy", "stressed", "dead"]
+    assert crowns["labels"] is False
     assert report["missing_trees"]["renderer"] == "singleSymbol" and report["missing_trees"]["marker"]
     assert report["orchard_blocks"]["renderer"] == "singleSymbol"
     assert report["class_stats"]["renderer"] is None  # a plain table

@@ -238,7 +238,7 @@ def test_pipeline_resumes_an_interrupted_training(osbs_tif, osbs_csv, tmp_path, 
     from landcover_plugin.engine.stages import pipeline
     from landcover_plugin.engine.learn.checkpoint import RunState, checkpoint_dir
     from landcover_plugin.engine.learn.dataset_folder import dataset_hash
-    from landcover_plugin.engine.stages.train import _fingerprint
+    from landcover_plugin.engine.stages.train import _fingerprint, resolved
 
     imagery = crop(osbs_tif, Window(0, 0, 128, 128), tmp_path / "crop.tif")
     work = tmp_path / "work"
@@ -261,7 +261,8 @@ def test_pipeline_resumes_an_interrupted_training(osbs_tif, osbs_csv, tmp_path, 
     interrupted = TrainParams(dataset=work / "dataset", out=work / "model", task="trees", epochs=2, batch_size=4)
     ckpt = checkpoint_dir(interrupted.out)
     ckpt.mkdir()
-    state = RunState(epoch=1, fingerprint=_fingerprint(interrupted, dataset_hash(interrupted.dataset)))
+    # what training writes: the options as it resolved them
+    state = RunState(epoch=1, fingerprint=_fingerprint(resolved(interrupted, "trees"), dataset_hash(interrupted.dataset)))
     (ckpt / "state.json").write_text(json.dumps(state.__dict__))
     assert run(4)[-1] == "--resume"
     assert "--resume" not in run(8)  # another batch size: train would refuse the checkpoint
@@ -313,6 +314,8 @@ def test_bad_inputs_each_get_a_clear_error(trees_dataset, landcover_dataset, tre
 
     four = copy_dataset(trees_dataset, tmp_path / "four", band_count=4)
     assert code_of(four, base=trees_model[0]) == "BASE_MISMATCH"
+    coarse = copy_dataset(trees_dataset, tmp_path / "coarse", resolution_m=0.3)  # crowns a third of the size
+    assert code_of(coarse, base=trees_model[0]) == "BASE_MISMATCH"
 
     corrupt = copy_dataset(trees_dataset, tmp_path / "corrupt")
     first_train = next(c for c in json.loads((corrupt / "dataset.json").read_text())["chips"] if c["split"] == "train")
@@ -324,7 +327,7 @@ def test_config_file_freeze_encoder_and_dead_channel(trees_dataset, trees_model,
     """A YAML config + CLI override; a frozen encoder stays as it was; a crown/dead
     dataset gets the third output channel."""
     import keras
-    from landcover_plugin.engine.stages.train import params_from_config
+    from landcover_plugin.engine.stages.train import FEW_SHOT, params_from_config
 
     config = tmp_path / "train.yaml"
     config.write_text(f"dataset: {trees_dataset}\nbase: {trees_model[0]}\nepochs: 5\nfreeze_encoder: true\n"
@@ -332,7 +335,7 @@ def test_config_file_freeze_encoder_and_dead_channel(trees_dataset, trees_model,
     params = params_from_config(config, epochs=1, batch_size=4, learning_rate=None)
     assert (params.epochs, params.freeze_encoder, params.learning_rate) == (1, True, None)
     result = train(params, quiet())
-    assert result.summary["learning_rate"] == pytest.approx(1e-4)
+    assert result.summary["learning_rate"] == pytest.approx(FEW_SHOT["learning_rate"])  # fine-tuning trees
     base = keras.saving.load_model(trees_model[0] / "model.keras", compile=False)
     tuned = keras.saving.load_model(tmp_path / "tuned" / "model.keras", compile=False)
     assert np.array_equal(base.layers[1].get_weights()[0], tuned.layers[1].get_weights()[0])  # encoder conv

@@ -25,13 +25,13 @@ CROWNS = [(60, 60, (60, 140, 50, 200), 0.0),  # green: VARI 0.53, NDVI 0.54
           (200, 120, (140, 100, 80, 150), 0.9)]  # brown, and the model says dead
 
 
-def health_scene(size: int = 260) -> np.ndarray:
+def health_scene(size: int = 260, crowns=CROWNS) -> np.ndarray:
     """Bands R, G, B, NIR, crown probability, heatmap, dead probability, all 0-255
     (one value range, as imagery has: the model divides them by 255)."""
     yy, xx = np.mgrid[:size, :size]
     bands = np.zeros((7, size, size), np.float32)
     bands[:4] = 30.0  # dark soil
-    for r, c, colour, dead in CROWNS:
+    for r, c, colour, dead in crowns:
         d2 = (yy - r) ** 2 + (xx - c) ** 2
         disk = d2 <= 15 ** 2
         for b, value in enumerate(colour):
@@ -42,7 +42,7 @@ def health_scene(size: int = 260) -> np.ndarray:
     return bands
 
 
-def health_model(path, dead_channel: bool, nir_band: int | None = None):
+def health_model(path, dead_channel: bool, nir_band: int | None = None, **info_fields):
     """Passes bands 5-7 (or 5-6) through as the model's output."""
     c_out = 3 if dead_channel else 2
     weights = np.zeros((c_out, 7, 1, 1))
@@ -50,7 +50,7 @@ def health_model(path, dead_channel: bool, nir_band: int | None = None):
         weights[k, 4 + k] = 1.0
     info = ModelInfo(task="trees", class_names=["crown", "dead"] if dead_channel else ["crown"], class_colors=[],
                      band_count=7, resolution_m=PIXEL, tile_size=64, tile_overlap=8, input_scale=255.0,
-                     mean=[0.0] * 7, std=[1.0] * 7, nir_band=nir_band)
+                     mean=[0.0] * 7, std=[1.0] * 7, nir_band=nir_band, **info_fields)
     return conv_model(path, weights, np.zeros(c_out), info)
 
 
@@ -68,17 +68,51 @@ def test_health_and_status_from_rgb_and_dead_channel(tmp_path):
     transform = from_origin(400000, 3300000, PIXEL, PIXEL)
     raster = write_raster(tmp_path / "scene.tif", health_scene(), transform)
     out = tmp_path / "trees.gpkg"
+    fixed = HealthThresholds(vari_stressed=0.05, vari_dead=-0.05)  # the user's thresholds: three crowns are no stand
     result = predict(PredictParams(model=health_model(tmp_path / "m.onnx", dead_channel=True), imagery=raster,
-                                   out=out), json_reporter())
+                                   out=out, health=fixed), json_reporter())
     crowns = read_layer(out, "crowns")
     assert len(crowns) == 3 and result.summary["dead"] == 1
     green, yellow, brown = (crown_at(crowns, transform, r, c) for r, c, _, _ in CROWNS)
     assert green["vari"] == pytest.approx(80 / 150, abs=0.01) and green["status"] == "healthy"
     assert yellow["vari"] == pytest.approx(0.0, abs=0.01) and yellow["status"] == "stressed"
-    assert brown["status"] == "dead" and brown["ndvi"] is None
+    assert brown["status"] == "dead" and "ndvi" not in brown  # no NIR band: no empty NDVI field
     assert green["area_m2"] == pytest.approx(math.pi * 1.5 ** 2, rel=0.05)
     assert {p["status"] for _, p in read_layer(out, "trees")} == {"healthy", "stressed", "dead"}
-    assert set(fiona.listlayers(out)) >= {"crowns", "trees", "missing_trees", "orchard_blocks"}
+    # three trees are no planting grid: no empty orchard layers
+    assert set(fiona.listlayers(out)) == {"crowns", "trees", "layer_styles"}
+
+
+def test_confidence_is_the_mean_probability_as_the_model_calibrated_it(tmp_path):
+    transform = from_origin(400000, 3300000, PIXEL, PIXEL)
+    raster = write_raster(tmp_path / "scene.tif", health_scene(), transform)
+    for name, fields, expected in (("raw", {}, 0.9), ("calibrated", {"confidence_scale": 0.5, "confidence_shift": -1.0},
+                                                        1 / (1 + math.exp(-(0.5 * math.log(9) - 1))))):
+        out = tmp_path / f"{name}.gpkg"
+        predict(PredictParams(model=health_model(tmp_path / f"{name}.onnx", dead_channel=False, **fields),
+                              imagery=raster, out=out), json_reporter())
+        assert [p["confidence"] for _, p in read_layer(out, "crowns")] == pytest.approx([expected] * 3, abs=0.01)
+
+
+def test_status_is_relative_to_the_stand_by_default(tmp_path):
+    """Dark conifers (VARI 0.03-0.05, all "stressed" by a fixed 0.05) are healthy for their
+    stand; the one crown much less green than its stand is not."""
+    rng = np.random.default_rng(0)
+    stand = [(30 + 40 * i + int(rng.integers(-4, 5)), 30 + 40 * j + int(rng.integers(-4, 5)),
+              (60, 62 + (i + j) % 3, 50, 0), 0.0) for i in range(5) for j in range(5) if (i, j) != (2, 2)]
+    odd = (110, 110, (80, 66, 50, 0), 0.0)  # VARI -0.15
+    transform = from_origin(400000, 3300000, PIXEL, PIXEL)
+    raster = write_raster(tmp_path / "stand.tif", health_scene(220, stand + [odd]), transform)
+    out = tmp_path / "trees.gpkg"
+    predict(PredictParams(model=health_model(tmp_path / "m.onnx", dead_channel=False), imagery=raster, out=out,
+                          orchard=False), json_reporter())
+    crowns, points = read_layer(out, "crowns"), read_layer(out, "trees")
+    assert len(crowns) == len(stand) + 1
+    assert all(0.02 < p["vari"] < 0.06 for _, p in crowns if p["tree_id"] != crown_at(crowns, transform, 110, 110)["tree_id"])
+    assert crown_at(crowns, transform, 110, 110)["status"] != "healthy"
+    assert sum(p["status"] == "healthy" for _, p in crowns) == len(stand)
+    # one legend: the points carry the crowns' statuses
+    assert sorted((p["tree_id"], p["status"]) for _, p in points) == sorted((p["tree_id"], p["status"]) for _, p in crowns)
 
 
 def test_ndvi_with_a_nir_band_and_custom_thresholds(tmp_path):
@@ -96,7 +130,7 @@ def test_ndvi_with_a_nir_band_and_custom_thresholds(tmp_path):
 
 
 def test_status_rules():
-    th = HealthThresholds()
+    th = HealthThresholds(vari_stressed=0.05, vari_dead=-0.05, ndvi_stressed=0.5, ndvi_dead=0.25)
     assert tree_status(0.3, None, None, th) == "healthy"
     assert tree_status(0.0, None, None, th) == "stressed"
     assert tree_status(-0.2, None, None, th) == "dead"
@@ -155,7 +189,7 @@ def test_cli_tree_options(tmp_path, capsys):
     model = health_model(tmp_path / "m.onnx", dead_channel=False)
     out = tmp_path / "t.gpkg"
     assert main(["--json", "predict", "--model", str(model), "--imagery", str(raster), "--out", str(out),
-                 "--nir-band", "4", "--ndvi-stressed", "0.1", "--no-orchard"]) == 0
+                 "--nir-band", "4", "--ndvi-stressed", "0.1", "--ndvi-dead", "0.25", "--no-orchard"]) == 0
     assert "missing_trees" not in fiona.listlayers(out)
     statuses = sorted(p["status"] for _, p in read_layer(out, "crowns"))
     assert statuses == ["dead", "dead", "healthy"]  # NDVI 0.54; -0.07 and 0.03 are below ndvi_dead 0.25

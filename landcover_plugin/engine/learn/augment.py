@@ -47,3 +47,38 @@ def augment_fn(bands: int, tile: int, params: AugmentParams = AugmentParams()):
         return tf.ensure_shape(x, [tile, tile, bands]), y
 
     return augment
+
+
+def paste_crowns(x, y, share: float, seed: int, per_chip: int = 4):
+    """Copy-paste augmentation for few-shot crowns: `share` x len(x) more training samples,
+    each a training chip with up to `per_chip` labelled crowns of other chips pasted where
+    it has no crown (pixels, crown mask and centre heatmap moved together). A few hundred
+    labelled crowns are then seen on more backgrounds and in more neighbourhoods.
+    x: (n, h, w, bands) floats; y: (n, h, w, 2) crown (0/1/2, 255 ignore) and heatmap."""
+    import numpy as np
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    n, size = len(x), x.shape[1]
+    crowns = []  # (chip, its box, its pixels in the box) of every labelled crown not cut by the chip's edge
+    for i in range(n):
+        labels, _ = ndimage.label((y[i, ..., 0] == 1) | (y[i, ..., 0] == 2))
+        for k, slc in enumerate(ndimage.find_objects(labels), start=1):
+            if slc is not None and min(slc[0].start, slc[1].start) > 0 and max(slc[0].stop, slc[1].stop) < size:
+                crowns.append((i, slc, labels[slc] == k))
+    extra = int(round(share * n))
+    if not crowns or not extra:
+        return x, y
+    picks = rng.integers(0, n, extra)
+    new_x, new_y = x[picks].copy(), y[picks].copy()
+    for t in range(extra):
+        for c in rng.integers(0, len(crowns), per_chip):
+            i, slc, own = crowns[c]
+            h, w = own.shape
+            r0, c0 = int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1))
+            target = new_y[t, r0:r0 + h, c0:c0 + w]
+            if (target[..., 0] != 0)[own].any():  # would cover a crown or ignored pixels: skip
+                continue
+            new_x[t, r0:r0 + h, c0:c0 + w][own] = x[i][slc][own]
+            target[own] = y[i][slc][own]
+    return np.concatenate([x, new_x]), np.concatenate([y, new_y])

@@ -14,6 +14,7 @@ from .model_package import KERAS_NAME, read_info
 
 
 PATIENCE = 10  # epochs without a better val loss before stopping
+MAX_RESOLUTION_RATIO = 1.5  # a base model fine-tunes on imagery at most this much finer or coarser than its own
 
 
 WARMUP_EPOCHS = 10  # tiny datasets: val loss is noisy at first, never stop before this
@@ -97,6 +98,12 @@ def load_base(base: Path, manifest: Manifest, task: str):
         raise EngineError("BASE_MISMATCH", f"The base model reads {info.band_count} bands; the dataset's imagery "
                           f"has {manifest.band_count}.",
                           "Fine-tune on imagery with the same bands (in the same order), or train from scratch.")
+    if not 1 / MAX_RESOLUTION_RATIO <= manifest.resolution_m / info.resolution_m <= MAX_RESOLUTION_RATIO:
+        raise EngineError("BASE_MISMATCH", f"The base model was trained on imagery of {info.resolution_m:g} m per "
+                          f"pixel; the dataset's is {manifest.resolution_m:g} m: objects would be "
+                          f"{info.resolution_m / manifest.resolution_m:.2g} times the size the model knows.",
+                          f"Fetch or resample the imagery at {info.resolution_m:g} m (`landcover fetch --gsd "
+                          f"{info.resolution_m:g}`) and rebuild the dataset, or train from scratch.")
     wanted = (task, manifest.class_names, manifest.chip_size)
     if (info.task, info.class_names, info.tile_size) != wanted:
         raise EngineError("BASE_MISMATCH",

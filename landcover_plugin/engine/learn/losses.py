@@ -42,13 +42,16 @@ def class_weights(y: np.ndarray, n_classes: int) -> np.ndarray:
     return np.clip(weights, 0.1, 10.0).astype(np.float32)
 
 
-def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False, centres_only: bool = False):
+def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False, centres_only: bool = False,
+              border_weight: float = 0.0):
     """The training loss; pixels marked IGNORE in the mask count for nothing.
     Land cover: class-weighted cross-entropy; buildings: the same + Dice on the
     building class (small objects); classification: class-weighted cross-entropy
     per chip. Trees: BCE + Dice on crowns, weighted MSE on the centre heatmap, and
     (with a "dead" class) BCE of the dead channel on crown pixels. `centres_only` (a
-    dataset of tree positions: crowns all IGNORE): the heatmap counts on every pixel."""
+    dataset of tree positions: crowns all IGNORE): the heatmap counts on every pixel.
+    `border_weight` (trees): the crown BCE of pixels on a crown's border (within a pixel of
+    its edge) weighs 1 + this, so that touching crowns are kept apart."""
     import keras
     import tensorflow as tf
 
@@ -85,8 +88,13 @@ def make_loss(task: str, weights: np.ndarray | None = None, dead: bool = False, 
         valid = tf.cast(crown != IGNORE, tf.float32)
         target = tf.cast((crown == 1) | (crown == 2), tf.float32)  # live or dead crown
         p = y_pred[..., 0]
-        n = tf.maximum(tf.reduce_sum(valid), 1.0)
-        bce = tf.reduce_sum(keras.losses.binary_crossentropy(target[..., None], p[..., None]) * valid) / n
+        pixel_w = valid
+        if border_weight:
+            t = target[..., None]
+            edge = tf.nn.max_pool2d(t, 3, 1, "SAME") + tf.nn.max_pool2d(-t, 3, 1, "SAME")  # 1 next to an edge
+            pixel_w = valid * (1.0 + border_weight * edge[..., 0])
+        n = tf.maximum(tf.reduce_sum(pixel_w), 1.0)
+        bce = tf.reduce_sum(keras.losses.binary_crossentropy(target[..., None], p[..., None]) * pixel_w) / n
         dice = 1.0 - (2.0 * tf.reduce_sum(p * target * valid) + 1.0) / (
             tf.reduce_sum(p * valid) + tf.reduce_sum(target * valid) + 1.0)
         heat_valid = tf.ones_like(valid) if centres_only else valid

@@ -64,6 +64,8 @@ class ModelInfo:
     seed_distance_m: float = 1.0  # trees: two tree centres are at least this far apart
     min_crown_m2: float = 0.5  # trees: smaller crowns are noise
     nir_band: int | None = None  # 1-based imagery band holding near infrared, for NDVI (trees)
+    confidence_scale: float = 1.0  # trees: a crown's confidence is its mean probability calibrated
+    confidence_shift: float = 0.0  # on validation crowns (vector/confidence.py); 1, 0: uncalibrated
     # Read from the peers' models only (never written among ours):
     seg_thresh: float = 0.0  # class probabilities below it count as 0 before the argmax (their rule)
     detector: str = ""  # a Detector's det_type (its output layout); "" for segmentation

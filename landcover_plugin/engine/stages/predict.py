@@ -81,7 +81,8 @@ def tree_setup(src, info: ModelInfo, params: "PredictParams") -> tuple[TreeParam
         raise EngineError("BAD_IMAGERY_BANDS", f"NIR band {nir} does not exist in {src.name} ({src.count} bands).",
                           "Give --nir-band between 1 and the imagery's band count, or leave it out.")
     return TreeParams(threshold=info.threshold, min_area_m2=info.min_crown_m2,
-                      seed_distance_m=info.seed_distance_m, health=params.health), nir
+                      seed_distance_m=info.seed_distance_m, health=params.health,
+                      confidence_scale=info.confidence_scale, confidence_shift=info.confidence_shift), nir
 
 
 def tree_block(data: np.ndarray, transform, core: tuple[slice, slice], src, img: Window,
@@ -115,13 +116,18 @@ def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "Predi
 
 
 def write_trees(found: Iterable[list[TreeRow]], params: "PredictParams", out: GpkgWriter,
-                reporter: Reporter) -> dict:
+                reporter: Reporter, nir: bool = False) -> dict:
     """Crowns and trees written block by block as they are found (outlined here or on a
-    cluster, or a detector's boxes), so that memory stays flat with the area; then the
-    orchard fitted to their points. Returns the summary."""
-    trees = TreeWriter(out)
+    cluster, or a detector's boxes), so that memory stays flat with the area; their status
+    set against the stand; then the orchard fitted to their points. Returns the summary."""
+    trees = TreeWriter(out, nir=nir, health=params.health)
     for rows in found:
         trees.add(rows)
+    thresholds = trees.finish()
+    if trees.count:
+        reporter.log(f"Tree status by {trees.kind}: " + ", ".join(
+            f"{name} below {v:.3f}" for name, v in zip(("stressed", "dead"), thresholds) if v is not None)
+            if any(v is not None for v in thresholds) else "too few crowns to compare with their stand")
     xy, area_m2, dead = trees.points()
     summary = {"crowns": trees.count, "canopy_m2": round(sum(area_m2.tolist()), 2), "dead": int(dead.sum())}
     if params.orchard:
@@ -208,7 +214,7 @@ def predict_area(params: PredictParams, info: ModelInfo, src, aoi: AOI | None, o
             reporter.log("Vectorizing the predictions")
         if info.task == "trees":
             summary = write_trees(results if run else tree_blocks(pred, src, window, info, params, reporter),
-                                  params, out, reporter)
+                                  params, out, reporter, nir=(params.nir_band or info.nir_band) is not None)
         else:
             layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
                 if run else vectorize_landcover(pred, info, params.block_size, reporter)
@@ -268,10 +274,8 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
         if not summaries:
             raise EngineError("AOI_OUTSIDE_IMAGERY", f"None of the {len(params.areas)} areas overlaps "
                               f"{params.imagery}.", "Give areas over the imagery, or check their CRS.")
-        h = params.health
         nir = (params.nir_band or info.nir_band) is not None
-        write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari",
-                                         (h.ndvi_stressed, h.ndvi_dead) if nir else (h.vari_stressed, h.vari_dead)))
+        write_styles(tmp_out, styles_for(info, out.names, "ndvi" if nir else "vari"))
     summary = {"areas": len(summaries), "by_area": summaries} if params.areas else summaries[None]
     if on_cluster:
         summary["workers"] = len(workers)

@@ -48,7 +48,7 @@ class TrainParams:
     out: Path
     task: str | None = None  # default: the dataset's task
     base: Path | None = None  # model folder to fine-tune from
-    epochs: int = 20
+    epochs: int | None = None  # default: DEFAULTS, or FEW_SHOT when fine-tuning trees
     batch_size: int = 8  # 0: pick from free GPU memory (8 on the CPU)
     seed: int = 0
     learning_rate: float | None = None  # default: 1e-3 from scratch, 1e-4 fine-tuning
@@ -61,9 +61,21 @@ class TrainParams:
     encoder_weights: Path | None = None  # local ImageNet weights file for the encoder (never downloaded)
     family: str = "auto"  # one of FAMILIES
     bands: str | None = None  # band roles for the forest's indices, e.g. "blue=1,green=2,red=3,nir=4,swir1=5"
+    copy_paste: float | None = None  # trees: share of extra samples with crowns pasted from other chips (augment.py)
+    border_weight: float | None = None  # trees: extra loss weight on the pixels of crown borders (losses.py)
 
 
 FAMILIES = ("auto", "unet", "forest")
+DEFAULTS = {"epochs": 20, "copy_paste": 0.0, "border_weight": 0.0}
+# Fine-tuning a trees model on a few hundred crowns (issue 19's few-shot recipe): the
+# options left open take these. Measured with scripts/fewshot_eval.py (README, "Few-shot").
+FEW_SHOT = {"epochs": 60, "learning_rate": 3e-4, "copy_paste": 0.5, "border_weight": 0.0}
+
+
+def resolved(params: TrainParams, task: str) -> TrainParams:
+    """The options left open (None) filled in: the few-shot recipe when fine-tuning trees."""
+    recipe = FEW_SHOT if task == "trees" and params.base else DEFAULTS
+    return replace(params, **{k: v for k, v in recipe.items() if getattr(params, k) is None})
 
 
 def params_from_config(path: Path | None, **overrides) -> TrainParams:
@@ -90,7 +102,8 @@ def params_from_config(path: Path | None, **overrides) -> TrainParams:
                           "Give --dataset and --out, or put them in the config file.")
     # A YAML value of the wrong kind ("epochs: ten") would fail deep in training.
     kinds = {"epochs": int, "batch_size": int, "seed": int, "patience": int, "width": int, "depth": int,
-             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool, "family": str, "bands": str}
+             "learning_rate": (int, float), "freeze_encoder": bool, "resume": bool, "family": str, "bands": str,
+             "copy_paste": (int, float), "border_weight": (int, float)}
     wrong = sorted(k for k, kind in kinds.items() if data.get(k) is not None
                    and (not isinstance(data[k], kind) or (kind is not bool and isinstance(data[k], bool))))
     if wrong:
@@ -106,21 +119,29 @@ def _fingerprint(params: TrainParams, manifest_hash: str) -> dict:
     return {"dataset_hash": manifest_hash, "task": params.task, "base": str(params.base), "seed": params.seed,
             "batch_size": params.batch_size, "learning_rate": params.learning_rate,
             "freeze_encoder": params.freeze_encoder, "width": params.width, "depth": params.depth,
-            "encoder": params.encoder, "encoder_weights": str(params.encoder_weights)}
+            "encoder": params.encoder, "encoder_weights": str(params.encoder_weights),
+            "copy_paste": params.copy_paste, "border_weight": params.border_weight}
 
 
 def _tuned_post(y_val, val_pred, resolution_m: float) -> dict:
     """The crown post-processing (threshold, seed distance, smallest crown) with the best
-    crown F1 on the validation chips, stored in the model; {} without validation crowns."""
+    crown F1 on the validation chips, and the crowns' confidence calibrated on them (its
+    decoded crowns' mean probabilities against which matched), stored in the model; {}
+    without validation crowns."""
+    import numpy as np
+
     from ...contract.names import IGNORE
-    from ..vector.crown_metrics import truth_boxes_from_mask, tune_post
+    from ..vector.confidence import fit_calibration
+    from ..vector.crown_metrics import crown_confidences, truth_boxes_from_mask, tune_post
 
     truths = [truth_boxes_from_mask(y.transpose(2, 0, 1)) for y in y_val]
     if not any(truths):
         return {}
-    post, score = tune_post([(p[..., 0], p[..., 1], y[..., 0] != IGNORE) for p, y in zip(val_pred, y_val)],
-                            truths, resolution_m)
-    return {**post, "val_crown_f1_tuned": score.f1}
+    predictions = [(p[..., 0], p[..., 1], y[..., 0] != IGNORE) for p, y in zip(val_pred, y_val)]
+    post, score = tune_post(predictions, truths, resolution_m)
+    probs, matched = zip(*(crown_confidences(p, t, post, resolution_m) for p, t in zip(predictions, truths)))
+    scale, shift = fit_calibration(np.concatenate(probs), np.concatenate(matched))
+    return {**post, "val_crown_f1_tuned": score.f1, "confidence_scale": scale, "confidence_shift": shift}
 
 
 def can_resume(params: TrainParams) -> bool:
@@ -130,8 +151,9 @@ def can_resume(params: TrainParams) -> bool:
 
     try:
         state = json.loads((checkpoint_dir(params.out) / STATE).read_text())
+        params = resolved(params, params.task or Manifest.read(params.dataset).task)
         return state.get("fingerprint") == _fingerprint(params, dataset_hash(params.dataset))
-    except (OSError, ValueError):
+    except (OSError, ValueError, EngineError):
         return False
 
 
@@ -142,6 +164,7 @@ def train(params: TrainParams, reporter: Reporter) -> StageResult:
     if task not in TASK_IDS or task != manifest.task:
         raise EngineError("BAD_TASK", f"Cannot train a '{task}' model on a '{manifest.task}' dataset.",
                           f"Leave out --task, or build a dataset for the task (supported: {', '.join(TASK_IDS)}).")
+    params = resolved(params, task)
     family = _family(params, task)
     if family == "forest":
         return train_forest(params, manifest, reporter)
@@ -323,7 +346,14 @@ def train_unet(params: TrainParams, manifest: Manifest, reporter: Reporter) -> S
         _warn_missing(class_names, y_train, reporter)
     weights = class_weights(y_train, len(class_names)) if task != "trees" else None
     optimizer = keras.optimizers.Adam(rate)
-    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only), metrics=[make_metric(task)])
+    if task == "trees" and params.copy_paste > 0 and not centres_only:
+        from ..learn.augment import paste_crowns
+
+        n = len(x_train)
+        x_train, y_train = paste_crowns(x_train, y_train, params.copy_paste, params.seed)
+        reporter.log(f"copy-paste: {len(x_train) - n} training samples with crowns pasted from other chips")
+    model.compile(optimizer=optimizer, loss=make_loss(task, weights, dead, centres_only, params.border_weight),
+                  metrics=[make_metric(task)])
 
     manifest_hash = dataset_hash(params.dataset)
     fingerprint = _fingerprint(params, manifest_hash)

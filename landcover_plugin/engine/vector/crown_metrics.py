@@ -57,24 +57,37 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
 
 
+def matched_boxes(pred: list[Box], truth: list[Box], threshold: float = IOU_THRESHOLD) -> np.ndarray:
+    """Whether each predicted box matches an annotated box (one-to-one, at `threshold`)."""
+    hit = np.zeros(len(pred), bool)
+    if pred and truth:
+        iou = box_iou(np.array(pred), np.array(truth))
+        rows, cols = linear_sum_assignment(-iou)
+        hit[rows[iou[rows, cols] >= threshold]] = True
+    return hit
+
+
 def match_boxes(pred: list[Box], truth: list[Box], threshold: float = IOU_THRESHOLD) -> CrownScore:
     """One-to-one matching of predicted to annotated boxes; TP/FP/FN at `threshold`."""
-    if not pred or not truth:
-        return CrownScore(0, len(pred), len(truth))
-    iou = box_iou(np.array(pred), np.array(truth))
-    rows, cols = linear_sum_assignment(-iou)
-    tp = int(np.sum(iou[rows, cols] >= threshold))
+    tp = int(matched_boxes(pred, truth, threshold).sum())
     return CrownScore(tp, len(pred) - tp, len(truth) - tp)
 
 
 def crown_boxes(prob: np.ndarray, heat: np.ndarray, threshold: float = 0.5, seed_radius_px: int = 5,
                 min_pixels: int = 20, valid: np.ndarray | None = None) -> list[Box]:
     """Predicted crowns as boxes: crown pixels split between heatmap peaks, as predict does."""
+    return crown_boxes_probs(prob, heat, threshold, seed_radius_px, min_pixels, valid)[0]
+
+
+def crown_boxes_probs(prob: np.ndarray, heat: np.ndarray, threshold: float = 0.5, seed_radius_px: int = 5,
+                      min_pixels: int = 20, valid: np.ndarray | None = None) -> tuple[list[Box], np.ndarray]:
+    """crown_boxes and each crown's mean probability (what its confidence is made of)."""
     crown = prob > threshold
     if valid is not None:
         crown &= valid
     trees, _ = split_crowns(crown, find_seeds(heat, crown, seed_radius_px))
-    return _label_boxes(trees, min_pixels)
+    boxes, ids = _label_boxes(trees, min_pixels, with_ids=True)
+    return boxes, np.asarray(ndimage.mean(prob, trees, ids) if ids else [], np.float64)
 
 
 def truth_boxes_from_mask(mask: np.ndarray) -> list[Box]:
@@ -86,14 +99,15 @@ def truth_boxes_from_mask(mask: np.ndarray) -> list[Box]:
     return _label_boxes(trees, 1)
 
 
-def _label_boxes(trees: np.ndarray, min_pixels: int) -> list[Box]:
-    boxes = []
+def _label_boxes(trees: np.ndarray, min_pixels: int, with_ids: bool = False):
+    boxes, ids = [], []
     sizes = ndimage.sum(np.ones_like(trees), trees, range(1, int(trees.max()) + 1)) if trees.max() else []
     for k, slc in enumerate(ndimage.find_objects(trees), start=1):
         if slc is None or sizes[k - 1] < min_pixels:
             continue
         boxes.append((float(slc[1].start), float(slc[0].start), float(slc[1].stop), float(slc[0].stop)))
-    return boxes
+        ids.append(k)
+    return (boxes, ids) if with_ids else boxes
 
 
 # The crown post-processing a model carries (ModelInfo threshold, seed_distance_m,
@@ -105,9 +119,21 @@ Prediction = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # crown probabili
 def score_post(prediction: Prediction, truth: list[Box], post: dict, resolution_m: float) -> CrownScore:
     """Crown boxes decoded with the post-processing `post`, matched to the annotated boxes."""
     prob, heat, valid = prediction
-    pred = crown_boxes(prob, heat, post["threshold"], seed_radius_px=max(1, round(post["seed_distance_m"] / resolution_m)),
-                       min_pixels=max(1, round(post["min_crown_m2"] / resolution_m**2)), valid=valid)
-    return match_boxes(pred, truth)
+    return match_boxes(crown_boxes(prob, heat, post["threshold"], **_post_pixels(post, resolution_m), valid=valid),
+                       truth)
+
+
+def crown_confidences(prediction: Prediction, truth: list[Box], post: dict,
+                      resolution_m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each crown decoded with `post`: its mean probability and whether it matched an annotated crown."""
+    prob, heat, valid = prediction
+    boxes, probs = crown_boxes_probs(prob, heat, post["threshold"], **_post_pixels(post, resolution_m), valid=valid)
+    return probs, matched_boxes(boxes, truth)
+
+
+def _post_pixels(post: dict, resolution_m: float) -> dict:
+    return {"seed_radius_px": max(1, round(post["seed_distance_m"] / resolution_m)),
+            "min_pixels": max(1, round(post["min_crown_m2"] / resolution_m**2))}
 
 
 def tune_post(predictions: list[Prediction], truths: list[list[Box]], resolution_m: float) -> tuple[dict, CrownScore]:

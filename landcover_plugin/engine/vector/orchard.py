@@ -158,33 +158,35 @@ def orchard_from_points(xy: np.ndarray, area_m2: np.ndarray, dead: np.ndarray, c
                         params: GridParams = GridParams()) -> OrchardResult:
     """`missing_trees` (points) and `orchard_blocks` (polygons with the per-block summary)
     from each tree's position (n, 2) in `crs`, crown area and whether it is dead: arrays,
-    so that the trees of a large area cost a few bytes each here, not their crowns."""
-    from scipy.spatial import cKDTree
-
+    so that the trees of a large area cost a few bytes each here, not their crowns. Only
+    blocks with a planting grid are orchards: without one, neither layer is made."""
     missing_layer = Layer("missing_trees", "Point", {"block_id": "int"})
     blocks_layer = Layer("orchard_blocks", "Polygon", dict(BLOCK_FIELDS))
     metres, metric = _to_metres(xy, crs)
-    grids = 0
-    for n, idx in enumerate((b for b in link_blocks(metres, params) if len(b) >= params.min_trees), start=1):
+    stands = 0
+    for idx in (b for b in link_blocks(metres, params) if len(b) >= params.min_trees):
+        stands += 1
         grid = fit_grid(metres[idx], params)
-        spacing = grid.tree_spacing_m if grid else float(np.median(cKDTree(metres[idx]).query(metres[idx], 2)[0][:, 1]))
-        hull = shapely.multipoints(metres[idx]).convex_hull.buffer(spacing / 2)
+        if grid is None:  # a natural stand (or too irregular to tell): not an orchard
+            continue
+        n = len(blocks_layer.rows) + 1
+        hull = shapely.multipoints(metres[idx]).convex_hull.buffer(grid.tree_spacing_m / 2)
         crown_m2 = area_m2[idx].tolist()
-        missing = np.array(grid.missing).reshape(-1, 2) if grid else np.zeros((0, 2))
+        missing = np.array(grid.missing).reshape(-1, 2)
         if len(missing):
             for x, y in _from_metres(missing, crs, metric):
                 missing_layer.rows.append((Point(x, y), {"block_id": n}))
-        grids += grid is not None
         outline = shapely.transform(hull, lambda pts: _from_metres(pts, crs, metric))
         blocks_layer.rows.append((outline, {
             "block_id": n, "trees": len(idx), "dead": int(dead[idx].sum()),
             "missing": len(missing), "mean_crown_m2": round(float(np.mean(crown_m2)), 3),
-            "canopy_cover_pct": round(100.0 * min(1.0, sum(crown_m2) / hull.area), 2), "grid": int(grid is not None),
-            "row_bearing_deg": grid.direction_deg if grid else None,
-            "tree_spacing_m": grid.tree_spacing_m if grid else None,
-            "row_spacing_m": grid.row_spacing_m if grid else None}))
+            "canopy_cover_pct": round(100.0 * min(1.0, sum(crown_m2) / hull.area), 2), "grid": 1,
+            "row_bearing_deg": grid.direction_deg, "tree_spacing_m": grid.tree_spacing_m,
+            "row_spacing_m": grid.row_spacing_m}))
+    grids = len(blocks_layer.rows)
     if grids:
-        message = f"Planting grid found in {grids} of {len(blocks_layer.rows)} blocks; {len(missing_layer.rows)} missing trees."
+        message = f"Planting grid found in {grids} of {stands} blocks; {len(missing_layer.rows)} missing trees."
     else:
-        message = "No planting grid found (natural stand or too few trees): no missing trees reported."
-    return OrchardResult([missing_layer, blocks_layer], len(missing_layer.rows), grids, message)
+        message = "No planting grid found (natural stand or too few trees): no orchard layers, no missing trees."
+    layers = [missing_layer, blocks_layer] if grids else []
+    return OrchardResult(layers, len(missing_layer.rows), grids, message)

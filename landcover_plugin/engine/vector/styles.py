@@ -11,6 +11,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from ..learn.model_package import ModelInfo
+from .health import INDEX_NAMES
 
 QGIS_VERSION = "3.22.0"
 GEOMETRY_TYPES = {"point": 0, "line": 1, "polygon": 2}
@@ -112,37 +113,43 @@ def class_colors_for(class_names: list[str], model_colors: list[str]) -> list[st
             for i, n in enumerate(class_names)]
 
 
-def crowns_qml(health_field: str = "vari", stressed: float = 0.05, dead: float = -0.05) -> str:
-    """Crowns graduated by health: red (dead) - orange (stressed) - light and dark green.
-    A crown without a health value (imagery without RGB) shows as healthy."""
-    top = stressed + 0.15
-    ranges = [(-1e9, dead, "dead", "#d7191c"), (dead, stressed, "stressed", "#fdae61"),
-              (stressed, top, "healthy", "#a6d96a"), (top, 1e9, "very healthy", "#1a9641")]
-    renderer = ET.Element("renderer-v2", {"type": "graduatedSymbol", "attr": f'coalesce("{health_field}", 1)',
-                                          "graduatedMethod": "GraduatedColor", "symbollevels": "0",
-                                          "enableorderby": "0", "forceraster": "0", "referencescale": "-1"})
-    xml_ranges = ET.SubElement(renderer, "ranges")
-    symbols = ET.SubElement(renderer, "symbols")
-    for i, (lo, hi, label, color) in enumerate(ranges):
-        ET.SubElement(xml_ranges, "range", {"lower": repr(float(lo)), "upper": repr(float(hi)), "symbol": str(i),
-                                            "label": f"{label} ({health_field})", "render": "true"})
-        symbols.append(_fill(str(i), rgba(color, 150), rgba(color, factor=0.6), width="0.4"))
-    return _qml(renderer, "polygon")
+# One legend for crowns and tree points: the status, named for what measured it.
+STATUS_COLORS = {"healthy": "#1a9641", "stressed": "#fdae61", "dead": "#d7191c"}
 
 
-def trees_qml() -> str:
-    """Dots at tree centres by status; a dead tree is a bold black cross on red."""
+def status_labels(health_field: str = "vari") -> dict[str, str]:
+    """The legend's label of each status: what it measures (see vector/health.py)."""
+    index = INDEX_NAMES.get(health_field, health_field)
+    return {"healthy": "healthy", "stressed": f"stressed: {index} low for the stand",
+            "dead": f"dead: {index} very low, or the model's dead class"}
+
+
+def _status_renderer(symbols_of: list[tuple[str, ET.Element]], health_field: str) -> ET.Element:
     renderer = ET.Element("renderer-v2", {"type": "categorizedSymbol", "attr": "status", "symbollevels": "0",
                                           "enableorderby": "0", "forceraster": "0", "referencescale": "-1"})
     categories = ET.SubElement(renderer, "categories")
     symbols = ET.SubElement(renderer, "symbols")
-    looks = [("healthy", _marker("0", "circle", "0,100,0,255", "255,255,255,255", "1.6")),
-             ("stressed", _marker("1", "circle", "253,174,97,255", "0,0,0,255", "2.0")),
-             ("dead", _marker("2", "cross2", "0,0,0,255", "215,25,28,255", "3.0", width="0.8"))]
-    for i, (value, symbol) in enumerate(looks):
-        ET.SubElement(categories, "category", {"value": value, "symbol": str(i), "label": value, "render": "true"})
+    labels = status_labels(health_field)
+    for i, (value, symbol) in enumerate(symbols_of):
+        ET.SubElement(categories, "category", {"value": value, "symbol": str(i), "label": labels[value],
+                                               "render": "true"})
         symbols.append(symbol)
-    return _qml(renderer, "point")
+    return renderer
+
+
+def crowns_qml(health_field: str = "vari") -> str:
+    """Crowns by status, in the colours of the tree points' legend."""
+    return _qml(_status_renderer([(k, _fill(str(i), rgba(c, 150), rgba(c, factor=0.6), width="0.4"))
+                                  for i, (k, c) in enumerate(STATUS_COLORS.items())], health_field), "polygon")
+
+
+def trees_qml(health_field: str = "vari") -> str:
+    """Dots at tree centres by status, the crowns' colours; a dead tree is a bold cross."""
+    looks = [(k, _marker(str(i), "cross2" if k == "dead" else "circle", rgba(c),
+                         "255,255,255,255" if k == "healthy" else "0,0,0,255",
+                         {"healthy": "1.6", "stressed": "2.0", "dead": "3.0"}[k], width="0.8" if k == "dead" else "0.2"))
+             for i, (k, c) in enumerate(STATUS_COLORS.items())]
+    return _qml(_status_renderer(looks, health_field), "point")
 
 
 def missing_qml() -> str:
@@ -158,12 +165,11 @@ def blocks_qml() -> str:
     return _single(symbol, "polygon")
 
 
-def styles_for(info: ModelInfo, layers: list[str] | None = None, health_field: str = "vari",
-               thresholds: tuple[float, float] = (0.05, -0.05)) -> dict[str, str]:
+def styles_for(info: ModelInfo, layers: list[str] | None = None, health_field: str = "vari") -> dict[str, str]:
     """Layer name -> QML for the layers predict writes for this model's task (only those in
-    `layers` when given). `thresholds`: (stressed, dead) of the health field."""
+    `layers` when given). `health_field`: what the trees' status measured ("vari" or "ndvi")."""
     if info.task == "trees":
-        styles = {"crowns": crowns_qml(health_field, *thresholds), "trees": trees_qml(),
+        styles = {"crowns": crowns_qml(health_field), "trees": trees_qml(health_field),
                   "missing_trees": missing_qml(), "orchard_blocks": blocks_qml()}
     else:
         styles = {"landcover": landcover_qml(info.class_names, info.class_colors)}

@@ -4,17 +4,22 @@ Works on one block of the prediction raster (with a margin around its core):
 a tree belongs to the block whose core holds its centre, so a tree cut by a
 block border is measured whole by exactly one block (no seams, no doubles).
 
-Health (mean over the crown):
-- VARI = (G - R) / (G + R - B), from the crown's mean red, green, blue (bands 1-3);
-- NDVI = (NIR - R) / (NIR + R) when the imagery has a NIR band (`nir_band`).
+Confidence: the crown's mean probability, calibrated on the model's validation crowns
+(vector/confidence.py). Health (mean over the crown):
+- VARI = (G - R) / (G + R - B), greenness from the crown's mean red, green, blue (bands 1-3);
+- NDVI = (NIR - R) / (NIR + R) when the imagery has a NIR band (`nir_band`); the
+  `ndvi` field exists only then.
 Status: "dead" when the model has a dead channel and the crown's mean dead
-probability reaches `dead_prob`; otherwise from NDVI (when there) or VARI:
-below `*_dead` dead, below `*_stressed` stressed, else healthy.
+probability reaches `dead_prob`; otherwise from NDVI (when there) or VARI: below the
+dead threshold dead, below the stressed one stressed, else healthy. The thresholds are
+the user's, else the stand's (health.py): those are known once every crown of the area
+is, so TreeWriter.finish sets the statuses then.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import shapely
@@ -24,12 +29,12 @@ from rasterio.features import shapes
 from shapely.geometry import Point
 from shapely.geometry.base import BaseGeometry
 
-from .health import HealthThresholds
+from .confidence import calibrate
+from .health import HealthThresholds, stand_thresholds
 from .vectorize import GpkgWriter, Layer, _polygonal, areas_m2, find_seeds, pixel_size_m, polygon, split_crowns
 
 MIN_CROWN_M2 = 0.5  # smaller crowns are noise
 SEED_DISTANCE_M = 1.0  # two tree centres are at least this far apart
-STATUSES = ("healthy", "stressed", "dead")
 
 
 @dataclass(frozen=True)
@@ -38,6 +43,8 @@ class TreeParams:
     min_area_m2: float = MIN_CROWN_M2
     seed_distance_m: float = SEED_DISTANCE_M
     health: HealthThresholds = HealthThresholds()
+    confidence_scale: float = 1.0  # the model's calibration of the mean crown probability
+    confidence_shift: float = 0.0
 
 
 TreeRow = tuple[BaseGeometry, Point, dict]  # crown polygon, centre point, fields
@@ -59,15 +66,29 @@ def ndvi(nir: np.ndarray, r: np.ndarray) -> np.ndarray:
 
 
 def tree_status(vari_v: float | None, ndvi_v: float | None, dead_p: float | None, th: HealthThresholds) -> str:
+    """A crown's status by the model's dead channel and the thresholds set in `th` (a threshold
+    left to the stand, None, judges nothing here: TreeWriter.finish does)."""
     if dead_p is not None and dead_p >= th.dead_prob:
         return "dead"
-    if ndvi_v is not None:
-        index, stressed, dead = ndvi_v, th.ndvi_stressed, th.ndvi_dead
-    elif vari_v is not None:
-        index, stressed, dead = vari_v, th.vari_stressed, th.vari_dead
-    else:
+    kind, index = ("ndvi", ndvi_v) if ndvi_v is not None else ("vari", vari_v)
+    return index_status(index, getattr(th, f"{kind}_stressed"), getattr(th, f"{kind}_dead"))
+
+
+def stand_statuses(index: np.ndarray, status: np.ndarray, kind: str,
+                   th: HealthThresholds) -> tuple[np.ndarray, tuple[float | None, float | None]]:
+    """The statuses of a stand's crowns (health index values `index`, NaN: none; `status` as
+    block_trees set it) against its thresholds, and those (stressed, dead) thresholds."""
+    stressed, dead = stand_thresholds(index, kind, th)
+    new = np.array([s if s == "dead" else index_status(None if np.isnan(v) else float(v), stressed, dead)
+                    for v, s in zip(index, status)], object)
+    return new, (stressed, dead)
+
+
+def index_status(index: float | None, stressed: float | None, dead: float | None) -> str:
+    if index is None:
         return "healthy"  # no colour to judge by: the model saw a live crown
-    return "dead" if index < dead else "stressed" if index < stressed else "healthy"
+    return "dead" if dead is not None and index < dead else \
+        "stressed" if stressed is not None and index < stressed else "healthy"
 
 
 @dataclass
@@ -115,7 +136,7 @@ def block_trees(block: TreeBlock, crs: CRS, params: TreeParams) -> list[TreeRow]
     geoms = [_polygonal(shapely.union_all(parts[i])) for i in own]
     areas = areas_m2(geoms, crs)
     mean = lambda band: np.asarray(ndimage.mean(band.astype(np.float64), labels, own))  # noqa: E731
-    confidence = mean(block.prob)
+    confidence = calibrate(mean(block.prob), params.confidence_scale, params.confidence_shift)
     dead_p = mean(block.dead) if block.dead is not None else None
     vari_v = vari(*(mean(b) for b in block.rgb)) if block.rgb is not None else None
     ndvi_v = ndvi(mean(block.nir), mean(block.rgb[0])) if block.nir is not None and block.rgb is not None else None
@@ -138,11 +159,13 @@ def block_trees(block: TreeBlock, crs: CRS, params: TreeParams) -> list[TreeRow]
     return out
 
 
-def tree_layers_from(rows: list[TreeRow], first_id: int = 1) -> list[Layer]:
-    """`crowns` (polygon per tree) and `trees` (point per tree), numbered in order from `first_id`."""
-    crowns, points = Layer("crowns", "MultiPolygon", dict(TREE_FIELDS)), Layer("trees", "Point", dict(TREE_FIELDS))
+def tree_layers_from(rows: list[TreeRow], first_id: int = 1, nir: bool = True) -> list[Layer]:
+    """`crowns` (polygon per tree) and `trees` (point per tree), numbered in order from `first_id`;
+    without `nir`, no `ndvi` field (it would be empty)."""
+    fields = {k: v for k, v in TREE_FIELDS.items() if nir or k != "ndvi"}
+    crowns, points = Layer("crowns", "MultiPolygon", dict(fields)), Layer("trees", "Point", dict(fields))
     for n, (geom, centre, row) in enumerate(rows, start=first_id):
-        row = {"tree_id": n, **row}
+        row = {"tree_id": n, **{k: v for k, v in row.items() if k in fields}}
         crowns.rows.append((geom, row))
         points.rows.append((centre, dict(row)))
     return [crowns, points]
@@ -152,33 +175,79 @@ class TreeWriter:
     """Writes `crowns` and `trees` block by block as the trees are found, numbered in
     order. A tree's polygon, point and fields cost kilobytes: held for the whole area
     until the end, they made the peak RSS grow with it (2.7 GB at 270k crowns). Of each
-    tree only what the summary and the orchard fit need is kept: its point, crown
-    area and whether it is dead (25 bytes)."""
+    tree only what the summary, the stand's health thresholds and the orchard fit need
+    is kept: its point, crown area, health index and status (about 40 bytes)."""
 
-    def __init__(self, out: GpkgWriter):
-        self.out = out
+    def __init__(self, out: GpkgWriter, nir: bool = True, health: HealthThresholds = HealthThresholds()):
+        self.out, self.nir, self.health = out, nir, health
         self.count = 0
+        self.first_fid = _row_count(out.path, "crowns")  # rows of earlier areas (predict --per-feature)
         self._xy: list[np.ndarray] = []
         self._area: list[np.ndarray] = []
-        self._dead: list[np.ndarray] = []
-        for layer in tree_layers_from([]):  # both layers exist even where no tree is found
+        self._index: list[np.ndarray] = []
+        self._status: list[np.ndarray] = []
+        self.kind = "ndvi" if nir else "vari"
+        for layer in tree_layers_from([], nir=nir):  # both layers exist even where no tree is found
             out.write(layer)
 
     def add(self, rows: list[TreeRow]) -> None:
         if not rows:
             return
-        for layer in tree_layers_from(rows, first_id=self.count + 1):
+        for layer in tree_layers_from(rows, first_id=self.count + 1, nir=self.nir):
             self.out.write(layer)
         self.count += len(rows)
         self._xy.append(np.array([(p.x, p.y) for _, p, _ in rows]))
         self._area.append(np.array([row["area_m2"] for _, _, row in rows], np.float64))
-        self._dead.append(np.array([row["status"] == "dead" for _, _, row in rows]))
+        self._index.append(np.array([np.nan if row.get(self.kind) is None else row[self.kind] for _, _, row in rows]))
+        self._status.append(np.array([row["status"] for _, _, row in rows], object))
+
+    def finish(self) -> tuple[float | None, float | None]:
+        """Set each crown's status against the stand's thresholds (those the user left open),
+        in both layers; returns the (stressed, dead) thresholds of the health index used."""
+        if not self.count:
+            return None, None
+        status = np.concatenate(self._status)
+        new, thresholds = stand_statuses(np.concatenate(self._index), status, self.kind, self.health)
+        changed = np.nonzero(new != status)[0]
+        if len(changed):
+            import sqlite3
+
+            with sqlite3.connect(self.out.path) as db:
+                # The GeoPackage's R-tree triggers name SpatiaLite's functions; they run only when
+                # a row's fid or geometry changes, never here (a status is set): present, never called.
+                for name in ("ST_IsEmpty", "ST_MinX", "ST_MaxX", "ST_MinY", "ST_MaxY"):
+                    db.create_function(name, 1, _never_called)
+                for layer in ("crowns", "trees"):
+                    db.executemany(f'UPDATE "{layer}" SET status = ? WHERE fid = ?',
+                                   [(new[i], self.first_fid + 1 + int(i)) for i in changed])
+            db.close()
+        self._status = [new]
+        return thresholds
 
     def points(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Every tree's (x, y), crown area (m²) and whether it is dead, in tree_id order."""
         if not self.count:
             return np.zeros((0, 2)), np.zeros(0), np.zeros(0, bool)
-        return np.concatenate(self._xy), np.concatenate(self._area), np.concatenate(self._dead)
+        return np.concatenate(self._xy), np.concatenate(self._area), np.concatenate(self._status) == "dead"
+
+
+def _never_called(_geometry):
+    raise RuntimeError("a GeoPackage R-tree trigger ran on a status update")
+
+
+def _row_count(gpkg: Path, layer: str) -> int:
+    """Rows of `layer` in the GeoPackage (0 when the file or the layer is not there yet)."""
+    import sqlite3
+
+    if not Path(gpkg).is_file():
+        return 0
+    db = sqlite3.connect(gpkg)
+    try:
+        return db.execute(f'SELECT count(*) FROM "{layer}"').fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+    finally:
+        db.close()
 
 
 def tree_layers(prob: np.ndarray, heat: np.ndarray, valid: np.ndarray, transform: Affine, crs: CRS,
@@ -186,4 +255,9 @@ def tree_layers(prob: np.ndarray, heat: np.ndarray, valid: np.ndarray, transform
     """The trees of one whole array (no blocks): `crowns` and `trees`."""
     full = (slice(0, prob.shape[0]), slice(0, prob.shape[1]))
     block = TreeBlock(prob, heat, valid, transform, full, **kw)
-    return tree_layers_from(block_trees(block, crs, TreeParams(threshold=threshold)))
+    rows = block_trees(block, crs, TreeParams(threshold=threshold))
+    kind = "ndvi" if block.nir is not None else "vari"
+    index = np.array([np.nan if r.get(kind) is None else r[kind] for _, _, r in rows])
+    statuses, _ = stand_statuses(index, np.array([r["status"] for _, _, r in rows], object), kind, HealthThresholds())
+    rows = [(g, c, {**r, "status": s}) for (g, c, r), s in zip(rows, statuses)]
+    return tree_layers_from(rows, nir=block.nir is not None)

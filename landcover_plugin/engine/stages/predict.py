@@ -45,6 +45,7 @@ GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 MAX_BATCH_BYTES = 2 * 2**30  # one batch's model input: beyond this a typo, not a speed-up
 MIN_BLOCK_SIZE = 16  # vectorization block side, pixels
+PRECISIONS = ("auto", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -239,6 +240,9 @@ def check_params(params: PredictParams, info: ModelInfo) -> None:
     if params.block_size < MIN_BLOCK_SIZE:
         raise EngineError("BAD_PARAMS", f"--block-size {params.block_size} is below {MIN_BLOCK_SIZE} pixels.",
                           f"Give e.g. --block-size {BLOCK_SIZE} (larger blocks: fewer seams to mend, more memory).")
+    if params.precision not in PRECISIONS:
+        raise EngineError("BAD_PARAMS", f"Precision {params.precision!r} is not one of {', '.join(PRECISIONS)}.",
+                          "Give --precision auto (the default), int8 or fp32.")
     if params.tile_size and params.tile_size <= 2 * info.tile_overlap:
         raise EngineError("BAD_PARAMS", f"--tile-size {params.tile_size} leaves nothing of the tile inside the "
                           f"model's overlap of {info.tile_overlap} px on each side.",

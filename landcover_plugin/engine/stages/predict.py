@@ -128,8 +128,8 @@ def job_trees(job: TreeJob) -> list[TreeRow]:
 class RowBand:
     """The prediction's rows from the strips as they come, kept only while a block still needs them."""
 
-    def __init__(self, channels: int, width: int):
-        self.channels, self.width = channels, width
+    def __init__(self, channels: int):
+        self.channels = channels
         self.strips: list[tuple[int, np.ndarray]] = []
         self.bottom = 0  # rows above this have arrived (a row of tiles outside the AOI arrives as NODATA)
 
@@ -151,7 +151,8 @@ class RowBand:
 
 def streamed_trees(session, src, info: ModelInfo, window: Window, aoi, tiles, params: "PredictParams",
                    reporter: Reporter) -> Iterator[list[TreeRow]]:
-    """The trees of each block in plan order, as tree_blocks finds them, without the prediction
+    """The trees of each block in plan order (each block read with a margin so that crowns cut by
+    its border are whole: a tree belongs to the block holding its centre), without the prediction
     raster: each row of blocks is handed to worker processes as soon as the model has reached
     the bottom of its margin, so outlining and measuring overlap the model. Memory: the rows
     of one row of blocks and its margins, whatever the area's height."""
@@ -160,7 +161,7 @@ def streamed_trees(session, src, info: ModelInfo, window: Window, aoi, tiles, pa
     margin = tree_margin(transform, src.crs, height, width)
     tree_params, nir = tree_setup(src, info, params)
     plan = blocks(height, width, params.block_size)
-    band = RowBand(output_channels(info), width)
+    band = RowBand(output_channels(info))
 
     def jobs() -> Iterator[TreeJob]:
         strips = predict_strips(session, src, info, window, aoi, tiles, reporter, params.batch_size)

@@ -27,9 +27,7 @@ import resource
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from common import PYTHON, ROOT, last_json, run_child
+from common import PYTHON, ROOT, last_json, run_child, tiled_scene
 
 sys.path.insert(0, str(ROOT / "tests"))
 from dask_cluster import dask_cluster  # noqa: E402
@@ -43,14 +41,7 @@ SLOPE = (2, 6, 1024)  # the projection's costs per km²: the difference between 
 
 def scene(path: Path, repeat: int = REPEAT) -> tuple[Path, float]:
     """OSBS_029 repeated `repeat` x `repeat`, and its area in km²."""
-    import rasterio
-
-    with rasterio.open(ROOT / "data" / "deepforest" / "OSBS_029.tif") as src:
-        data, profile = np.tile(src.read(), (1, repeat, repeat)), src.profile
-        pixel_m = src.res[0]
-    with rasterio.open(path, "w", **(profile | {"width": data.shape[2], "height": data.shape[1]})) as dst:
-        dst.write(data)
-    return path, data.shape[1] * data.shape[2] * pixel_m ** 2 / 1e6
+    return tiled_scene(path, 400 * repeat)
 
 
 def cpu_s(pids: list[int]) -> float:

@@ -32,6 +32,23 @@ def last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
+def tiled_scene(path: Path, side: int, pixel_m: float | None = None) -> tuple[Path, float]:
+    """OSBS_029 (400 px at 0.1 m) repeated to `side` x `side` px (pixels of `pixel_m` m if given),
+    and its area in km²."""
+    import rasterio
+    from rasterio.transform import Affine
+
+    with rasterio.open(ROOT / "data" / "deepforest" / "OSBS_029.tif") as src:
+        reps = -(-side // min(src.height, src.width))
+        data, profile = np.tile(src.read(), (1, reps, reps))[:, :side, :side], src.profile
+        t = src.transform
+    size = pixel_m or t.a
+    profile |= {"width": side, "height": side, "transform": Affine(size, 0, t.c, 0, -size, t.f)}
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path, side * side * size ** 2 / 1e6
+
+
 def peak_rss_mb(argv: list[str]) -> float:
     """Peak RSS (MB) of `landcover ARGV` run in a fresh process (no TensorFlow there).
     VmHWM, not getrusage's ru_maxrss: on Linux the latter keeps the forking parent's

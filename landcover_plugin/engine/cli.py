@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="GeoPackage to write")
     p.add_argument("--batch-size", type=int, default=8, help="tiles per model run (default 8)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime threads (default: all cores)")
+    p.add_argument("--precision", choices=("auto", "int8", "fp32"), default="auto",
+                   help="auto (default): the model folder's model-int8.onnx where `landcover quantize --dataset` "
+                        "found that it holds the accuracy, else model.onnx; fp32: always model.onnx")
+    p.add_argument("--tile-size", type=int, default=0,
+                   help="model tile side in pixels (default: 256 where the model runs tiles larger than its own; "
+                        "its overlap is kept)")
     p.add_argument("--block-size", type=int, default=2048,
                    help="vectorization block in pixels (default 2048; memory stays flat with the area)")
     p.add_argument("--nir-band", type=int, help="trees: 1-based imagery band holding near infrared (NDVI)")
@@ -237,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=Path, required=True, help="model folder or .onnx file")
     p.add_argument("--imagery", type=Path, help="raster to calibrate on (static int8); without it, dynamic")
     p.add_argument("--calibration-tiles", type=int, default=16)
+    p.add_argument("--dataset", type=Path, action="append", default=[],
+                   help="the model's validation dataset (repeatable): both models scored on it; an int8 model "
+                        "that holds the accuracy, saved as MODEL/model-int8.onnx, is what predict runs by default")
     p.add_argument("--out", type=Path, required=True, help="model folder (or .onnx file) to write")
 
     p = sub.add_parser("run", help="run a whole pipeline described in a YAML file")
@@ -365,13 +374,15 @@ def dispatch(args: argparse.Namespace, reporter: Reporter):
         return predict(PredictParams(model=args.model, imagery=args.imagery, out=args.out,
                                      aoi=None if areas else _aoi(args), areas=areas,
                                      batch_size=args.batch_size, threads=args.threads, block_size=args.block_size,
+                                     precision=args.precision, tile_size=args.tile_size,
                                      nir_band=args.nir_band, health=health, orchard=not args.no_orchard,
                                      scheduler=args.scheduler), reporter)
     if args.command == "quantize":
         from .stages.quantize import QuantizeParams, quantize
 
         return quantize(QuantizeParams(model=args.model, out=args.out, imagery=args.imagery,
-                                       calibration_tiles=args.calibration_tiles), reporter)
+                                       calibration_tiles=args.calibration_tiles, datasets=tuple(args.dataset)),
+                        reporter)
     if args.command == "run":
         from .stages.pipeline import load_pipeline, run_pipeline
 

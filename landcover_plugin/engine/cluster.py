@@ -100,15 +100,16 @@ class WarmSessions(WorkerPlugin):
         self._lock = threading.Lock()  # the worker's threads share the session
         self._sessions: dict[tuple, object] = {}
 
-    def session(self, model_file: Path, threads: int):
-        from .learn.inference import open_session
+    def session(self, model_file: Path, threads: int, tile_size: int):
+        from .learn.inference import open_session, tiled_model
+        from .learn.model_package import read_info
 
-        key = (str(model_file), model_file.stat().st_mtime_ns, threads)
+        key = (str(model_file), model_file.stat().st_mtime_ns, threads, tile_size)
         with self._lock:
             if key not in self._sessions:
                 self._sessions.clear()  # one model at a time: its memory
-                self._sessions[key] = open_session(model_file, Reporter(json_mode=True, out=io.StringIO()),
-                                                   threads)[0]
+                model, _ = tiled_model(model_file, read_info(model_file), threads, tile_size)  # as the client chose
+                self._sessions[key] = open_session(model, Reporter(json_mode=True, out=io.StringIO()), threads)[0]
             return self._sessions[key]
 
 
@@ -116,9 +117,9 @@ def register_sessions(client) -> None:
     client.register_plugin(WarmSessions(), name=WarmSessions.name)
 
 
-def worker_session(model_file: Path, threads: int):
-    """Runs in a task: this worker process's session of the model."""
-    return get_worker().plugins[WarmSessions.name].session(model_file, threads)
+def worker_session(model_file: Path, threads: int, tile_size: int):
+    """Runs in a task: this worker process's session of the model, for tiles of `tile_size` px."""
+    return get_worker().plugins[WarmSessions.name].session(model_file, threads, tile_size)
 
 
 def worker_address() -> str:

@@ -14,6 +14,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import rasterio
@@ -96,11 +97,10 @@ def plan_tiles(height: int, width: int, size: int, overlap: int, aoi: AoiPixels)
     return tiles
 
 
-def open_session(model_file: Path, reporter: Reporter, threads: int = 0):
-    """An onnxruntime session on CUDA when it is there, else the CPU; returns (session, provider)."""
+def session_options(threads: int = 0):
+    """onnxruntime's options as predict runs a model."""
     import onnxruntime as ort
 
-    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.intra_op_num_threads = threads or os.cpu_count() or 1
@@ -108,16 +108,49 @@ def open_session(model_file: Path, reporter: Reporter, threads: int = 0):
     # laptop, a shared server) spinning threads steal the cores the busy ones need;
     # measured 10-25% more tiles/s on the bench's U-Net with the cores shared.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def open_session(model_file: Path | bytes, reporter: Reporter, threads: int = 0):
+    """An onnxruntime session (on a model file, or a model's bytes) on CUDA when it is there,
+    else the CPU; returns (session, provider)."""
+    import onnxruntime as ort
+
+    wanted = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+    options = session_options(threads)
     try:
-        session = ort.InferenceSession(str(model_file), options, providers=wanted)
+        session = ort.InferenceSession(model_file if isinstance(model_file, bytes) else str(model_file), options,
+                                       providers=wanted)
     except Exception as exc:  # onnxruntime raises its own untyped errors for bad files
-        raise EngineError("BAD_MODEL", f"onnxruntime cannot load {model_file}: {exc}",
+        name = model_file if isinstance(model_file, Path) else "the model"
+        raise EngineError("BAD_MODEL", f"onnxruntime cannot load {name}: {exc}",
                           "Give an ONNX model made by `landcover train` (or a Deepness model).") from None
     provider = session.get_providers()[0]  # what actually runs: onnxruntime-gpu falls back silently
     reporter.log(f"onnxruntime runs the model on {provider}")
     if "CUDAExecutionProvider" in wanted and provider != "CUDAExecutionProvider":
         reporter.log("CUDA is installed but unusable; running on the CPU (slower).", level="warning")
     return session, provider
+
+
+def tiled_model(model_file: Path, info: ModelInfo, threads: int = 0,
+                tile_size: int = 0) -> tuple[Path | bytes, ModelInfo]:
+    """The model (its file, or a copy's bytes) at the tile size predict runs, and its info with
+    that size. `tile_size` 0: THROUGHPUT_TILE where the model's own is smaller and it runs
+    larger tiles (segmentation models; learn/tile_size.py), else its own. The overlap stays."""
+    import onnxruntime as ort
+
+    from .tile_size import THROUGHPUT_TILE, resized_model
+
+    size = tile_size or max(info.tile_size, THROUGHPUT_TILE)
+    if size == info.tile_size:
+        return model_file, info
+    resizable = info.task in ("landcover", "buildings", "trees") and not info.detector
+    check = lambda b: ort.InferenceSession(b, session_options(threads), providers=["CPUExecutionProvider"])  # noqa: E731
+    freed = resized_model(model_file, info.tile_size, size, info.band_count, check) if resizable else None
+    if freed is None and tile_size:
+        raise EngineError("BAD_PARAMS", f"--tile-size {tile_size}: this model runs only its own "
+                          f"{info.tile_size} px tiles.", f"Leave out --tile-size, or give {info.tile_size}.")
+    return (freed, replace(info, tile_size=size)) if freed is not None else (model_file, info)
 
 
 def normalise(raw: np.ndarray, info: ModelInfo) -> np.ndarray:
@@ -304,34 +337,28 @@ def read_batch(src, window: Window, batch: list[Tile], info: ModelInfo,
     return np.stack(xs).astype(np.float32), oks
 
 
-class StripWriter:
-    """Collects the cores of one row of tiles and writes them as one strip, so the
-    prediction raster is written in windows and never held whole."""
-
-    def __init__(self, dst, channels: int, stride: int, overlap: int):
-        self.dst, self.channels, self.stride, self.overlap = dst, channels, stride, overlap
-        self.row: int | None = None
-        self.strip = np.empty(0)
-
-    def put(self, tile: Tile, values: np.ndarray, ok: np.ndarray) -> None:
-        if tile.row != self.row:
-            self.flush()
-            self.row = tile.row
-            self.strip = np.full((self.channels, self.stride, self.dst.width), NODATA, np.uint8)
-        ys, xs = tile.core
-        c0 = tile.col + self.overlap
-        w = min(self.stride, self.dst.width - c0)
-        h = min(self.stride, self.dst.height - (tile.row + self.overlap))
-        core = values[:, ys, xs][:, :h, :w]
-        self.strip[:, :h, c0:c0 + w] = np.where(ok[:h, :w], core, NODATA)
-
-    def flush(self) -> None:
-        if self.row is None:
-            return
-        r0 = self.row + self.overlap
-        h = min(self.stride, self.dst.height - r0)
-        self.dst.write(self.strip[:, :h], window=Window(0, r0, self.dst.width, h))
-        self.row = None
+def predict_strips(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, tiles: list[Tile],
+                   reporter: Reporter, batch_size: int = BATCH_SIZE) -> Iterator[tuple[int, np.ndarray]]:
+    """The uint8 prediction (see `encode`) one row of tiles at a time: (first row, strip of
+    (channels, stride or fewer rows, window width)), top to bottom. A row of tiles that
+    misses the AOI yields no strip; the raster is never held whole."""
+    height, width = int(window.height), int(window.width)
+    stride, overlap = info.tile_size - 2 * info.tile_overlap, info.tile_overlap
+    channels = output_channels(info) if info.task == "trees" else 1
+    row, strip = None, np.empty(0, np.uint8)
+    for batch, probs, oks in run_batches(session, src, info, window, aoi, tiles, batch_size, reporter):
+        for tile, values, ok in zip(batch, encode(probs, info), oks):
+            if tile.row != row:
+                if row is not None:
+                    yield row + overlap, strip
+                row = tile.row
+                strip = np.full((channels, min(stride, height - (row + overlap)), width), NODATA, np.uint8)
+            ys, xs = tile.core
+            c0 = tile.col + overlap
+            h, w = strip.shape[1], min(stride, width - c0)
+            strip[:, :, c0:c0 + w] = np.where(ok[:h, :w], values[:, ys, xs][:, :h, :w], NODATA)
+    if row is not None:
+        yield row + overlap, strip
 
 
 def prediction_profile(height: int, width: int, channels: int, stride: int, crs, transform) -> dict:
@@ -424,17 +451,14 @@ def model_tiles(info: ModelInfo, window: Window, aoi: AoiPixels) -> list[Tile]:
 def predict_to_raster(session, src, info: ModelInfo, window: Window, aoi: AoiPixels, path: Path,
                       reporter: Reporter, batch_size: int = BATCH_SIZE) -> int:
     """Run the model over the window tile by tile and write the uint8 prediction raster
-    at `path` (see `encode`); returns the number of tiles run. The next batch is read
-    in a thread while the model runs on the current one."""
+    at `path` (see `encode`) one row of tiles at a time; returns the number of tiles run.
+    The next batch is read in a thread while the model runs on the current one."""
     height, width = int(window.height), int(window.width)
     stride = info.tile_size - 2 * info.tile_overlap
     channels = output_channels(info) if info.task == "trees" else 1
     tiles = model_tiles(info, window, aoi)
     profile = prediction_profile(height, width, channels, stride, src.crs, src.window_transform(window))
     with rasterio.open(path, "w", **profile) as dst:
-        writer = StripWriter(dst, channels, stride, info.tile_overlap)
-        for batch, probs, oks in run_batches(session, src, info, window, aoi, tiles, batch_size, reporter):
-            for tile, values, ok in zip(batch, encode(probs, info), oks):
-                writer.put(tile, values, ok)
-        writer.flush()
+        for r0, strip in predict_strips(session, src, info, window, aoi, tiles, reporter, batch_size):
+            dst.write(strip, window=Window(0, r0, width, strip.shape[1]))
     return len(tiles)

@@ -34,6 +34,7 @@ from ..errors import EngineError
 
 ONNX_NAME = "model.onnx"
 KERAS_NAME = "model.keras"
+INT8_ONNX_NAME = "model-int8.onnx"  # `landcover quantize --dataset` beside model.onnx: predict's default where it holds
 PEER_ONNX_NAME = "model-peers.onnx"  # the model as Deepness and GeoDeep run it (learn/peer_export.py)
 # How the peers run each of our tasks' model.onnx (their model_type vocabulary): a trees
 # model's channel 0 is the crown probability, which Deepness shows as a Regressor's raster.

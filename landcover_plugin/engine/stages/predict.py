@@ -2,8 +2,12 @@
 
 Land cover and buildings are vectorized in blocks whose seams join exactly
 (vector/vectorize.py); trees are outlined, measured and written block by block,
-then fitted to their planting grid (vector/trees.py, vector/orchard.py). No
-TensorFlow here (docs/DESIGN.md).
+then fitted to their planting grid (vector/trees.py, vector/orchard.py). Trees
+are a pipeline: each row of blocks goes to worker processes as soon as the model
+has predicted it (and its margin), while the model goes on below. The model runs
+as int8 where its quantized copy holds the accuracy (stages/quantize.py), on tiles
+larger than its own where it can (learn/tile_size.py). No TensorFlow here
+(docs/DESIGN.md).
 """
 from __future__ import annotations
 
@@ -11,12 +15,13 @@ import math
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import rasterio
+from affine import Affine
 from rasterio.windows import Window
 
 from ..atomic import atomic_output, check_out_path, partial_prefix, remove_stale_partials
@@ -26,19 +31,21 @@ from ..imagery.aoi import AOI
 from ..imagery.raster import open_raster, read_bands
 from ..learn.detect import detect_trees
 from ..learn.inference import (BATCH_SIZE, PROB_SCALE, aoi_window, check_imagery, classify_chips, fit_input_scale,
-                              model_tiles, open_session, output_channels, predict_to_raster)
-from ..learn.model_package import ModelInfo, onnx_path, read_info
+                              model_tiles, open_session, output_channels, predict_strips, predict_to_raster,
+                              tiled_model)
+from ..learn.model_package import INT8_ONNX_NAME, ModelInfo, onnx_path, read_info
 from ..memory import fix_mmap_threshold
 from ..vector.orchard import GridParams, orchard_from_points
 from ..vector.styles import styles_for, write_styles
 from ..vector.trees import HealthThresholds, TreeBlock, TreeParams, TreeRow, TreeWriter, block_trees
-from ..vector.vectorize import (AREA_FIELD, BLOCK_SIZE, NODATA, GpkgWriter, Layer, TaggedWriter, blocks,
+from ..vector.vectorize import (AREA_FIELD, BLOCK_SIZE, NODATA, GpkgWriter, Layer, TaggedWriter, block_runner, blocks,
                                landcover_blocks, landcover_from_blocks, pixel_size_m)
 
 GDAL_CACHE_BYTES = 32 * 2**20  # enough for a row of tiles of imagery blocks
 TREE_MARGIN_M = 15.0  # context around a vectorization block: more than the widest crown's radius
 MAX_BATCH_BYTES = 2 * 2**30  # one batch's model input: beyond this a typo, not a speed-up
 MIN_BLOCK_SIZE = 16  # vectorization block side, pixels
+PRECISIONS = ("auto", "int8", "fp32")
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,8 @@ class PredictParams:
     aoi: AOI | None = None
     batch_size: int = BATCH_SIZE
     threads: int = 0  # onnxruntime intra-op threads; 0 = all cores
+    precision: str = "auto"  # "auto": model-int8.onnx where it holds the accuracy; "int8"; "fp32"
+    tile_size: int = 0  # model tile side; 0: THROUGHPUT_TILE where the model runs it (learn/tile_size.py)
     block_size: int = BLOCK_SIZE  # vectorization block, pixels per side
     nir_band: int | None = None  # 1-based imagery band holding near infrared (else the model's)
     health: HealthThresholds = HealthThresholds()
@@ -96,22 +105,85 @@ def tree_block(data: np.ndarray, transform, core: tuple[slice, slice], src, img:
         nir=src.read(nir, window=img).astype(np.float64) if nir else None)
 
 
-def tree_blocks(pred: Path, src, window: Window, info: ModelInfo, params: "PredictParams",
-                reporter: Reporter) -> Iterator[list[TreeRow]]:
-    """The trees of each block in turn; each block is read with a margin so that crowns
-    cut by its border are whole (a tree belongs to the block holding its centre)."""
-    with rasterio.open(pred) as ds:
-        margin = tree_margin(ds.transform, ds.crs, ds.height, ds.width)
-        tree_params, nir = tree_setup(src, info, params)
-        plan = blocks(ds.height, ds.width, params.block_size)
-        for n, (r0, c0, r1, c1) in enumerate(plan, start=1):
+@dataclass(frozen=True)
+class TreeJob:
+    """One tree block for a worker process: the prediction's bands over the block and its margin."""
+
+    data: np.ndarray
+    transform: object
+    core: tuple[slice, slice]
+    imagery: Path
+    img: Window  # the same pixels in the imagery
+    nir: int | None
+    crs: object
+    params: TreeParams
+
+
+def job_trees(job: TreeJob) -> list[TreeRow]:
+    """Worker: the trees whose centre lies in the block (the imagery read here, by its own handle)."""
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), open_raster(job.imagery) as src:
+        block = tree_block(job.data, job.transform, job.core, src, job.img, job.nir)
+    return block_trees(block, job.crs, job.params)
+
+
+class RowBand:
+    """The prediction's rows from the strips as they come, kept only while a block still needs them."""
+
+    def __init__(self, channels: int):
+        self.channels = channels
+        self.strips: list[tuple[int, np.ndarray]] = []
+        self.bottom = 0  # rows above this have arrived (a row of tiles outside the AOI arrives as NODATA)
+
+    def add(self, r0: int, strip: np.ndarray) -> None:
+        self.strips.append((r0, strip))
+        self.bottom = r0 + strip.shape[1]
+
+    def take(self, e0: int, f0: int, e1: int, f1: int) -> np.ndarray:
+        out = np.full((self.channels, e1 - e0, f1 - f0), NODATA, np.uint8)
+        for r0, strip in self.strips:
+            a0, a1 = max(e0, r0), min(e1, r0 + strip.shape[1])
+            if a1 > a0:
+                out[:, a0 - e0:a1 - e0] = strip[:, a0 - r0:a1 - r0, f0:f1]
+        return out
+
+    def drop_above(self, row: int) -> None:
+        self.strips = [(r0, s) for r0, s in self.strips if r0 + s.shape[1] > row]
+
+
+def streamed_trees(session, src, info: ModelInfo, window: Window, aoi, tiles, params: "PredictParams",
+                   reporter: Reporter) -> Iterator[list[TreeRow]]:
+    """The trees of each block in plan order (each block read with a margin so that crowns cut by
+    its border are whole: a tree belongs to the block holding its centre), without the prediction
+    raster: each row of blocks is handed to worker processes as soon as the model has reached
+    the bottom of its margin, so outlining and measuring overlap the model. Memory: the rows
+    of one row of blocks and its margins, whatever the area's height."""
+    height, width = int(window.height), int(window.width)
+    transform = src.window_transform(window)
+    margin = tree_margin(transform, src.crs, height, width)
+    tree_params, nir = tree_setup(src, info, params)
+    plan = blocks(height, width, params.block_size)
+    band = RowBand(output_channels(info))
+
+    def jobs() -> Iterator[TreeJob]:
+        strips = predict_strips(session, src, info, window, aoi, tiles, reporter, params.batch_size)
+        for k, (r0, c0, r1, c1) in enumerate(plan):
             e0, f0 = max(r0 - margin, 0), max(c0 - margin, 0)
-            e1, f1 = min(r1 + margin, ds.height), min(c1 + margin, ds.width)
-            win = Window(f0, e0, f1 - f0, e1 - e0)
-            img = Window(f0 + window.col_off, e0 + window.row_off, f1 - f0, e1 - e0)
-            block = tree_block(ds.read(window=win), ds.window_transform(win),
-                               np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0], src, img, nir)
-            yield block_trees(block, ds.crs, tree_params)
+            e1, f1 = min(r1 + margin, height), min(c1 + margin, width)
+            while band.bottom < e1:
+                band.add(*next(strips, (height, np.zeros((band.channels, 0, width), np.uint8))))
+            yield TreeJob(band.take(e0, f0, e1, f1), transform * Affine.translation(f0, e0),
+                          np.s_[r0 - e0:r1 - e0, c0 - f0:c1 - f0], params.imagery.resolve(),
+                          Window(f0 + window.col_off, e0 + window.row_off, f1 - f0, e1 - e0), nir, src.crs,
+                          tree_params)
+            if k + 1 < len(plan):
+                band.drop_above(plan[k + 1][0] - margin)
+        for _ in strips:  # rows of tiles below the last block's margin (none: the plan covers the window)
+            pass
+
+    # The workers are forked here, before the model's read-ahead thread holds any of GDAL's locks.
+    with block_runner(len(plan)) as run:
+        for n, rows in enumerate(run(job_trees, jobs()), start=1):
+            yield rows
             reporter.progress("vectorize", n, len(plan), "blocks")
 
 
@@ -146,6 +218,23 @@ def buildings_layer(landcover: Layer, class_names: list[str]) -> Layer:
     return Layer("buildings", landcover.geometry, dict(landcover.fields), rows)
 
 
+def chosen_model(params: PredictParams) -> Path:
+    """The model file predict runs: the folder's int8 copy (INT8_ONNX_NAME) where `landcover
+    quantize --dataset` found that it holds the accuracy, or on request (--precision int8);
+    else, or with --precision fp32, the model itself."""
+    model = onnx_path(params.model)
+    int8 = model.with_name(INT8_ONNX_NAME)
+    if params.precision == "fp32" or model.name == INT8_ONNX_NAME:
+        return model
+    if params.precision == "int8" and not int8.is_file():
+        raise EngineError("NO_INT8_MODEL", f"{model.parent} holds no int8 model ({INT8_ONNX_NAME}).",
+                          f"Make one: landcover quantize --model {params.model} --imagery IMAGERY --dataset "
+                          f"VALIDATION_DATASET --out {int8}; or leave out --precision int8.")
+    if params.precision == "int8" or int8.is_file() and read_info(int8).metrics.get("int8_accuracy_holds") == 1:
+        return int8
+    return model
+
+
 def check_params(params: PredictParams, info: ModelInfo) -> None:
     """Numbers predict cannot work with, refused before any work: a batch size of 0 or
     less ran no tile at all, and a huge one claimed more memory than the machine has."""
@@ -158,6 +247,13 @@ def check_params(params: PredictParams, info: ModelInfo) -> None:
     if params.block_size < MIN_BLOCK_SIZE:
         raise EngineError("BAD_PARAMS", f"--block-size {params.block_size} is below {MIN_BLOCK_SIZE} pixels.",
                           f"Give e.g. --block-size {BLOCK_SIZE} (larger blocks: fewer seams to mend, more memory).")
+    if params.precision not in PRECISIONS:
+        raise EngineError("BAD_PARAMS", f"Precision {params.precision!r} is not one of {', '.join(PRECISIONS)}.",
+                          "Give --precision auto (the default), int8 or fp32.")
+    if params.tile_size and params.tile_size <= 2 * info.tile_overlap:
+        raise EngineError("BAD_PARAMS", f"--tile-size {params.tile_size} leaves nothing of the tile inside the "
+                          f"model's overlap of {info.tile_overlap} px on each side.",
+                          f"Give more than {2 * info.tile_overlap} (a multiple of 32 is safest), or leave it out.")
     if params.threads < 0:
         raise EngineError("BAD_PARAMS", f"--threads {params.threads} is negative.",
                           "Give the number of onnxruntime threads, or 0 for all cores.")
@@ -183,7 +279,7 @@ def cluster_run(client, params: PredictParams, info: ModelInfo, src, window: Win
     from .predict_cluster import ClusterJob, ClusterRun
 
     trees, nir = tree_setup(src, info, params) if info.task == "trees" else (None, None)
-    job = ClusterJob(model_file=onnx_path(params.model).resolve(), imagery=params.imagery.resolve(), info=info,
+    job = ClusterJob(model_file=chosen_model(params).resolve(), imagery=params.imagery.resolve(), info=info,
                      window=window, aoi=aoi, crs=src.crs, transform=src.window_transform(window),
                      channels=output_channels(info) if info.task == "trees" else 1, batch_size=params.batch_size,
                      threads=params.threads or 1, block_size=params.block_size, trees=trees, nir=nir)
@@ -209,12 +305,14 @@ def predict_area(params: PredictParams, info: ModelInfo, src, aoi: AOI | None, o
         if client is not None:  # the blocks' vectors come back from the cluster, in plan order
             run = cluster_run(client, params, info, src, window, aoi_px)
             tiles, results = len(run.tiles), run.results(reporter)
+        elif info.task == "trees":  # the model and the trees' blocks in a pipeline, no prediction raster
+            plan = model_tiles(info, window, aoi_px)
+            tiles, results = len(plan), streamed_trees(session, src, info, window, aoi_px, plan, params, reporter)
         else:
             tiles = predict_to_raster(session, src, info, window, aoi_px, pred, reporter, params.batch_size)
             reporter.log("Vectorizing the predictions")
         if info.task == "trees":
-            summary = write_trees(results if run else tree_blocks(pred, src, window, info, params, reporter),
-                                  params, out, reporter, nir=(params.nir_band or info.nir_band) is not None)
+            summary = write_trees(results, params, out, reporter, nir=(params.nir_band or info.nir_band) is not None)
         else:
             layers = landcover_from_blocks(results, src.window_transform(window), src.crs, info.class_names) \
                 if run else vectorize_landcover(pred, info, params.block_size, reporter)
@@ -233,14 +331,22 @@ def predict(params: PredictParams, reporter: Reporter) -> StageResult:
     started = time.monotonic()
     check_out_path(params.out, inputs=[params.model, params.imagery])
     fix_mmap_threshold(1 << 20)  # tile-sized buffers: the RSS grew with the number of tiles
-    info = read_info(params.model)
+    model_file = chosen_model(params)
+    info = read_info(model_file)
     check_params(params, info)
     on_cluster = params.scheduler is not None and info.task != "classification" and not info.detector
     if params.scheduler and not on_cluster:
         reporter.log("Chip classification and detectors run on this machine: --scheduler serves land cover, "
                      "buildings and trees segmentation models.", level="warning")
-    session, provider = (None, "dask") if on_cluster else open_session(onnx_path(params.model), reporter,
-                                                                         params.threads)
+    if model_file.name == INT8_ONNX_NAME:
+        reporter.log(f"Running the int8 model {model_file.name} (--precision fp32 runs {onnx_path(params.model).name})")
+    own = info.tile_size
+    model, info = tiled_model(model_file, info, params.threads, params.tile_size)
+    if info.tile_size != own:  # --batch-size counts tiles of the model's own size: the same pixels per run
+        params = replace(params, batch_size=max(1, params.batch_size * own ** 2 // info.tile_size ** 2))
+        reporter.log(f"Tiles of {info.tile_size} px (the model's are {own} px; its overlap of {info.tile_overlap} px "
+                     "is kept): fewer pixels run twice")
+    session, provider = (None, "dask") if on_cluster else open_session(model, reporter, params.threads)
     params.out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(params.out)  # what killed runs left beside the output
     # The prediction raster lives next to the output and goes whatever happens (cancel included;

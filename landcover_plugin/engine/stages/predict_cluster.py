@@ -89,7 +89,7 @@ def pieces_under(rect: Rect, side: int, groups: dict) -> list[tuple[int, int]]:
 
 def predict_piece(job: ClusterJob, rect: Rect, tiles: list[Tile]) -> np.ndarray:
     """Task: the prediction raster's values over `rect` (as predict_to_raster writes them)."""
-    session = worker_session(job.model_file, job.threads)
+    session = worker_session(job.model_file, job.threads, job.info.tile_size)
     r0, c0, r1, c1 = rect
     out = np.full((job.channels, r1 - r0, c1 - c0), NODATA, np.uint8)
     overlap = job.info.tile_overlap

@@ -5,6 +5,7 @@ All geometries stay in the imagery's CRS; areas are in m². A geographic CRS
 """
 from __future__ import annotations
 
+import gc
 import math
 import multiprocessing as mp
 import os
@@ -157,6 +158,17 @@ def block_runner(n_blocks: int):
         yield map
         return
     pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("fork"))
+    # All workers forked now (fork starts them at the first task), not later while a thread
+    # of the caller's (predict's read-ahead) may hold a lock the children would inherit held.
+    # Garbage collected here first and the rest frozen for the children: a child that collected
+    # an inherited onnxruntime session would wait forever for its thread pool's threads,
+    # which only the parent has.
+    gc.collect()
+    gc.freeze()
+    try:
+        pool.submit(int).result()
+    finally:
+        gc.unfreeze()
 
     def ordered(fn, jobs):
         queue: deque = deque()

@@ -9,8 +9,9 @@ model (Deepness, GeoDeep) has only theirs.
 """
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -40,8 +41,6 @@ def _varint(read: BinaryIO) -> int | None:
 
 def _fields(data: bytes) -> dict[int, str]:
     """A StringStringEntryProto's fields 1 (key) and 2 (value)."""
-    import io
-
     out, stream = {}, io.BytesIO(data)
     while (tag := _varint(stream)) is not None:
         if tag & 7 != _BYTES:
@@ -84,9 +83,7 @@ class ModelSummary:
     task: str
     band_count: int
     resolution_m: float
-    class_names: tuple[str, ...] = ()
     score: str = ""  # its headline validation score, e.g. "crown F1 0.61"
-    metrics: dict = field(default_factory=dict, compare=False)
 
     @property
     def folder(self) -> Path:
@@ -122,8 +119,7 @@ def read_summary(path: Path) -> ModelSummary:
         if ours:
             metrics = json.loads(ours.get("metrics", "{}")) or {}
             return ModelSummary(onnx, json.loads(ours["task"]), int(json.loads(ours["band_count"])),
-                                float(json.loads(ours["resolution_m"])),
-                                tuple(json.loads(ours.get("class_names", "[]"))), headline_score(metrics), metrics)
+                                float(json.loads(ours["resolution_m"])), headline_score(metrics))
         # A peer's model: Deepness/GeoDeep keys (resolution in cm/px); the engine reads its band count
         # from the input tensor, which this reader does not parse.
         kind = json.loads(props["model_type"]) if props.get("model_type", "").startswith('"') else props["model_type"]

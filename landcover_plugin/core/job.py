@@ -87,17 +87,16 @@ def dock_words(text: str) -> str:
     return text
 
 
-def stage_text(stage: str) -> str:
-    """What the status line says while a stage runs: 'Training: epoch 3/300, 2m05s left (loss 0.21)'."""
-    name, _, rest = stage.partition(": ")
-    if name in _STAGES:
-        return f"{_STAGES[name]}: {rest}" if rest else f"{_STAGES[name]}…"
-    return stage
+def stage_text(stage: str, detail: str = "") -> str:
+    """What the status line says while a stage runs: ("train", "epoch 3/300, 2m05s left (loss 0.21)") ->
+    'Training: epoch 3/300, 2m05s left (loss 0.21)'; ("fetch",) -> 'Fetching the imagery…'."""
+    name = _STAGES.get(stage, stage)
+    return f"{name}: {detail}" if detail else f"{name}…"
 
 
 @dataclass
 class EventRelay:
-    """Engine events -> a 0-100 progress value, the running stage's name and log lines:
+    """Engine events -> a 0-100 progress value, what runs now (stage_text) and log lines:
     what a QgsTask and a Processing feedback both show."""
 
     set_progress: Callable[[float], None]
@@ -111,8 +110,8 @@ class EventRelay:
             if value is not None:
                 self.set_progress(value)
             if event.get("stage") == "pipeline" and event.get("message"):
-                self.set_stage(event["message"])
-            elif event.get("stage") == "train" and event.get("message"):  # epoch, ETA and where it runs
-                self.set_stage(f"train: {event['message']}")
+                self.set_stage(stage_text(event["message"]))
+            elif event.get("stage") == "train" and event.get("message"):  # epoch, time left and where it runs
+                self.set_stage(stage_text("train", event["message"]))
         elif event["event"] == "log":
             self.log(event.get("message", ""), event.get("level", "info"))

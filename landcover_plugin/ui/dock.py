@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from qgis.core import (QgsApplication, QgsCoordinateReferenceSystem, QgsCoordinateTransform, QgsFeatureRequest,
                        QgsGeometry, QgsMapLayerProxyModel, QgsProject, QgsRectangle, QgsSettings, QgsVectorLayer,
@@ -157,22 +158,13 @@ class LandcoverDock(QgsDockWidget):
         form = QFormLayout()
         outer.addLayout(form)
 
-        self.draw_button = QToolButton(objectName="drawButton", text="Draw rectangle")
-        self.draw_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
-        self.draw_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
-        self.draw_button.setToolTip("The area to map (and to train on): drag a rectangle on the map, or use the "
-                                    "arrow for a polygon, a layer's extent or the selected features.")
-        self.draw_button.clicked.connect(self.start_drawing)
-        menu = QMenu(self.draw_button)
-        for text, slot, name in (("Draw rectangle", self.start_drawing, "rectangle"),
-                                 ("Draw polygon (right-click to close)", self.start_polygon, "polygon"),
-                                 ("Extent of the current layer", self.use_layer_extent, "extent"),
-                                 ("Selected features of the current layer", self.use_selected_features,
-                                  "selected")):
-            action = menu.addAction(text)
-            action.setObjectName(f"area_{name}")
-            action.triggered.connect(lambda _checked=False, f=slot: f())
-        self.draw_button.setMenu(menu)
+        self.draw_button = menu_button(
+            "Draw rectangle", "drawButton", "The area to map (and to train on): drag a rectangle on the map, or "
+            "use the arrow for a polygon, a layer's extent or the selected features.", self.start_drawing,
+            (("Draw rectangle", self.start_drawing, "area_rectangle"),
+             ("Draw polygon (right-click to close)", self.start_polygon, "area_polygon"),
+             ("Extent of the current layer", self.use_layer_extent, "area_extent"),
+             ("Selected features of the current layer", self.use_selected_features, "area_selected")))
         self.area_label = QLabel("No area yet", objectName="areaLabel", wordWrap=True)
         self.area_label.setToolTip("The area, its size and CRS.")
         self.per_feature_check = QCheckBox("One run per feature", objectName="perFeatureCheck")
@@ -370,23 +362,16 @@ class LandcoverDock(QgsDockWidget):
         buttons.addWidget(self.export_button)
         outer.addLayout(buttons)
 
-        self.retrain_button = QToolButton(objectName="retrainButton", text="Retrain with my corrections",
-                                          enabled=False)
-        self.retrain_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
-        self.retrain_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
-        self.retrain_button.setToolTip(
+        self.retrain_button = menu_button(
+            "Retrain with my corrections", "retrainButton",
             "Correct the crowns layer in an area you review (delete false crowns, draw missed ones, reshape), "
             "then press: that area becomes complete labels, the model is fine-tuned from the one that mapped "
             "them, the area is mapped again, and the new version (v2, v3, …) is kept with its scores. "
-            "The reviewed area is the current map extent, or a polygon you draw (arrow).")
-        self.retrain_button.clicked.connect(lambda: self.retrain_with_corrections())
-        menu = QMenu(self.retrain_button)
-        for text, slot, name in (("Reviewed area: the current map extent", self.retrain_with_corrections, "extent"),
-                                 ("Reviewed area: a polygon I draw", self.draw_reviewed_area, "polygon")):
-            action = menu.addAction(text)
-            action.setObjectName(f"reviewed_{name}")
-            action.triggered.connect(lambda _checked=False, f=slot: f())
-        self.retrain_button.setMenu(menu)
+            "The reviewed area is the current map extent, or a polygon you draw (arrow).",
+            self.retrain_with_corrections,
+            (("Reviewed area: the current map extent", self.retrain_with_corrections, "reviewed_extent"),
+             ("Reviewed area: a polygon I draw", self.draw_reviewed_area, "reviewed_polygon")))
+        self.retrain_button.setEnabled(False)
         buttons = QHBoxLayout()
         buttons.addWidget(self.retrain_button)
         outer.addLayout(buttons)
@@ -854,7 +839,7 @@ class LandcoverDock(QgsDockWidget):
                           on_success=lambda event: self._succeeded(event, label, spec, area, location),
                           on_failure=self._failed)
         task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
-        task.stage_changed.connect(lambda text: self.status_label.setText(job.stage_text(text)))
+        task.stage_changed.connect(self.status_label.setText)
         self.task = task
         self._set_running(True)
         left = f" ({len(self.queue)} more after this one)" if self.queue else ""
@@ -890,12 +875,11 @@ class LandcoverDock(QgsDockWidget):
         if model and spec is not None and spec.model is None and Path(model).is_dir():  # trained in this run
             kept = keep_model(Path(model), models_dir(), spec.task, name=next_version(spec.base) if spec.base else None)
             self.refresh_models(select=kept)
+        used = kept or (Path(model) if model else None)  # the model that mapped the results
         title = task_info(spec.task).label if spec is not None else label.capitalize()
         title += f" ({area.name})" if area is not None and area.name and self.batch else ""
-        group = group_name(title, area.hectares() if area is not None else 0.0, model_label(kept or model),
-                           datetime.now())
+        group = group_name(title, area.hectares() if area is not None else 0.0, model_label(used), datetime.now())
         layers = load_result_layers(gpkg, group, attribution=attribution)
-        used = kept or (Path(model) if model else None)
         self.results = Results(Path(gpkg), layers, group, spec, area, used)
         crowns = self.results.crowns()
         if crowns is not None:
@@ -914,7 +898,7 @@ class LandcoverDock(QgsDockWidget):
         mapped = f"; {class_hectares_text(classes)}" if isinstance(classes, dict) and classes else ""
         self.status_label.setText(f"Done: {len(layers)} layers in {Path(gpkg).name}{mapped}{saved}{workers}"
                                   f"{trained}{credit}")
-        folder = kept or (Path(model) if model and Path(model).is_dir() else Path(model).parent if model else None)
+        folder = used if used is None or used.is_dir() else used.parent
         card = folder / "MODEL_CARD.md" if folder is not None else None
         self.report_path = card if card and card.is_file() else None
         self.report_button.setEnabled(self.report_path is not None)
@@ -1006,6 +990,23 @@ class LandcoverDock(QgsDockWidget):
         self.rubber_band.reset(QgsWkbTypes.GeometryType.PolygonGeometry)
         self.canvas.scene().removeItem(self.rubber_band)
         self.canvas.scene().removeItem(self.polygon_tool.band)
+
+
+def menu_button(text: str, name: str, tooltip: str, click: Callable[[], object],
+                items: tuple[tuple[str, Callable[[], object], str], ...]) -> QToolButton:
+    """A button that does `click`, with an arrow offering `items` (text, what it does, object name)."""
+    button = QToolButton(objectName=name, text=text)
+    button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
+    button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextOnly)
+    button.setToolTip(tooltip)
+    button.clicked.connect(lambda: click())  # not clicked's `checked` as the slot's first argument
+    menu = QMenu(button)
+    for label, slot, object_name in items:
+        action = menu.addAction(label)
+        action.setObjectName(object_name)
+        action.triggered.connect(lambda _checked=False, f=slot: f())
+    button.setMenu(menu)
+    return button
 
 
 def _safe(name: str) -> str:

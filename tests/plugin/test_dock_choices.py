@@ -243,7 +243,7 @@ def test_rows_that_apply_an_advanced_section_and_help(dock):
 
 
 def test_progress_and_messages_in_the_docks_words():
-    assert job.stage_text("train: epoch 3/300, 2m05s left (loss 0.213)") == \
+    assert job.stage_text("train", "epoch 3/300, 2m05s left (loss 0.213)") == \
         "Training: epoch 3/300, 2m05s left (loss 0.213)"
     assert job.stage_text("fetch") == "Fetching the imagery…"
     assert job.dock_words("Label file labels.gpkg has no field 'label'. Give --class-field one of: id") == \
